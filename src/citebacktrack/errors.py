@@ -1,0 +1,93 @@
+"""One exception tree for citebacktrack.
+
+Every error the library raises on purpose derives from :class:`CitebacktrackError`::
+
+    CitebacktrackError
+    ├── ConfigurationError            a value passed to us is unusable (and says which)
+    │   ├── InvalidSourcesError       no sources, duplicate ids, empty text, too many
+    │   ├── InvalidQuestionError      empty or whitespace-only question
+    │   └── GrammarError              an IR that cannot be emitted in a dialect
+    ├── MissingDependencyError        an optional extra is not installed (names the pip command)
+    ├── BackendError                  an engine failed; the engine's error is chained
+    │   ├── ModelLoadError            a model file is missing, unreadable or not a model
+    │   └── ContextOverflowError      the prompt does not fit the model's context window
+    └── MockExhaustedError            a MockBackend was called more often than it has scripts
+
+Foreign exceptions are mapped once, at the boundary that called the foreign code, with
+``raise ... from exc`` so the original stays visible. Messages say what failed, with the
+offending value, and what to do about it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendError",
+    "CitebacktrackError",
+    "ConfigurationError",
+    "ContextOverflowError",
+    "GrammarError",
+    "InvalidQuestionError",
+    "InvalidSourcesError",
+    "MissingDependencyError",
+    "MockExhaustedError",
+    "ModelLoadError",
+]
+
+
+class CitebacktrackError(Exception):
+    """Base class of every error raised by citebacktrack."""
+
+
+class ConfigurationError(CitebacktrackError, ValueError):
+    """A value given to citebacktrack cannot be used as given."""
+
+
+class InvalidSourcesError(ConfigurationError):
+    """The list of sources is empty, has duplicate ids, empty texts, or is too long."""
+
+
+class InvalidQuestionError(ConfigurationError):
+    """The question is empty or whitespace only."""
+
+
+class GrammarError(ConfigurationError):
+    """A grammar IR cannot be emitted in the requested dialect, or is malformed."""
+
+
+class MissingDependencyError(CitebacktrackError, ImportError):
+    """An optional dependency is missing; the message names the ``pip install`` to run."""
+
+    def __init__(self, *, feature: str, extra: str, module: str) -> None:
+        self.feature = feature
+        self.extra = extra
+        self.module = module
+        super().__init__(
+            f"{feature} needs the Python module {module!r}, which is not installed. "
+            f'Install it with: pip install "citebacktrack[{extra}]"'
+        )
+
+
+class BackendError(CitebacktrackError, RuntimeError):
+    """A model engine failed while loading or generating."""
+
+
+class ModelLoadError(BackendError):
+    """A model file is missing, unreadable, or not a model the engine can load."""
+
+
+class ContextOverflowError(BackendError):
+    """The prompt (question, sources and instructions) does not fit the context window."""
+
+    def __init__(self, *, prompt_tokens: int, context_window: int, reserve: int) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.context_window = context_window
+        self.reserve = reserve
+        super().__init__(
+            f"the prompt is {prompt_tokens} tokens but the model's context window is "
+            f"{context_window} tokens and {reserve} are reserved for the answer; "
+            "pass fewer or shorter sources (or a smaller max_new_tokens)"
+        )
+
+
+class MockExhaustedError(CitebacktrackError, RuntimeError):
+    """A MockBackend was asked for more responses than it was scripted with."""

@@ -1,0 +1,178 @@
+"""Print a :class:`~citebacktrack.grammar.ir.Grammar` in an engine's dialect.
+
+One printer walks the IR with an exhaustive ``match``; the differences between dialects
+live in the small :class:`_DialectRules` table (see ADR 0001 and ``shared/ENGINES.md``):
+
+========================  =================  ==============  ==========================
+construct                 XGrammar EBNF      llama.cpp GBNF  Lark
+========================  =================  ==============  ==========================
+rule definition           ``a ::= ...``      ``a ::= ...``   ``a: ...`` (``_`` names)
+any character             ``[^]``            ``.``           ``/[\\s\\S]/``
+bounded repeat            ``x{m,n}``         ``x{m,n}``      ``x ~ m..n``
+largest repeat bound      none               2000            none
+========================  =================  ==============  ==========================
+
+Every emitted rule fits on one line: GBNF rejects a newline before a top-level ``|``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import assert_never
+
+from citebacktrack.errors import GrammarError
+from citebacktrack.grammar.ir import CharClass, Choice, Grammar, Literal, Node, Repeat, RuleRef, Sequence
+
+__all__ = ["Dialect", "emit"]
+
+
+class Dialect(StrEnum):
+    """A grammar language an engine reads."""
+
+    EBNF = "ebnf"
+    """XGrammar's EBNF (HF, llama.cpp-with-xgrammar, vLLM's xgrammar backend)."""
+    GBNF = "gbnf"
+    """llama.cpp's GBNF (its built-in grammar sampler and server)."""
+    LARK = "lark"
+    """Lark (OpenAI custom-tool grammars, vLLM's guidance backend)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _DialectRules:
+    define: str
+    any_char: str
+    max_repeat: int | None
+    lark: bool
+
+
+_RULES: dict[Dialect, _DialectRules] = {
+    Dialect.EBNF: _DialectRules(" ::= ", "[^]", None, lark=False),
+    Dialect.GBNF: _DialectRules(" ::= ", ".", 2000, lark=False),
+    Dialect.LARK: _DialectRules(": ", r"/[\s\S]/", None, lark=True),
+}
+
+# Characters that must be escaped inside a double-quoted literal or a character class.
+# Hex escapes are the one spelling XGrammar, GBNF and Python/Lark all read.
+_LITERAL_SPECIAL = frozenset('"\\')
+_CLASS_SPECIAL = frozenset("\\]-^[")
+
+
+def _escape_char(char: str, special: frozenset[str]) -> str:
+    code = ord(char)
+    if char in special or code < 0x20 or code == 0x7F:
+        if char == "\n":
+            return "\\n"
+        if char == "\t":
+            return "\\t"
+        if char == "\r":
+            return "\\r"
+        if char in '"\\':
+            return "\\" + char
+        return f"\\x{code:02X}"
+    if code > 0x7E:
+        return f"\\u{code:04X}" if code <= 0xFFFF else f"\\U{code:08X}"
+    return char
+
+
+def _literal(text: str) -> str:
+    return '"' + "".join(_escape_char(c, _LITERAL_SPECIAL) for c in text) + '"'
+
+
+def _class_body(node: CharClass) -> str:
+    parts = []
+    for lo, hi in node.ranges:
+        low = _escape_char(lo, _CLASS_SPECIAL)
+        parts.append(low if lo == hi else f"{low}-{_escape_char(hi, _CLASS_SPECIAL)}")
+    return ("^" if node.negated else "") + "".join(parts)
+
+
+def _lark_class(node: CharClass, suffix: str = "") -> str:
+    if not node.ranges:
+        return rf"/[\s\S]{suffix}/"
+    body = _class_body(node).replace("/", "\\/")
+    return f"/[{body}]{suffix}/"
+
+
+class _Printer:
+    def __init__(self, dialect: Dialect) -> None:
+        self.dialect = dialect
+        self.rules = _RULES[dialect]
+
+    def name(self, name: str) -> str:
+        return name.replace("-", "_") if self.rules.lark else name
+
+    def node(self, node: Node, *, atomic: bool = False) -> str:
+        match node:
+            case Literal(text=text):
+                return _literal(text)
+            case CharClass():
+                if self.rules.lark:
+                    return _lark_class(node)
+                if not node.ranges:
+                    return self.rules.any_char
+                return f"[{_class_body(node)}]"
+            case RuleRef(name=name):
+                return self.name(name)
+            case Sequence(items=items):
+                text = " ".join(self.node(item, atomic=True) for item in items)
+                return f"({text})" if atomic else text
+            case Choice(alternatives=alternatives):
+                text = " | ".join(self.node(alt) for alt in alternatives)
+                return f"({text})" if atomic else text
+            case Repeat():
+                return self.repeat(node)
+            case _:
+                assert_never(node)
+
+    def repeat(self, node: Repeat) -> str:
+        lo, hi = node.min, node.max
+        cap = self.rules.max_repeat
+        if cap is not None and max(lo, hi or 0) > cap:
+            raise GrammarError(
+                f"{self.dialect.value} allows repetition counts up to {cap}, got {{{lo},{hi}}}; "
+                "lower the bound (e.g. Policy.max_uncited_chars)"
+            )
+        if self.rules.lark and isinstance(node.item, CharClass):
+            # One regex terminal instead of a rule repeated per character.
+            return _lark_class(node.item, _brace_suffix(lo, hi))
+        inner = self.node(node.item, atomic=True)
+        if (lo, hi) == (0, None):
+            return f"{inner}*"
+        if (lo, hi) == (1, None):
+            return f"{inner}+"
+        if (lo, hi) == (0, 1):
+            return f"{inner}?"
+        if self.rules.lark:
+            if hi is None:
+                return f"({inner} ~ {lo} {inner}*)"
+            return f"({inner} ~ {lo})" if lo == hi else f"({inner} ~ {lo}..{hi})"
+        return f"{inner}{_brace_suffix(lo, hi)}"
+
+
+def _brace_suffix(lo: int, hi: int | None) -> str:
+    if hi is None:
+        return f"{{{lo},}}"
+    return f"{{{lo}}}" if lo == hi else f"{{{lo},{hi}}}"
+
+
+def emit(grammar: Grammar, dialect: Dialect | str) -> str:
+    """Return ``grammar`` as text in ``dialect``, one rule per line, root rule first.
+
+    Raises:
+        GrammarError: the dialect is unknown, or the grammar uses something the dialect
+            cannot say (e.g. a repetition bound over GBNF's 2000).
+    """
+    try:
+        dialect = Dialect(dialect)
+    except ValueError as exc:
+        known = ", ".join(d.value for d in Dialect)
+        raise GrammarError(f"unknown grammar dialect {dialect!r}; use one of: {known}") from exc
+    printer = _Printer(dialect)
+    ordered = sorted(grammar.rules, key=lambda rule: rule[0] != grammar.root)
+    lines = []
+    for name, body in ordered:
+        lines.append(f"{printer.name(name)}{printer.rules.define}{printer.node(body)}")
+    if printer.rules.lark:
+        lines.insert(0, f"start: {printer.name(grammar.root)}")
+    return "\n".join(lines) + "\n"
