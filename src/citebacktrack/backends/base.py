@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from citebacktrack.grammar.ir import Grammar
     from citebacktrack.validation import CitationValidator
 
-__all__ = ["Backend", "ChatMessage", "Completion", "GenerationRequest", "collect"]
+__all__ = ["Backend", "ChatMessage", "Completion", "GenerationRequest", "collect", "iterate_in_thread"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +62,12 @@ class GenerationRequest:
     sampling: SamplingConfig
     budgets: Budgets
     operators: Sequence[Operator] = field(default_factory=tuple)
+    source_ids: Sequence[str] = ()
+    """Id of each source in order; defaults to ``"1".."n"``."""
+
+    def __post_init__(self) -> None:
+        if not self.source_ids:
+            object.__setattr__(self, "source_ids", tuple(str(i) for i in range(1, self.n_sources + 1)))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -101,6 +107,21 @@ def collect(events: Iterator[Event]) -> Completion:
     raise RuntimeError("a backend stream ended without a Done event")
 
 
+async def iterate_in_thread(iterator: Iterator[Event]) -> AsyncIterator[Event]:
+    """Pull ``iterator`` one item per worker-thread hop, so the event loop never blocks."""
+    done: Event | None = None
+    try:
+        while True:
+            event = await anyio.to_thread.run_sync(next, iterator, done)
+            if event is done:
+                return
+            yield event
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            await anyio.to_thread.run_sync(close)
+
+
 class Backend(ABC):
     """A model engine that turns a :class:`GenerationRequest` into stream events."""
 
@@ -114,13 +135,8 @@ class Backend(ABC):
 
     async def astream(self, request: GenerationRequest) -> AsyncIterator[Event]:
         """Async :meth:`stream`: drives the sync stream on a worker thread, event by event."""
-        iterator = self.stream(request)
-        done = object()
-        while True:
-            event = await anyio.to_thread.run_sync(next, iterator, done)
-            if event is done:
-                return
-            yield event  # type: ignore[misc]
+        async for event in iterate_in_thread(self.stream(request)):
+            yield event
 
     async def agenerate(self, request: GenerationRequest) -> Completion:
         """Async :meth:`generate`."""

@@ -17,6 +17,7 @@ Every emitted rule fits on one line: GBNF rejects a newline before a top-level `
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import assert_never
@@ -79,19 +80,41 @@ def _literal(text: str) -> str:
     return '"' + "".join(_escape_char(c, _LITERAL_SPECIAL) for c in text) + '"'
 
 
-def _class_body(node: CharClass) -> str:
+def _class_char(char: str) -> str:
+    return _escape_char(char, _CLASS_SPECIAL)
+
+
+# Lark runs every regexp through Python string unescaping before ``re`` sees it, so a hex
+# escape such as ``\x5D`` arrives as a bare ``]``; regex metacharacters keep a backslash
+# (``\]``), and ``"`` is spelled ``\x22`` because Lark mangles ``\\"`` (a backslash then a
+# quote).
+_LARK_CLASS_ESCAPES = {
+    "\\": "\\\\",
+    "]": "\\]",
+    "[": "\\[",
+    "-": "\\-",
+    "^": "\\^",
+    "/": "\\/",
+    '"': "\\x22",
+}
+
+
+def _lark_class_char(char: str) -> str:
+    return _LARK_CLASS_ESCAPES.get(char) or _escape_char(char, frozenset())
+
+
+def _class_body(node: CharClass, escape: Callable[[str], str] = _class_char) -> str:
     parts = []
     for lo, hi in node.ranges:
-        low = _escape_char(lo, _CLASS_SPECIAL)
-        parts.append(low if lo == hi else f"{low}-{_escape_char(hi, _CLASS_SPECIAL)}")
+        low = escape(lo)
+        parts.append(low if lo == hi else f"{low}-{escape(hi)}")
     return ("^" if node.negated else "") + "".join(parts)
 
 
 def _lark_class(node: CharClass, suffix: str = "") -> str:
     if not node.ranges:
         return rf"/[\s\S]{suffix}/"
-    body = _class_body(node).replace("/", "\\/")
-    return f"/[{body}]{suffix}/"
+    return f"/[{_class_body(node, _lark_class_char)}]{suffix}/"
 
 
 class _Printer:
@@ -134,9 +157,15 @@ class _Printer:
                 "lower the bound (e.g. Policy.max_uncited_chars)"
             )
         if self.rules.lark and isinstance(node.item, CharClass):
-            # One regex terminal instead of a rule repeated per character.
+            # One regex terminal instead of a rule repeated per character. Lark rejects
+            # terminals that can match the empty string, so ``{0,n}`` becomes ``{1,n}`` made
+            # optional.
+            if lo == 0:
+                return _lark_class(node.item, _brace_suffix(1, hi)) + "?"
             return _lark_class(node.item, _brace_suffix(lo, hi))
         inner = self.node(node.item, atomic=True)
+        if isinstance(node.item, Repeat):
+            inner = f"({inner})"  # ``x*?`` is a syntax error in XGrammar and Lark
         if (lo, hi) == (0, None):
             return f"{inner}*"
         if (lo, hi) == (1, None):

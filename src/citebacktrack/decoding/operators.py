@@ -1,0 +1,269 @@
+"""Backtracking operators: rules that may roll back tokens anywhere, not only at citations.
+
+An operator looks at the step just taken (the full distribution the token was drawn
+from, not a top-k) and at the statistics of earlier kept steps, and returns how many
+tokens to roll back (0: keep going). Operators hold no mutable state: whatever they
+remember is read from ``history``, which the decoder truncates on every rollback, so an
+operator's state always rolls back with the checkpoint. The rolled-back position's token
+is banned there, so the retry cannot repeat it; each position allows
+``Budgets.retries_per_checkpoint`` operator retries, after which operators are ignored there.
+
+Names and meanings follow the backtracking-llm family.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+from citebacktrack.errors import ConfigurationError
+
+__all__ = [
+    "EntropyThreshold",
+    "LogitThreshold",
+    "NGramOverlap",
+    "Operator",
+    "ProbabilityDrop",
+    "ProbabilityMargin",
+    "ProbabilityThreshold",
+    "ProbabilityTrend",
+    "Repetition",
+    "StepStats",
+    "StepView",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class StepStats:
+    """What an operator may remember about one kept step."""
+
+    token: int
+    probability: float
+    entropy: float
+    margin: float
+    logit: float
+
+
+@dataclass(frozen=True, slots=True)
+class StepView:
+    """The step an operator judges.
+
+    Attributes:
+        position: generated-token index of this token.
+        token: the chosen token.
+        logits: the masked logits it was drawn from (disallowed tokens at ``-inf``).
+        probabilities: softmax of ``logits`` (the full distribution).
+        stats: this step's summary (same fields as the history entries).
+        history: stats of the kept steps before this one, oldest first.
+    """
+
+    position: int
+    token: int
+    logits: npt.NDArray[np.float32]
+    probabilities: npt.NDArray[np.float64]
+    stats: StepStats
+    history: Sequence[StepStats]
+
+
+@runtime_checkable
+class Operator(Protocol):
+    """A rule that can ask for a rollback after any step."""
+
+    @property
+    def max_depth(self) -> int:
+        """The most tokens this operator ever rolls back (the stream holds that many back)."""
+        ...
+
+    def check(self, view: StepView) -> int:
+        """Return how many tokens to roll back, counting this one (0: none)."""
+        ...
+
+
+def _positive(name: str, value: int) -> None:
+    if value < 1:
+        raise ConfigurationError(f"{name} must be at least 1, got {value}")
+
+
+def _unit(name: str, value: float) -> None:
+    if not 0.0 < value < 1.0:
+        raise ConfigurationError(f"{name} must be between 0 and 1 (exclusive), got {value}")
+
+
+@dataclass(frozen=True, slots=True)
+class ProbabilityThreshold:
+    """Roll back when the chosen token's probability is below ``threshold``."""
+
+    threshold: float = 0.05
+    backtrack_count: int = 1
+
+    def __post_init__(self) -> None:
+        _unit("threshold", self.threshold)
+        _positive("backtrack_count", self.backtrack_count)
+
+    @property
+    def max_depth(self) -> int:
+        return self.backtrack_count
+
+    def check(self, view: StepView) -> int:
+        return self.backtrack_count if view.stats.probability < self.threshold else 0
+
+
+@dataclass(frozen=True, slots=True)
+class EntropyThreshold:
+    """Roll back when the distribution's entropy (nats) exceeds ``threshold``."""
+
+    threshold: float = 3.0
+    backtrack_count: int = 1
+
+    def __post_init__(self) -> None:
+        if self.threshold <= 0:
+            raise ConfigurationError(f"threshold must be > 0 nats, got {self.threshold}")
+        _positive("backtrack_count", self.backtrack_count)
+
+    @property
+    def max_depth(self) -> int:
+        return self.backtrack_count
+
+    def check(self, view: StepView) -> int:
+        return self.backtrack_count if view.stats.entropy > self.threshold else 0
+
+
+@dataclass(frozen=True, slots=True)
+class ProbabilityMargin:
+    """Roll back when the top two probabilities are closer than ``margin`` (indecision)."""
+
+    margin: float = 0.05
+    backtrack_count: int = 1
+
+    def __post_init__(self) -> None:
+        _unit("margin", self.margin)
+        _positive("backtrack_count", self.backtrack_count)
+
+    @property
+    def max_depth(self) -> int:
+        return self.backtrack_count
+
+    def check(self, view: StepView) -> int:
+        return self.backtrack_count if view.stats.margin < self.margin else 0
+
+
+@dataclass(frozen=True, slots=True)
+class ProbabilityDrop:
+    """Roll back when the chosen probability falls below ``(1 - max_drop)`` of the last one."""
+
+    max_drop: float = 0.8
+    backtrack_count: int = 1
+
+    def __post_init__(self) -> None:
+        _unit("max_drop", self.max_drop)
+        _positive("backtrack_count", self.backtrack_count)
+
+    @property
+    def max_depth(self) -> int:
+        return self.backtrack_count
+
+    def check(self, view: StepView) -> int:
+        if not view.history:
+            return 0
+        previous = view.history[-1].probability
+        return self.backtrack_count if view.stats.probability < previous * (1 - self.max_drop) else 0
+
+
+@dataclass(frozen=True, slots=True)
+class ProbabilityTrend:
+    """Roll back when the chosen probability is below ``ratio`` x the mean of the last ``window``."""
+
+    window: int = 8
+    ratio: float = 0.25
+    backtrack_count: int = 1
+
+    def __post_init__(self) -> None:
+        _positive("window", self.window)
+        _unit("ratio", self.ratio)
+        _positive("backtrack_count", self.backtrack_count)
+
+    @property
+    def max_depth(self) -> int:
+        return self.backtrack_count
+
+    def check(self, view: StepView) -> int:
+        if len(view.history) < self.window:
+            return 0
+        recent = view.history[-self.window :]
+        mean = sum(step.probability for step in recent) / self.window
+        return self.backtrack_count if view.stats.probability < self.ratio * mean else 0
+
+
+@dataclass(frozen=True, slots=True)
+class Repetition:
+    """Roll back the run when the same token repeats more than ``max_repetitions`` times."""
+
+    max_repetitions: int = 3
+
+    def __post_init__(self) -> None:
+        _positive("max_repetitions", self.max_repetitions)
+
+    @property
+    def max_depth(self) -> int:
+        return self.max_repetitions + 1
+
+    def check(self, view: StepView) -> int:
+        run = 1
+        for step in reversed(view.history):
+            if step.token != view.token:
+                break
+            run += 1
+            if run > self.max_repetitions:
+                return run
+        return 0
+
+
+@dataclass(frozen=True, slots=True)
+class NGramOverlap:
+    """Roll back an n-gram of tokens that already occurred earlier in the answer."""
+
+    ngram_size: int = 4
+
+    def __post_init__(self) -> None:
+        if self.ngram_size < 2:
+            raise ConfigurationError(f"ngram_size must be at least 2, got {self.ngram_size}")
+
+    @property
+    def max_depth(self) -> int:
+        return self.ngram_size
+
+    def check(self, view: StepView) -> int:
+        n = self.ngram_size
+        if len(view.history) < n:
+            return 0
+        tokens = [step.token for step in view.history] + [view.token]
+        last = tokens[-n:]
+        for start in range(len(tokens) - n):
+            if tokens[start : start + n] == last:
+                return n
+        return 0
+
+
+@dataclass(frozen=True, slots=True)
+class LogitThreshold:
+    """Roll back when the chosen token's raw (masked) logit is below ``threshold``."""
+
+    threshold: float = -5.0
+    backtrack_count: int = 1
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.threshold):
+            raise ConfigurationError(f"threshold must be finite, got {self.threshold}")
+        _positive("backtrack_count", self.backtrack_count)
+
+    @property
+    def max_depth(self) -> int:
+        return self.backtrack_count
+
+    def check(self, view: StepView) -> int:
+        return self.backtrack_count if view.stats.logit < self.threshold else 0

@@ -1,0 +1,64 @@
+"""Per-vocabulary precomputation shared by every decode on that vocabulary.
+
+Building it costs a pass over the vocabulary and an XGrammar ``TokenizerInfo``; backends
+build one per model and reuse it, and its compiler caches compiled grammars by text.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+import xgrammar as xgr
+
+from citebacktrack.decoding.runtime import Vocabulary
+from citebacktrack.grammar.emit import Dialect, emit
+from citebacktrack.grammar.ir import Grammar
+
+__all__ = ["VocabularyIndex"]
+
+_DIGITS = b"0123456789"
+
+
+class VocabularyIndex:
+    """Token facts as arrays, plus the XGrammar tokenizer info and grammar compiler.
+
+    Attributes:
+        tokens: each id's bytes (padding ids and control tokens map to ``b""``).
+        lengths: byte length of each token.
+        open_pos: offset of the first ``[`` in each token, -1 if none.
+        unblocked: False for control tokens and padding ids (never sampled).
+        open_ids: ids of tokens containing ``[``.
+        marker_ids: ids of tokens that can continue a marker (digits first or ``]``).
+    """
+
+    def __init__(self, vocabulary: Vocabulary) -> None:
+        self.vocabulary = vocabulary
+        size = vocabulary.size
+        blocked = set(vocabulary.control_ids) | set(range(len(vocabulary.tokens), size))
+        tokens = [
+            b"" if i in blocked or i in vocabulary.stop_ids else bytes(vocabulary.tokens[i])
+            for i in range(size)
+        ]
+        self.tokens = tokens
+        self.stop_ids = frozenset(vocabulary.stop_ids)
+        self.lengths: npt.NDArray[np.int32] = np.fromiter((len(t) for t in tokens), np.int32, size)
+        self.max_length = int(self.lengths.max(initial=1))
+        self.open_pos: npt.NDArray[np.int32] = np.fromiter((t.find(b"[") for t in tokens), np.int32, size)
+        unblocked = np.ones(size, dtype=bool)
+        unblocked[sorted(blocked)] = False
+        self.unblocked = unblocked
+        self.open_ids: npt.NDArray[np.intp] = np.flatnonzero(self.open_pos >= 0)
+        self.marker_ids: npt.NDArray[np.intp] = np.fromiter(
+            (i for i, t in enumerate(tokens) if t[:1] in (b"]", *(bytes([d]) for d in _DIGITS)) and t),
+            np.intp,
+        )
+        # Stop tokens need a non-empty spelling for XGrammar; they are matched by id anyway.
+        encoded = [t if t or i not in self.stop_ids else b"</s>" for i, t in enumerate(tokens)]
+        self.tokenizer_info = xgr.TokenizerInfo(
+            encoded, xgr.VocabType.RAW, vocab_size=size, stop_token_ids=sorted(self.stop_ids)
+        )
+        self.compiler = xgr.GrammarCompiler(self.tokenizer_info, max_threads=1, cache_enabled=True)
+
+    def compile(self, grammar: Grammar) -> xgr.CompiledGrammar:
+        """Compile ``grammar`` for this vocabulary (cached by grammar text)."""
+        return self.compiler.compile_grammar(emit(grammar, Dialect.EBNF))
