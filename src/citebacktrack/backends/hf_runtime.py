@@ -99,7 +99,7 @@ class HFRuntime:
         self._torch = _import_torch()
         self._model = model
         self._tokenizer = tokenizer
-        model.eval()
+        model.eval()  # type: ignore[no-untyped-call]
         width = int(model.config.get_text_config().vocab_size)
         self._vocabulary = _read_vocabulary(tokenizer, model, width)
         if context_window is None:
@@ -171,7 +171,8 @@ class HFRuntime:
             try:
                 model, tokenizer = _load_pretrained(target, local_files_only=True)
             except ModelLoadError as exc:
-                logger.warning("ignoring unreadable converted model in %s: %s", target, exc)
+                logger.warning("replacing unreadable converted model in %s: %s", target, exc)
+                shutil.rmtree(target, ignore_errors=True)
             else:
                 return cls(model, tokenizer)
         model, tokenizer = _convert_gguf(gguf_path)
@@ -269,7 +270,7 @@ class HFRuntime:
             raise BackendError(
                 f"apply_chat_template returned {type(ids).__name__}, not a list of token ids"
             )
-        return list(ids)
+        return [token for token in ids if isinstance(token, int)]
 
     def _run(self, tokens: Sequence[int]) -> Logits:
         """Run the model on ``tokens`` after the cache; return the last row of logits."""
@@ -347,7 +348,7 @@ def _load_pretrained(
             # Unpack every weight now: a model whose linears stay packed (GgufLinear, used
             # when the `kernels` package is installed) cannot be saved to the cache.
             model_kwargs["quantization_config"] = gguf_config(dequantize=True)
-    where = str(name_or_path) + (f" (gguf_file={gguf_file!r})" if gguf_file else "")
+    where = repr(str(Path(name_or_path) / gguf_file) if gguf_file else str(name_or_path))
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path, **common)
         model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -357,8 +358,12 @@ def _load_pretrained(
         raise MissingDependencyError(
             feature="HFRuntime", extra="hf", module=getattr(exc, "name", None) or "accelerate"
         ) from exc
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise ModelLoadError(f"transformers could not load {where}: {exc}") from exc
+    except Exception as exc:
+        # Foreign boundary: a corrupt GGUF surfaces as struct.error, IndexError, KeyError...
+        raise ModelLoadError(
+            f"transformers could not load {where}: {type(exc).__name__}: {exc}; check that "
+            "it is a complete model of an architecture transformers supports"
+        ) from exc
     return model, tokenizer
 
 
@@ -384,8 +389,11 @@ def _store_converted(model: Any, tokenizer: Any, source: Path, target: Path) -> 
     Everything is written into a temporary sibling folder, the marker file last, and the
     folder is then renamed: a reader sees either no folder or a complete one.
     """
-    if target.exists():
+    if (target / _MARKER).is_file():
         return
+    if target.exists():
+        # A folder without the marker is debris (a manual copy, a foreign tool): replace it.
+        shutil.rmtree(target, ignore_errors=True)
     temporary: Path | None = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)

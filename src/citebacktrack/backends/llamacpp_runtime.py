@@ -76,7 +76,9 @@ class LlamaCppRuntime:
         self._lib = _import_llama_cpp()
         self._llama = llama
         self._n_vocab = int(llama.n_vocab())
-        self._n_ctx = int(llama.n_ctx())
+        # llama.cpp pads the context (n_ctx=32 gives 256 cells) but Llama sizes its token
+        # buffer by the n_ctx asked for; the smaller of the two is the usable window.
+        self._n_ctx = min(int(llama.n_ctx()), len(llama.input_ids))
         self._vocabulary = _read_vocabulary(self._lib, llama)
         self._formatter: Any = None
 
@@ -128,7 +130,7 @@ class LlamaCppRuntime:
 
     @property
     def context_window(self) -> int:
-        """The context size the model was loaded with (``n_ctx``)."""
+        """The usable context: the ``n_ctx`` asked for (llama.cpp may allocate more)."""
         return self._n_ctx
 
     def prefill(self, prompt: Sequence[int]) -> Logits:
@@ -140,9 +142,9 @@ class LlamaCppRuntime:
         """
         if not prompt:
             raise ConfigurationError("prefill needs at least one prompt token, got none")
-        self._llama.reset()
+        self._llama.reset()  # type: ignore[no-untyped-call]
         # Llama.reset() only clears the KV cache of recurrent models; clear it ourselves.
-        self._llama._ctx.kv_cache_clear()
+        self._llama._ctx.kv_cache_clear()  # type: ignore[no-untyped-call]
         return self._eval(prompt)
 
     def forward(self, tokens: Sequence[int]) -> Logits:
@@ -192,9 +194,7 @@ class LlamaCppRuntime:
         except Exception as exc:  # jinja2 raises many types; the template is foreign code.
             raise BackendError(f"the model's chat template failed to render: {exc}") from exc
         text: str = rendered.prompt
-        tokens: list[int] = self._llama.tokenize(
-            text.encode("utf-8"), add_bos=False, special=True
-        )
+        tokens: list[int] = self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
         return [int(token) for token in tokens]
 
     def _chat_formatter(self) -> Any:

@@ -7,9 +7,10 @@ inside a multi-byte character, so a token that splits a character cannot confuse
 
 Sentence boundaries follow the citation grammar: a ``.``, ``!`` or ``?`` (optionally
 followed by closing quotes or parentheses) then whitespace ends a sentence, unless the
-next visible character is a lower-case letter, a digit, ``,``, ``;`` or ``(`` (``e.g.
-apples``) or the period closes a single capital initial (``J. K. Rowling``). A newline
-always ends a sentence. The boundary is confirmed at the first visible character after it.
+period closes a dotted abbreviation (``e.g.``) or a single capital initial (``J. K.
+Rowling``), or the next visible character is ``[`` (``632 A.D. [1]``: the citation still
+belongs to the sentence). A newline always ends a sentence. The boundary is confirmed at
+the first visible character after it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ __all__ = ["ClosedMarker", "TextState", "advance"]
 _TERMINATORS = frozenset(b".!?")
 _CLOSERS = frozenset(b")\"'")
 _SPACE = frozenset(b" \t\r")
-_CONTINUATION = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789,;(")
+_LOWER = frozenset(b"abcdefghijklmnopqrstuvwxyz")
 _DIGITS = frozenset(b"0123456789")
 _OPEN = ord("[")
 _CLOSE = ord("]")
@@ -73,9 +74,10 @@ class TextState:
     """0: none; 1: a terminator (and closers) was seen; 2: then whitespace: a boundary
     that the next visible byte confirms or cancels."""
     initial_period: bool = False
-    """The pending terminator closes a single capital initial (no boundary)."""
+    """The pending terminator closes an initial or a dotted abbreviation (no boundary)."""
     prev: int = 0
     prev2: int = 0
+    prev3: int = 0
 
     @property
     def in_marker(self) -> bool:
@@ -93,7 +95,7 @@ def advance(
     sentence_ids, group_ids, in_group = s.sentence_ids, s.group_ids, s.in_group
     marker_start, marker_token, partial = s.marker_start, s.marker_token, s.partial_id
     run, pending, initial = s.uncited_run, s.pending_boundary, s.initial_period
-    prev, prev2 = s.prev, s.prev2
+    prev, prev2, prev3 = s.prev, s.prev2, s.prev3
     closed: list[ClosedMarker] = []
     for byte in piece:
         if marker_start >= 0:
@@ -133,17 +135,21 @@ def advance(
             elif byte in _TERMINATORS:
                 if pending != 2:
                     pending = 1
-                    # "J. K. Rowling": a period after a lone capital letter is an initial.
-                    initial = byte == ord(".") and prev in _UPPER and prev2 in (0, *_SPACE)
+                    # "J. K. Rowling" and "e.g.": no boundary after an initial or x.y.
+                    period = byte == ord(".")
+                    initial = period and (
+                        (prev in _UPPER and prev2 in _SPACE)
+                        or (prev in _LOWER and prev2 == ord(".") and prev3 in _LOWER)
+                    )
             elif byte in _CLOSERS and pending == 1:
                 pass
             else:
-                if pending == 2 and not initial and byte not in _CONTINUATION:
+                if pending == 2 and not initial:
                     sentence_start, sentence_token = length, token_index
                     sentence_ids, group_ids = (), ()
                 pending, initial = 0, False
             run += 1
-        prev2, prev = prev, byte
+        prev3, prev2, prev = prev2, prev, byte
         length += 1
     new = replace(
         s,
@@ -161,5 +167,6 @@ def advance(
         initial_period=initial,
         prev=prev,
         prev2=prev2,
+        prev3=prev3,
     )
     return new, tuple(closed)

@@ -45,16 +45,21 @@ class _DialectRules:
     any_char: str
     max_repeat: int | None
     lark: bool
+    # llama.cpp multiplies the rules generated inside a parenthesised group by the group's
+    # repetition count and refuses the grammar past 2000 (``(x [^a]{0,300}){0,8}``); a
+    # group repeated more than once is therefore printed as a rule of its own.
+    hoist_repeated_groups: bool = False
 
 
 _RULES: dict[Dialect, _DialectRules] = {
     Dialect.EBNF: _DialectRules(" ::= ", "[^]", None, lark=False),
-    Dialect.GBNF: _DialectRules(" ::= ", ".", 2000, lark=False),
+    Dialect.GBNF: _DialectRules(" ::= ", ".", 2000, lark=False, hoist_repeated_groups=True),
     Dialect.LARK: _DialectRules(": ", r"/[\s\S]/", None, lark=True),
 }
 
 # Characters that must be escaped inside a double-quoted literal or a character class.
-# Hex escapes are the one spelling XGrammar, GBNF and Python/Lark all read.
+# Hex escapes are the one spelling XGrammar, GBNF and Python/Lark all read (except inside
+# Lark's regexps: see _LARK_CLASS_ESCAPES).
 _LITERAL_SPECIAL = frozenset('"\\')
 _CLASS_SPECIAL = frozenset("\\]-^[")
 
@@ -70,7 +75,8 @@ def _escape_char(char: str, special: frozenset[str]) -> str:
             return "\\r"
         if char in '"\\':
             return "\\" + char
-        return f"\\x{code:02X}"
+        # \u takes exactly four digits everywhere; XGrammar reads \x greedily ("\x5DA").
+        return f"\\u{code:04X}"
     if code > 0x7E:
         return f"\\u{code:04X}" if code <= 0xFFFF else f"\\U{code:08X}"
     return char
@@ -118,12 +124,28 @@ def _lark_class(node: CharClass, suffix: str = "") -> str:
 
 
 class _Printer:
-    def __init__(self, dialect: Dialect) -> None:
+    def __init__(self, dialect: Dialect, taken: set[str]) -> None:
         self.dialect = dialect
         self.rules = _RULES[dialect]
+        self.taken = taken  # rule names in use, for hoisted groups
+        self.rule_name = ""  # the rule being printed
+        self.hoisted: list[str] = []  # lines of hoisted group rules not yet written
 
     def name(self, name: str) -> str:
-        return name.replace("-", "_") if self.rules.lark else name
+        if not self.rules.lark:
+            return name
+        # ``start`` is the entry rule emit() adds; no IR name ends in ``_`` (or ``-``).
+        return "start_" if name == "start" else name.replace("-", "_")
+
+    def hoist(self, node: Node) -> str:
+        """Print ``node`` as a new rule named after the current one; return that name."""
+        index = 1
+        while f"{self.rule_name}-g{index}" in self.taken:
+            index += 1
+        name = f"{self.rule_name}-g{index}"
+        self.taken.add(name)
+        self.hoisted.append(f"{name}{self.rules.define}{self.node(node)}")
+        return name
 
     def node(self, node: Node, *, atomic: bool = False) -> str:
         match node:
@@ -163,7 +185,11 @@ class _Printer:
             if lo == 0:
                 return _lark_class(node.item, _brace_suffix(1, hi)) + "?"
             return _lark_class(node.item, _brace_suffix(lo, hi))
-        inner = self.node(node.item, atomic=True)
+        group = isinstance(node.item, Sequence | Choice)
+        if self.rules.hoist_repeated_groups and group and (lo if hi is None else hi) > 1:
+            inner = self.hoist(node.item)
+        else:
+            inner = self.node(node.item, atomic=True)
         if isinstance(node.item, Repeat):
             inner = f"({inner})"  # ``x*?`` is a syntax error in XGrammar and Lark
         if (lo, hi) == (0, None):
@@ -197,11 +223,14 @@ def emit(grammar: Grammar, dialect: Dialect | str) -> str:
     except ValueError as exc:
         known = ", ".join(d.value for d in Dialect)
         raise GrammarError(f"unknown grammar dialect {dialect!r}; use one of: {known}") from exc
-    printer = _Printer(dialect)
+    printer = _Printer(dialect, {name for name, _ in grammar.rules})
     ordered = sorted(grammar.rules, key=lambda rule: rule[0] != grammar.root)
     lines = []
     for name, body in ordered:
+        printer.rule_name = name
         lines.append(f"{printer.name(name)}{printer.rules.define}{printer.node(body)}")
+        lines.extend(printer.hoisted)
+        printer.hoisted.clear()
     if printer.rules.lark:
         lines.insert(0, f"start: {printer.name(grammar.root)}")
     return "\n".join(lines) + "\n"

@@ -42,7 +42,7 @@ class Literal:
 
     def __post_init__(self) -> None:
         if not self.text:
-            raise GrammarError("a Literal must be non-empty; use Repeat(..., 0, 0) for nothing")
+            raise GrammarError("a Literal must be non-empty; make the item optional instead")
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,125 @@
+"""BM25 retrieval over a folder of text documents, for the command line.
+
+Documents (``.txt``, ``.md``, ``.markdown``, ``.rst``) are split into passages of whole
+paragraphs (long paragraphs are split at sentence ends) of about ``passage_words`` words;
+each passage becomes a :class:`~citebacktrack.types.Source` whose id is
+``"<file>#<n>"``. Scoring uses the maintained ``bm25s`` library.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from citebacktrack.errors import ConfigurationError, MissingDependencyError
+from citebacktrack.types import Source
+
+__all__ = ["Passage", "PassageIndex", "chunk_text", "load_passages", "sample_docs_path"]
+
+SUFFIXES = frozenset({".txt", ".md", ".markdown", ".rst"})
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def sample_docs_path() -> Path:
+    """The folder of sample documents bundled with the package."""
+    return Path(str(resources.files("citebacktrack").joinpath("data", "sample_docs")))
+
+
+@dataclass(frozen=True, slots=True)
+class Passage:
+    """A chunk of one document."""
+
+    path: Path
+    number: int
+    title: str
+    text: str
+
+    def to_source(self) -> Source:
+        """This passage as a citable source."""
+        return Source(
+            id=f"{self.path.name}#{self.number}",
+            title=self.title,
+            text=self.text,
+            url=self.path.resolve().as_uri(),
+        )
+
+
+def chunk_text(text: str, *, passage_words: int = 80) -> list[str]:
+    """Split ``text`` into passages of whole paragraphs of about ``passage_words`` words."""
+    pieces: list[str] = []
+    for paragraph in re.split(r"\n\s*\n", text):
+        words = paragraph.split()
+        if not words or paragraph.lstrip().startswith("#"):
+            continue
+        if len(words) <= passage_words * 1.5:
+            pieces.append(" ".join(words))
+            continue
+        current: list[str] = []
+        for sentence in _SENTENCE_END.split(" ".join(words)):
+            if current and len(" ".join(current).split()) + len(sentence.split()) > passage_words:
+                pieces.append(" ".join(current))
+                current = []
+            current.append(sentence)
+        if current:
+            pieces.append(" ".join(current))
+    passages: list[str] = []
+    for piece in pieces:
+        if passages and len(passages[-1].split()) + len(piece.split()) <= passage_words:
+            passages[-1] = f"{passages[-1]} {piece}"
+        else:
+            passages.append(piece)
+    return passages
+
+
+def _title(path: Path, text: str) -> str:
+    for line in text.splitlines():
+        if line.startswith("#"):
+            return line.lstrip("#").strip()
+    return path.stem.replace("_", " ").replace("-", " ").strip()
+
+
+def load_passages(folder: Path, *, passage_words: int = 80) -> list[Passage]:
+    """Read every document under ``folder`` (recursively) and chunk it.
+
+    Raises:
+        ConfigurationError: the folder does not exist or holds no readable document.
+    """
+    if not folder.is_dir():
+        raise ConfigurationError(f"--docs {str(folder)!r} is not a folder; pass a folder of .txt/.md files")
+    passages: list[Passage] = []
+    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file()):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        title = _title(path, text)
+        for number, chunk in enumerate(chunk_text(text, passage_words=passage_words), start=1):
+            passages.append(Passage(path=path, number=number, title=title, text=chunk))
+    if not passages:
+        raise ConfigurationError(
+            f"no text found in {str(folder)!r}; it needs files ending in {', '.join(sorted(SUFFIXES))}"
+        )
+    return passages
+
+
+class PassageIndex:
+    """A BM25 index over passages."""
+
+    def __init__(self, passages: Sequence[Passage]) -> None:
+        try:
+            import bm25s  # noqa: PLC0415 - optional extra
+        except ImportError as exc:
+            raise MissingDependencyError(feature="document retrieval", extra="retrieval", module="bm25s") from exc
+        self._bm25s = bm25s
+        self.passages = list(passages)
+        corpus = [f"{p.title} {p.text}" for p in self.passages]
+        self._retriever = bm25s.BM25()
+        self._retriever.index(bm25s.tokenize(corpus, stopwords="en", show_progress=False), show_progress=False)
+
+    def search(self, query: str, k: int = 5) -> list[Source]:
+        """The ``k`` passages that best match ``query``, best first, as sources."""
+        k = max(1, min(k, len(self.passages)))
+        tokens = self._bm25s.tokenize([query], stopwords="en", show_progress=False)
+        results, scores = self._retriever.retrieve(tokens, k=k, show_progress=False)
+        del scores  # zero-score passages stay: distractors are normal, the validator sorts them
+        return [self.passages[int(i)].to_source() for i in results[0]]
