@@ -12,6 +12,7 @@ read plain safetensors instead.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -111,6 +112,13 @@ class HFRuntime:
                     "the model config has no max_position_embeddings; pass context_window="
                 )
         self._context_window = context_window
+        # logits_to_keep=1 skips the vocabulary projection for all but the last prompt row;
+        # custom (remote-code) models may not accept it.
+        self._extra_forward_args: dict[str, Any] = (
+            {"logits_to_keep": 1}
+            if "logits_to_keep" in inspect.signature(model.forward).parameters
+            else {}
+        )
         self._cache: Any = None
         self._n_tokens = 0
 
@@ -294,7 +302,7 @@ class HFRuntime:
                     input_ids=input_ids,
                     past_key_values=self._cache,
                     use_cache=True,
-                    logits_to_keep=1,  # the prompt's other rows are never read
+                    **self._extra_forward_args,
                 )
         except (RuntimeError, ValueError, IndexError) as exc:
             # Some layers may already hold the new positions: the cache is unusable.

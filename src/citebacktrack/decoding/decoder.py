@@ -28,16 +28,17 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import numpy.typing as npt
-import xgrammar as xgr
 
 from citebacktrack.decoding.budgets import Budgets
 from citebacktrack.decoding.operators import Operator, StepStats, StepView
 from citebacktrack.decoding.runtime import Logits, TokenRuntime
 from citebacktrack.decoding.sampling import SamplingConfig, sample
 from citebacktrack.decoding.tracker import ClosedMarker, TextState, advance
-from citebacktrack.decoding.vocab_index import VocabularyIndex
+from citebacktrack.decoding.vocab_index import VocabularyIndex, import_xgrammar
 from citebacktrack.types import (
     Citation,
     CitationAccepted,
@@ -55,6 +56,9 @@ from citebacktrack.types import (
     Usage,
 )
 from citebacktrack.validation import CitationValidator, Verdict, strip_markers
+
+if TYPE_CHECKING:
+    import xgrammar as xgr
 
 __all__ = ["Decoder"]
 
@@ -144,6 +148,7 @@ class Decoder:
         self.operators = tuple(operators)
         self.hold_back = max((op.max_depth for op in self.operators), default=0)
         self.source_ids = tuple(source_ids)
+        xgr = import_xgrammar()
         self.matcher = xgr.GrammarMatcher(compiled_grammar)
         self.bitmask = xgr.allocate_token_bitmask(1, index.vocabulary.size)
         self._bitmask_bytes = self.bitmask.numpy().view(np.uint8)
@@ -175,16 +180,21 @@ class Decoder:
         return limit is not None and time.perf_counter() - started > limit
 
     def _step(self, run: _Run, prompt_len: int) -> Iterator[Event]:
-        position = len(run.steps)
-        logits = run.logits
-        if logits is None:  # pragma: no cover - every path sets logits before stepping
-            raise RuntimeError("decoder lost its logits")
-        allowed = self._allowed(run, position)
+        """Sample one token under every constraint and take it."""
+        allowed = self._allowed(run, len(run.steps))
         if allowed is None:
             yield from self._dead_end(run, prompt_len)
             return
-        masked = np.where(allowed, logits, np.float32(-np.inf)).astype(np.float32, copy=False)
+        if run.logits is None:  # pragma: no cover - every path sets logits before stepping
+            raise RuntimeError("decoder lost its logits")
+        masked = np.where(allowed, run.logits, np.float32(-np.inf)).astype(np.float32, copy=False)
         token, rng_after = sample(masked, self.sampling, run.rng)
+        yield from self._take(run, token, rng_after, masked, prompt_len)
+
+    def _take(self, run: _Run, token: int, rng_after: int, masked: Logits, prompt_len: int) -> Iterator[Event]:
+        """Accept ``token`` (already allowed by the mask): validate, maybe roll back, forward."""
+        position = len(run.steps)
+        logits = run.logits
         run.generated += 1
         if token in self.index.stop_ids:
             if self.matcher.accept_token(token):
@@ -200,7 +210,7 @@ class Decoder:
         run.steps.append(step)
         run.out += piece
         run.rng = rng_after
-        if run.state.sentence_token == position or (piece.find(b"[") >= 0):
+        if run.state.sentence_token == position or b"[" in piece:
             step.is_checkpoint = True
         for marker in closed:
             verdict = self._judge(run, marker)

@@ -6,15 +6,30 @@ build one per model and reuse it, and its compiler caches compiled grammars by t
 
 from __future__ import annotations
 
+from types import ModuleType
+from typing import TYPE_CHECKING
+
 import numpy as np
 import numpy.typing as npt
-import xgrammar as xgr
 
 from citebacktrack.decoding.runtime import Vocabulary
+from citebacktrack.errors import MissingDependencyError
 from citebacktrack.grammar.emit import Dialect, emit
 from citebacktrack.grammar.ir import Grammar
 
-__all__ = ["VocabularyIndex"]
+if TYPE_CHECKING:
+    import xgrammar as xgr
+
+__all__ = ["VocabularyIndex", "import_xgrammar"]
+
+
+def import_xgrammar() -> ModuleType:
+    """Import XGrammar on first use (it imports torch, which plain grammar printing never needs)."""
+    try:
+        import xgrammar  # noqa: PLC0415
+    except ImportError as exc:
+        raise MissingDependencyError(feature="constrained decoding", extra="all", module="xgrammar") from exc
+    return xgrammar
 
 _DIGITS = b"0123456789"
 
@@ -54,6 +69,7 @@ class VocabularyIndex:
         )
         # Stop tokens need a non-empty spelling for XGrammar; they are matched by id anyway.
         encoded = [t if t or i not in self.stop_ids else b"</s>" for i, t in enumerate(tokens)]
+        xgr = import_xgrammar()
         self.tokenizer_info = xgr.TokenizerInfo(
             encoded, xgr.VocabType.RAW, vocab_size=size, stop_token_ids=sorted(self.stop_ids)
         )
