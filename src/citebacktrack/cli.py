@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -40,22 +39,27 @@ class BackendName(StrEnum):
 
 def _build_backend(name: BackendName, model: Path | None) -> Backend:
     if name is BackendName.HF:
-        from citebacktrack.backends.hf import HFBackend  # noqa: PLC0415 - heavy, optional
+        from citebacktrack.backends.hf import HFBackend
 
         return HFBackend.from_gguf(model)
-    from citebacktrack.backends.llamacpp import LlamaCppBackend  # noqa: PLC0415 - heavy, optional
+    from citebacktrack.backends.llamacpp import LlamaCppBackend
 
     return LlamaCppBackend(model)
 
 
 @app.command()
 def grammar(
-    sources: Annotated[int, typer.Option("--sources", "-n", help="Number of sources (ids 1..N).")] = 3,
+    sources: Annotated[
+        int, typer.Option("--sources", "-n", help="Number of sources (ids 1..N).")
+    ] = 3,
     policy: Annotated[CitationMode, typer.Option(help="Citation policy.")] = CitationMode.REQUIRED,
     dialect: Annotated[Dialect, typer.Option(help="Grammar language to print.")] = Dialect.EBNF,
     max_per_sentence: Annotated[int, typer.Option(help="Most citations in one sentence.")] = 3,
     bounded: Annotated[
-        bool, typer.Option(help="Also bound uncited prose in the grammar (for engines we cannot filter).")
+        bool,
+        typer.Option(
+            help="Also bound uncited prose in the grammar (for engines we cannot filter)."
+        ),
     ] = False,
 ) -> None:
     """Print the citation grammar for N sources."""
@@ -78,14 +82,16 @@ def ask(
         Path | None, typer.Option(help="GGUF model file (default: embedded SmolLM2-135M-Instruct).")
     ] = None,
     policy: Annotated[CitationMode, typer.Option(help="Citation policy.")] = CitationMode.REQUIRED,
-    k: Annotated[int, typer.Option("-k", "--top-k-passages", help="Passages to retrieve.", min=1)] = 5,
+    k: Annotated[
+        int, typer.Option("-k", "--top-k-passages", help="Passages to retrieve.", min=1)
+    ] = 5,
     temperature: Annotated[float, typer.Option(help="0 is greedy.", min=0.0)] = 0.0,
     seed: Annotated[int, typer.Option(help="Random seed for sampling.")] = 0,
     max_new_tokens: Annotated[int, typer.Option(help="Most answer tokens.", min=1)] = 160,
     as_json: Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")] = False,
 ) -> None:
     """Answer QUESTION over a folder of documents, with checked citations."""
-    from citebacktrack.retrieval import PassageIndex, load_passages, sample_docs_path  # noqa: PLC0415
+    from citebacktrack.retrieval import PassageIndex, load_passages, sample_docs_path
 
     console = Console(stderr=True)
     try:
@@ -105,7 +111,10 @@ def ask(
     except (CitebacktrackError, ValueError) as exc:
         _fail(exc)
     if as_json:
-        payload = {"answer": answer.model_dump(mode="json"), "sources": [s.model_dump(mode="json") for s in sources]}
+        payload = {
+            "answer": answer.model_dump(mode="json"),
+            "sources": [s.model_dump(mode="json") for s in sources],
+        }
         typer.echo(json.dumps(payload, indent=2, ensure_ascii=False))
         return
     _print_answer(Console(), answer, sources)
@@ -113,14 +122,19 @@ def ask(
 
 def _print_answer(console: Console, answer: Answer, sources: list[Source]) -> None:
     if answer.is_abstained:
-        console.print(f"[bold yellow]No answer[/]: {answer.stop_reason.value} (see the trace below)")
+        console.print(
+            f"[bold yellow]No answer[/]: {answer.stop_reason.value} (see the trace below)"
+        )
     else:
         console.print(escape(renumbered_text(answer)), highlight=False)
     if answer.references:
         console.print("\n[bold]References[/]")
         for ref in answer.references:
             source = sources[ref.source_index - 1]
-            console.print(f"  [{ref.number}] {escape(ref.title or ref.source_id)} [dim]({escape(ref.source_id)})[/]")
+            console.print(
+                f"  [{ref.number}] {escape(ref.title or ref.source_id)} "
+                f"[dim]({escape(ref.source_id)})[/]"
+            )
             if source.url:
                 console.print(f"      [dim]{escape(source.url)}[/]")
     trace, usage = answer.trace, answer.usage
@@ -134,7 +148,8 @@ def _print_answer(console: Console, answer: Answer, sources: list[Source]) -> No
         if entry.kind == "rejection":
             score = f" score {entry.score:.2f}" if entry.score is not None else ""
             console.print(
-                f"[dim]  rejected [{entry.source_index}] ({entry.reason}{score}): {escape(entry.detail)}[/]"
+                f"[dim]  rejected [{entry.source_index}] ({entry.reason}{score}): "
+                f"{escape(entry.detail)}[/]"
             )
 
 
@@ -149,4 +164,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

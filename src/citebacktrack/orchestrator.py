@@ -23,7 +23,7 @@ ScorerFactory = Callable[[Sequence[Source]], SupportScorer]
 
 
 def _default_backend() -> Backend:
-    from citebacktrack.backends.llamacpp import LlamaCppBackend  # noqa: PLC0415 - heavy, optional
+    from citebacktrack.backends.llamacpp import LlamaCppBackend
 
     return LlamaCppBackend()
 
@@ -70,7 +70,9 @@ class Citeformer:
 
     # ------------------------------------------------------------------ requests
 
-    def build_request(self, question: str, sources: Sequence[Source | str]) -> tuple[GenerationRequest, tuple[Source, ...]]:
+    def build_request(
+        self, question: str, sources: Sequence[Source | str]
+    ) -> tuple[GenerationRequest, tuple[Source, ...]]:
         """Validate the input and build the backend request.
 
         Raises:
@@ -152,14 +154,19 @@ def _normalize_sources(sources: Sequence[Source | str]) -> tuple[Source, ...]:
                 f"source {number} is a {type(item).__name__}; pass Source(text=...) or a str"
             )
         if not item.text.strip():
-            raise InvalidSourcesError(f"source {number} (id {item.id!r}) has empty text; drop it or fill it")
+            raise InvalidSourcesError(
+                f"source {number} (id {item.id!r}) has empty text; drop it or fill it"
+            )
         source_id = item.id if item.id is not None else str(number)
         if source_id in seen:
             raise InvalidSourcesError(
-                f"sources {seen[source_id]} and {number} share the id {source_id!r}; ids must be unique"
+                f"sources {seen[source_id]} and {number} share the id {source_id!r}; "
+                "ids must be unique"
             )
         seen[source_id] = number
-        normalized.append(item if item.id == source_id else item.model_copy(update={"id": source_id}))
+        normalized.append(
+            item if item.id == source_id else item.model_copy(update={"id": source_id})
+        )
     return tuple(normalized)
 
 
@@ -168,7 +175,11 @@ def _answer(completion: Completion, sources: Sequence[Source]) -> Answer:
     lead = len(text) - len(text.lstrip())
     citations = tuple(
         c.model_copy(
-            update={"start": c.start - lead, "end": c.end - lead, "sentence_start": max(0, c.sentence_start - lead)}
+            update={
+                "start": c.start - lead,
+                "end": c.end - lead,
+                "sentence_start": max(0, c.sentence_start - lead),
+            }
         )
         for c in completion.citations
         if c.end <= len(text)

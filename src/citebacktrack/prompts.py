@@ -62,7 +62,9 @@ def instruction(policy: Policy) -> str:
         case CitationMode.AUTO:
             return common + " Cite a document whenever a sentence relies on it."
         case CitationMode.QUOTES_ONLY:
-            return common + ' Put quotations in double quotes followed by a citation, like "..." [2].'
+            return (
+                common + ' Put quotations in double quotes followed by a citation, like "..." [2].'
+            )
 
 
 def format_sources(sources: Sequence[Source]) -> str:

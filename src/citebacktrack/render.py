@@ -12,7 +12,9 @@ __all__ = ["build_references", "render_markdown", "renumbered_text"]
 _MARKER = re.compile(r"\[(\d+)\]")
 
 
-def build_references(citations: Sequence[Citation], sources: Sequence[Source]) -> tuple[Reference, ...]:
+def build_references(
+    citations: Sequence[Citation], sources: Sequence[Source]
+) -> tuple[Reference, ...]:
     """One reference per cited source, numbered in order of first use."""
     numbers: dict[int, int] = {}
     references = []

@@ -88,16 +88,21 @@ def load_passages(folder: Path, *, passage_words: int = 80) -> list[Passage]:
         ConfigurationError: the folder does not exist or holds no readable document.
     """
     if not folder.is_dir():
-        raise ConfigurationError(f"--docs {str(folder)!r} is not a folder; pass a folder of .txt/.md files")
+        raise ConfigurationError(
+            f"--docs {str(folder)!r} is not a folder; pass a folder of .txt/.md files"
+        )
     passages: list[Passage] = []
-    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file()):
+    for path in sorted(
+        p for p in folder.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file()
+    ):
         text = path.read_text(encoding="utf-8", errors="replace")
         title = _title(path, text)
         for number, chunk in enumerate(chunk_text(text, passage_words=passage_words), start=1):
             passages.append(Passage(path=path, number=number, title=title, text=chunk))
     if not passages:
         raise ConfigurationError(
-            f"no text found in {str(folder)!r}; it needs files ending in {', '.join(sorted(SUFFIXES))}"
+            f"no text found in {str(folder)!r}; "
+            f"it needs files ending in {', '.join(sorted(SUFFIXES))}"
         )
     return passages
 
@@ -107,14 +112,18 @@ class PassageIndex:
 
     def __init__(self, passages: Sequence[Passage]) -> None:
         try:
-            import bm25s  # noqa: PLC0415 - optional extra
+            import bm25s
         except ImportError as exc:
-            raise MissingDependencyError(feature="document retrieval", extra="retrieval", module="bm25s") from exc
+            raise MissingDependencyError(
+                feature="document retrieval", extra="retrieval", module="bm25s"
+            ) from exc
         self._bm25s = bm25s
         self.passages = list(passages)
         corpus = [f"{p.title} {p.text}" for p in self.passages]
         self._retriever = bm25s.BM25()
-        self._retriever.index(bm25s.tokenize(corpus, stopwords="en", show_progress=False), show_progress=False)
+        self._retriever.index(
+            bm25s.tokenize(corpus, stopwords="en", show_progress=False), show_progress=False
+        )
 
     def search(self, query: str, k: int = 5) -> list[Source]:
         """The ``k`` passages that best match ``query``, best first, as sources."""

@@ -41,7 +41,9 @@ class Source(BaseModel):
 
     model_config = _FROZEN
 
-    text: str = Field(description="The passage text the model reads and citations are checked against.")
+    text: str = Field(
+        description="The passage text the model reads and citations are checked against."
+    )
     id: str | None = Field(
         default=None,
         description="Caller's stable id; defaults to the 1-based position as a string.",
@@ -157,7 +159,9 @@ class Usage(BaseModel):
     generated_tokens: int = Field(
         default=0, description="Tokens sampled, including those later rolled back."
     )
-    forward_passes: int = Field(default=0, description="Model forward passes (prefill counts as one).")
+    forward_passes: int = Field(
+        default=0, description="Model forward passes (prefill counts as one)."
+    )
 
 
 class TraceEntry(BaseModel):

@@ -59,7 +59,9 @@ class CitationValidator:
         self.policy = policy
         self.scorer = scorer
 
-    def forbidden_ids(self, sentence_ids: Collection[int], banned: Collection[int]) -> frozenset[int]:
+    def forbidden_ids(
+        self, sentence_ids: Collection[int], banned: Collection[int]
+    ) -> frozenset[int]:
         """Ids the next marker in this sentence must not use: duplicates and bans."""
         return frozenset(sentence_ids) | frozenset(banned)
 
@@ -96,7 +98,7 @@ class CitationValidator:
             return Verdict(
                 is_accepted=False,
                 reason=RejectionReason.TOO_MANY,
-                detail=f"more than {self.policy.max_citations_per_sentence} citations in one sentence",
+                detail=f"over {self.policy.max_citations_per_sentence} citations in one sentence",
             )
         if self.scorer is None:
             return ACCEPTED

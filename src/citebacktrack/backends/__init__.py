@@ -7,4 +7,12 @@
 from citebacktrack.backends.base import Backend, ChatMessage, Completion, GenerationRequest, collect
 from citebacktrack.backends.mock import FunctionBackend, MockBackend
 
-__all__ = ["Backend", "ChatMessage", "Completion", "FunctionBackend", "GenerationRequest", "MockBackend", "collect"]
+__all__ = [
+    "Backend",
+    "ChatMessage",
+    "Completion",
+    "FunctionBackend",
+    "GenerationRequest",
+    "MockBackend",
+    "collect",
+]

@@ -35,7 +35,14 @@ if TYPE_CHECKING:
     from citebacktrack.grammar.ir import Grammar
     from citebacktrack.validation import CitationValidator
 
-__all__ = ["Backend", "ChatMessage", "Completion", "GenerationRequest", "collect", "iterate_in_thread"]
+__all__ = [
+    "Backend",
+    "ChatMessage",
+    "Completion",
+    "GenerationRequest",
+    "collect",
+    "iterate_in_thread",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +74,9 @@ class GenerationRequest:
 
     def __post_init__(self) -> None:
         if not self.source_ids:
-            object.__setattr__(self, "source_ids", tuple(str(i) for i in range(1, self.n_sources + 1)))
+            object.__setattr__(
+                self, "source_ids", tuple(str(i) for i in range(1, self.n_sources + 1))
+            )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -109,11 +118,10 @@ def collect(events: Iterator[Event]) -> Completion:
 
 async def iterate_in_thread(iterator: Iterator[Event]) -> AsyncIterator[Event]:
     """Pull ``iterator`` one item per worker-thread hop, so the event loop never blocks."""
-    done: Event | None = None
     try:
         while True:
-            event = await anyio.to_thread.run_sync(next, iterator, done)
-            if event is done:
+            event = await anyio.to_thread.run_sync(next, iterator, None)
+            if event is None:
                 return
             yield event
     finally:

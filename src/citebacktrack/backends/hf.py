@@ -39,7 +39,9 @@ class HFBackend(LocalBackend):
         return cls(HFRuntime(model, tokenizer))
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike[str], *, gguf_file: str | None = None) -> HFBackend:
+    def from_pretrained(
+        cls, name_or_path: str | os.PathLike[str], *, gguf_file: str | None = None
+    ) -> HFBackend:
         """Load with ``AutoModelForCausalLM.from_pretrained`` (local files only here)."""
         return cls(HFRuntime.from_pretrained(name_or_path, gguf_file=gguf_file))
 
@@ -48,6 +50,8 @@ class HFBackend(LocalBackend):
         """Load a GGUF file (``None``: the embedded SmolLM2 model) via the converted-model cache."""
         return cls(HFRuntime.from_gguf(path))
 
-    def _prepare(self, request: GenerationRequest) -> tuple[TokenRuntime, VocabularyIndex, list[int], int | None]:
+    def _prepare(
+        self, request: GenerationRequest
+    ) -> tuple[TokenRuntime, VocabularyIndex, list[int], int | None]:
         prompt = self.runtime.encode_chat(request.messages)
         return self.runtime, self.index, prompt, self.runtime.context_window

@@ -41,9 +41,13 @@ class LlamaCppBackend(LocalBackend):
         n_threads: int | None = None,
     ) -> None:
         super().__init__()
-        self.runtime = runtime or LlamaCppRuntime.from_path(model_path, n_ctx=n_ctx, n_threads=n_threads)
+        self.runtime = runtime or LlamaCppRuntime.from_path(
+            model_path, n_ctx=n_ctx, n_threads=n_threads
+        )
         self.index = VocabularyIndex(self.runtime.vocabulary)
 
-    def _prepare(self, request: GenerationRequest) -> tuple[TokenRuntime, VocabularyIndex, list[int], int | None]:
+    def _prepare(
+        self, request: GenerationRequest
+    ) -> tuple[TokenRuntime, VocabularyIndex, list[int], int | None]:
         prompt = self.runtime.encode_chat(request.messages)
         return self.runtime, self.index, prompt, self.runtime.context_window

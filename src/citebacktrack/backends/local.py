@@ -60,7 +60,9 @@ class LocalBackend(Backend):
         self._lock = threading.Lock()
 
     @abstractmethod
-    def _prepare(self, request: GenerationRequest) -> tuple[TokenRuntime, VocabularyIndex, list[int], int | None]:
+    def _prepare(
+        self, request: GenerationRequest
+    ) -> tuple[TokenRuntime, VocabularyIndex, list[int], int | None]:
         """Return the runtime, its vocabulary index, the prompt tokens and the context window."""
 
     def stream(self, request: GenerationRequest) -> Iterator[Event]:

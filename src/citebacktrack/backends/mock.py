@@ -150,7 +150,9 @@ class PrefixHashRuntime:
     every row (e.g. to make some tokens likely).
     """
 
-    def __init__(self, vocabulary: Vocabulary, *, seed: int = 0, bias: Logits | None = None) -> None:
+    def __init__(
+        self, vocabulary: Vocabulary, *, seed: int = 0, bias: Logits | None = None
+    ) -> None:
         self._vocabulary = vocabulary
         self._seed = seed
         self._bias = bias
@@ -212,7 +214,9 @@ class FunctionBackend(Backend):
 
     def _decode(self, request: GenerationRequest, script: str) -> Iterator[Event]:
         if not isinstance(script, str):
-            raise ConfigurationError(f"a scripted backend function must return str, got {type(script).__name__}")
+            raise ConfigurationError(
+                f"a scripted backend function must return str, got {type(script).__name__}"
+            )
         runtime = ScriptedRuntime(script, self._vocabulary)
         index = _index_for(self._vocabulary)
         prompt = [0]  # the scripted model ignores the prompt's content
@@ -247,7 +251,9 @@ class MockBackend(FunctionBackend):
 
     def __init__(self, responses: Sequence[str], *, vocabulary: Vocabulary | None = None) -> None:
         if isinstance(responses, str):
-            raise ConfigurationError("MockBackend takes a list of responses, e.g. MockBackend(['...'])")
+            raise ConfigurationError(
+                "MockBackend takes a list of responses, e.g. MockBackend(['...'])"
+            )
         self.responses = list(responses)
         self._lock = threading.Lock()
         self._next = 0

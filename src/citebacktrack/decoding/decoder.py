@@ -27,7 +27,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -191,20 +190,23 @@ class Decoder:
         token, rng_after = sample(masked, self.sampling, run.rng)
         yield from self._take(run, token, rng_after, masked, prompt_len)
 
-    def _take(self, run: _Run, token: int, rng_after: int, masked: Logits, prompt_len: int) -> Iterator[Event]:
+    def _take(
+        self, run: _Run, token: int, rng_after: int, masked: Logits, prompt_len: int
+    ) -> Iterator[Event]:
         """Accept ``token`` (already allowed by the mask): validate, maybe roll back, forward."""
         position = len(run.steps)
         logits = run.logits
         run.generated += 1
-        if token in self.index.stop_ids:
-            if self.matcher.accept_token(token):
-                run.stop = StopReason.END
-                return
+        if token in self.index.stop_ids and self.matcher.accept_token(token):
+            run.stop = StopReason.END
+            return
         if not self.matcher.accept_token(token):
             # The mask said yes and the matcher no: never trust a token twice.
             run.token_bans.setdefault(position, set()).add(token)
             return
-        step = _Step(token=token, rng=run.rng, state=run.state, logits=logits, is_checkpoint=position == 0)
+        step = _Step(
+            token=token, rng=run.rng, state=run.state, logits=logits, is_checkpoint=position == 0
+        )
         piece = self.index.tokens[token]
         run.state, closed = advance(run.state, piece, position)
         run.steps.append(step)
@@ -250,8 +252,9 @@ class Decoder:
         banned = run.bans.get(state.sentence_start, set())
         forbidden = self.validator.forbidden_ids(state.sentence_ids, banned)
         if not state.in_marker:
-            can_open = state.sentence_start not in run.no_markers and self.validator.can_open_marker(
-                state.sentence_ids, banned
+            can_open = (
+                state.sentence_start not in run.no_markers
+                and self.validator.can_open_marker(state.sentence_ids, banned)
             )
             if not can_open:
                 allowed[self.index.open_ids] = False
@@ -265,7 +268,9 @@ class Decoder:
             if not self._marker_ok(state, self.index.tokens[token], position, forbidden):
                 allowed[token] = False
 
-    def _marker_ok(self, state: TextState, piece: bytes, position: int, forbidden: frozenset[int]) -> bool:
+    def _marker_ok(
+        self, state: TextState, piece: bytes, position: int, forbidden: frozenset[int]
+    ) -> bool:
         """Whether ``piece`` keeps every marker it touches completable with a permitted id."""
         after, closed = advance(state, piece, position)
         for marker in closed:
@@ -291,12 +296,16 @@ class Decoder:
     # ------------------------------------------------------------------ validation
 
     def _judge(self, run: _Run, marker: ClosedMarker) -> Verdict:
-        claim = strip_markers(run.out[marker.sentence_start : marker.start].decode("utf-8", "replace"))
+        claim = strip_markers(
+            run.out[marker.sentence_start : marker.start].decode("utf-8", "replace")
+        )
         return self.validator.check(
             source_index=marker.source_index, sentence_ids=marker.prior_ids, claim=claim.strip()
         )
 
-    def _reject(self, run: _Run, marker: ClosedMarker, verdict: Verdict, prompt_len: int) -> Iterator[Event]:
+    def _reject(
+        self, run: _Run, marker: ClosedMarker, verdict: Verdict, prompt_len: int
+    ) -> Iterator[Event]:
         sentence = marker.sentence_start
         reason = verdict.reason or RejectionReason.UNSUPPORTED
         run.rejections += 1
@@ -319,7 +328,9 @@ class Decoder:
         retries = run.marker_retries.get(sentence, 0) + 1
         run.marker_retries[sentence] = retries
         if retries <= self.budgets.retries_per_checkpoint:
-            yield from self._rollback(run, marker.token_index, prompt_len, f"rejected [{marker.source_index}]")
+            yield from self._rollback(
+                run, marker.token_index, prompt_len, f"rejected [{marker.source_index}]"
+            )
             return
         yield from self._escalate(run, prompt_len, marker_token=marker.token_index)
 
@@ -455,13 +466,19 @@ class Decoder:
     # ------------------------------------------------------------------ output
 
     def _char_offset(self, run: _Run, byte_offset: int) -> int:
-        return run.released_chars + len(run.out[run.released : byte_offset].decode("utf-8", "replace"))
+        return run.released_chars + len(
+            run.out[run.released : byte_offset].decode("utf-8", "replace")
+        )
 
     def _safe_offset(self, run: _Run, *, final: bool) -> int:
         if final and run.stop is StopReason.END:
             return len(run.out)
         sentence_token = run.state.sentence_token
-        safe = run.steps[sentence_token].state.length if sentence_token < len(run.steps) else len(run.out)
+        safe = (
+            run.steps[sentence_token].state.length
+            if sentence_token < len(run.steps)
+            else len(run.out)
+        )
         if final:
             state = run.state
             complete = state.pending_boundary == 2 and not state.in_marker
@@ -494,7 +511,11 @@ class Decoder:
                         source_index=marker.source_index,
                         source_id=self.source_ids[marker.source_index - 1],
                         sentence_start=base
-                        + len(run.out[start : max(start, marker.sentence_start)].decode("utf-8", "replace")),
+                        + len(
+                            run.out[start : max(start, marker.sentence_start)].decode(
+                                "utf-8", "replace"
+                            )
+                        ),
                         support=item.verdict.score,
                     )
                 )

@@ -171,12 +171,17 @@ class ProbabilityDrop:
         if not view.history:
             return 0
         previous = view.history[-1].probability
-        return self.backtrack_count if view.stats.probability < previous * (1 - self.max_drop) else 0
+        return (
+            self.backtrack_count if view.stats.probability < previous * (1 - self.max_drop) else 0
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class ProbabilityTrend:
-    """Roll back when the chosen probability is below ``ratio`` x the mean of the last ``window``."""
+    """Roll back when the chosen probability is below ``ratio`` x the recent mean.
+
+    The mean is over the last ``window`` kept steps.
+    """
 
     window: int = 8
     ratio: float = 0.25

@@ -37,7 +37,9 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0.0:
-            raise ConfigurationError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+            raise ConfigurationError(
+                f"temperature must be >= 0 (0 is greedy), got {self.temperature}"
+            )
         if self.top_k < 0:
             raise ConfigurationError(f"top_k must be >= 0 (0 keeps all tokens), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:

@@ -26,10 +26,13 @@ __all__ = ["VocabularyIndex", "import_xgrammar"]
 def import_xgrammar() -> ModuleType:
     """Import XGrammar on first use (it imports torch, which plain grammar printing never needs)."""
     try:
-        import xgrammar  # noqa: PLC0415
+        import xgrammar
     except ImportError as exc:
-        raise MissingDependencyError(feature="constrained decoding", extra="all", module="xgrammar") from exc
+        raise MissingDependencyError(
+            feature="constrained decoding", extra="all", module="xgrammar"
+        ) from exc
     return xgrammar
+
 
 _DIGITS = b"0123456789"
 
@@ -58,13 +61,19 @@ class VocabularyIndex:
         self.stop_ids = frozenset(vocabulary.stop_ids)
         self.lengths: npt.NDArray[np.int32] = np.fromiter((len(t) for t in tokens), np.int32, size)
         self.max_length = int(self.lengths.max(initial=1))
-        self.open_pos: npt.NDArray[np.int32] = np.fromiter((t.find(b"[") for t in tokens), np.int32, size)
+        self.open_pos: npt.NDArray[np.int32] = np.fromiter(
+            (t.find(b"[") for t in tokens), np.int32, size
+        )
         unblocked = np.ones(size, dtype=bool)
         unblocked[sorted(blocked)] = False
         self.unblocked = unblocked
         self.open_ids: npt.NDArray[np.intp] = np.flatnonzero(self.open_pos >= 0)
         self.marker_ids: npt.NDArray[np.intp] = np.fromiter(
-            (i for i, t in enumerate(tokens) if t[:1] in (b"]", *(bytes([d]) for d in _DIGITS)) and t),
+            (
+                i
+                for i, t in enumerate(tokens)
+                if t[:1] in (b"]", *(bytes([d]) for d in _DIGITS)) and t
+            ),
             np.intp,
         )
         # Stop tokens need a non-empty spelling for XGrammar; they are matched by id anyway.
@@ -77,4 +86,5 @@ class VocabularyIndex:
 
     def compile(self, grammar: Grammar) -> xgr.CompiledGrammar:
         """Compile ``grammar`` for this vocabulary (cached by grammar text)."""
-        return self.compiler.compile_grammar(emit(grammar, Dialect.EBNF))
+        compiled: xgr.CompiledGrammar = self.compiler.compile_grammar(emit(grammar, Dialect.EBNF))
+        return compiled

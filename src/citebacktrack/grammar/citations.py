@@ -24,16 +24,16 @@ What the prose may contain:
   parentheses). ``[0]``, ``[01]``, ``[n+1]``, ``[1, 2]`` and ``[1-3]`` cannot be written;
   several sources are ``[1][2]``.
 * Under REQUIRED a sentence ends at ``.``, ``!`` or ``?`` followed by whitespace, or at the
-  end of a line, and must carry a citation before it ends. These do not end a sentence: a
-  decimal point between digits (``3.5``, ``1.2.3``), a URL with a scheme (``https://example.com/a?b=c``;
-  from ``://`` it runs to the next whitespace), a two-letter dotted
-  abbreviation (``e.g.``, ``i.e.``, ``a.m.``, ``U.S.``, ``A.D.``), a single capital initial after a
-  space (``J. K. Rowling``), and an ellipsis. A sentence's period comes after its
-  citation (``... in 1889 [1].``), never before it. Any other period and space ends the sentence, so ``Dr. Smith`` or
-  ``etc. and`` need a citation before the period (a small model given a lower-case escape
-  hatch used it to avoid citing, run-on after run-on; for the same reason ``energy.chlorophyll``
-  and bare domains such as ``example.com`` are not allowed; a literal alternative such as
-  ``"www."`` made masks 15x slower).
+  end of a line, and must carry a citation before it ends; its period comes after the
+  citation (``... in 1889 [1].``). These do not end a sentence: a decimal point between
+  digits (``3.5``, ``1.2.3``), a URL with a scheme (``https://example.com/a?b=c``, which
+  runs from ``://`` to the next whitespace), a two-letter dotted abbreviation (``e.g.``,
+  ``i.e.``, ``a.m.``, ``U.S.``, ``A.D.``), a single capital initial after a space or at the
+  start (``J. K. Rowling``), and an ellipsis. Any other period and space ends the sentence,
+  so ``Dr. Smith`` or ``etc. and`` need a citation before the period. (A small model given
+  a lower-case escape hatch used it to avoid citing, run-on after run-on; for the same
+  reason ``energy.chlorophyll`` and bare domains like ``example.com`` are not allowed, and a
+  literal alternative such as ``"www."`` made masks 15x slower.)
 * A line ending in ``:`` introduces a list and needs no citation.
 * The ramble bound (``policy.max_uncited_chars``) is enforced by the decoder's token filter
   on token-level backends. ``bounded=True`` also writes it into the grammar, for engines we
@@ -98,7 +98,10 @@ def _required(policy: Policy, bounded: bool) -> list[tuple[str, Node]]:
     digit = char_class(ranges=(("0", "9"),))
     url = repeat(char_class(_WS + _BRACKETS, negated=True))
     return [
-        ("root", seq(repeat(ws), ref("block"), repeat(seq(repeat(ws, 1), ref("block"))), repeat(ws))),
+        (
+            "root",
+            seq(repeat(ws), ref("block"), repeat(seq(repeat(ws, 1), ref("block"))), repeat(ws)),
+        ),
         ("block", seq(repeat(ref("heading")), repeat(ref("bullet"), 0, 1), ref("sentence"))),
         (
             "heading",
@@ -114,7 +117,9 @@ def _required(policy: Policy, bounded: bool) -> list[tuple[str, Node]]:
         (
             "bullet",
             seq(
-                choice(char_class("-*•"), seq(repeat(char_class(ranges=(("0", "9"),)), 1, 3), lit("."))),
+                choice(
+                    char_class("-*•"), seq(repeat(char_class(ranges=(("0", "9"),)), 1, 3), lit("."))
+                ),
                 lit(" "),
             ),
         ),
@@ -183,7 +188,9 @@ def _quotes_only(policy: Policy, bounded: bool) -> list[tuple[str, Node]]:
     ]
 
 
-def citation_grammar(n_sources: int, policy: Policy | None = None, *, bounded: bool = False) -> Grammar:
+def citation_grammar(
+    n_sources: int, policy: Policy | None = None, *, bounded: bool = False
+) -> Grammar:
     """Build the citation grammar for ``n_sources`` numbered sources under ``policy``.
 
     Args:

@@ -186,7 +186,9 @@ def repeat(item: Node, min: int = 0, max: int | None = None) -> Repeat:  # noqa:
     return Repeat(item, min, max)
 
 
-def char_class(chars: str = "", *, ranges: tuple[tuple[str, str], ...] = (), negated: bool = False) -> CharClass:
+def char_class(
+    chars: str = "", *, ranges: tuple[tuple[str, str], ...] = (), negated: bool = False
+) -> CharClass:
     """A class of the single characters in ``chars`` plus inclusive ``ranges``."""
     return CharClass(tuple((c, c) for c in dict.fromkeys(chars)) + ranges, negated)
 
