@@ -47,8 +47,18 @@ def grammars(gbnf_vocab: GbnfVocab):  # type: ignore[no-untyped-def]
     _compiled.cache_clear()
 
 
-def assert_verdict(compiled: CompiledGrammar, text: str, expected: bool) -> None:
-    verdicts = compiled.verdicts(text)
+def assert_verdict(
+    compiled: CompiledGrammar, text: str, expected: bool, *, lark: bool = True
+) -> None:
+    """Every engine (Lark left out with ``lark=False``) reaches the ``expected`` verdict."""
+    if lark:
+        verdicts = compiled.verdicts(text)
+    else:
+        assert compiled.gbnf_vocab is not None
+        verdicts = {
+            "xgrammar": xgrammar_accepts(compiled.xgrammar, text),
+            "llama.cpp": compiled.gbnf_vocab.accepts(compiled.gbnf, text),
+        }
     assert set(verdicts.values()) == {expected}, (
         f"expected {'accept' if expected else 'reject'} of {text!r}, got {verdicts}"
     )
@@ -142,13 +152,16 @@ def test_compiles_against_a_token_vocabulary(mode: CitationMode, n: int, bounded
 
 
 def _prose_bounds(mode: CitationMode, bounded: bool) -> set[tuple[int, int | None]]:
-    """(min, max) of every repeat of a negated class: the runs of prose."""
+    """(min, max) of every run of prose: a repeated negated class that admits spaces."""
     policy = Policy(mode=mode, max_uncited_chars=123)
     return {
         (node.min, node.max)
         for _, body in citation_grammar(4, policy, bounded=bounded).rules
         for node in walk(body)
-        if isinstance(node, Repeat) and isinstance(node.item, CharClass) and node.item.negated
+        if isinstance(node, Repeat)
+        and isinstance(node.item, CharClass)
+        and node.item.negated
+        and node.item.matches(" ")
     }
 
 
@@ -201,8 +214,8 @@ CORPUS = [
     valid("Some fruits, e.g. apples, are sweet [2].", "e.g."),
     valid("Cats, i.e. felines, purr [3].", "i.e."),
     valid("The shop opens at 9 a.m. daily [1].", "a.m."),
-    valid("See example.com/a?b=c&d=1 for details [1].", "URL with ? and ="),
-    valid("Apples, pears, etc., are fruit [1].", "etc.,"),
+    valid("See https://example.com/a?b=c&d=1 for details [1].", "URL with ? and ="),
+    valid("He was 5.5 ft tall in the 1990s [1].", "decimal between digits"),
     valid("Wait... there is more [1].", "ellipsis"),
     valid("J. K. Rowling wrote the books [1].", "leading initials"),
     valid("The author J. K. Rowling wrote them [1].", "initials mid-sentence"),
@@ -242,6 +255,8 @@ CORPUS = [
     uncited("Ask Dr. Smith [1].", "Dr. ends a sentence"),
     uncited("Numbers etc. and more [1].", "etc. and ends a sentence"),
     uncited("Earth.Plants grow there [1].", "a period before a capital is not a break"),
+    uncited("Plants use energy.chlorophyll to grow [1].", "glued words are not a break"),
+    uncited("See example.com for details [1].", "bare domain"),
     uncited("He won. [1]", "the period comes after the citation, not before"),
     uncited("[1] Fact.", "citation before the prose"),
     uncited("It's fine.", "apostrophe, uncited"),
@@ -291,6 +306,9 @@ KNOWN_DISCREPANCIES = {
     # "A single capital initial after a space" does not end a sentence, but a fourth leading
     # initial has no space of its own left: the third initial's ". " consumed it.
     valid("A. B. C. D. Smith wrote it [1].", "four leading initials"): [REQUIRED],
+    # Documented as not ending a sentence, but each break takes the digit on both sides of
+    # its point, so the second point has no digit left before it.
+    valid("Version 1.2.3 is out [1].", "dotted version number"): [REQUIRED],
 }
 
 
@@ -412,6 +430,8 @@ UNSETTLED = [
     ("Fact [1]. [2]", REQUIRED, True),  # ... and so is a marker-only second sentence
     ("It is in the U.S. [1]", REQUIRED, True),  # a break just before the marker
     ("Dr Smith said so [1].", REQUIRED, True),
+    # A period followed by a comma is not "followed by whitespace", yet no break covers it.
+    ("Apples, pears, etc., are fruit [1].", REQUIRED, False),
 ]
 
 
@@ -431,20 +451,20 @@ def test_uncited_run_bound_required(grammars, bounded: bool) -> None:  # type: i
     run = "w" * (LIMIT - 1) + " "  # the run includes the space before the marker
     assert_verdict(compiled, run + "[1].", True)
     assert_verdict(compiled, "w" + run + "[1].", not bounded)
-    # Each run between breaks is bounded separately ("3.5" is a break).
-    assert_verdict(compiled, "a" * LIMIT + ".5" + run + "[2].", True)
-    assert_verdict(compiled, "a" * (LIMIT + 1) + ".5" + run + "[2].", not bounded)
-    assert_verdict(compiled, "a" * LIMIT + ".5w" + run + "[2].", not bounded)
-    # Every sentence has its own budget.
-    assert_verdict(compiled, f"{run}[1]. {run}[2].", True)
-    assert_verdict(compiled, f"{run}[1]. w{run}[2].", not bounded)
+    # Each run between breaks ("..." is one) is bounded separately, and every sentence has
+    # its own budget. (Lark left out: its Earley parser takes seconds on these.)
+    assert_verdict(compiled, "a" * LIMIT + "..." + run + "[2].", True, lark=False)
+    assert_verdict(compiled, "a" * (LIMIT + 1) + "..." + run + "[2].", not bounded, lark=False)
+    assert_verdict(compiled, "a" * LIMIT + "...w" + run + "[2].", not bounded, lark=False)
+    assert_verdict(compiled, f"{run}[1]. {run}[2].", True, lark=False)
+    assert_verdict(compiled, f"{run}[1]. w{run}[2].", not bounded, lark=False)
 
 
 @pytest.mark.parametrize("bounded", [True, False])
 def test_sentence_break_bound(grammars, bounded: bool) -> None:  # type: ignore[no-untyped-def]
     compiled = grammars(REQUIRED, bounded=bounded, max_uncited_chars=LIMIT)
-    assert_verdict(compiled, "v" + ".5" * MAX_SENTENCE_BREAKS + " [1].", True)
-    assert_verdict(compiled, "v" + ".5" * (MAX_SENTENCE_BREAKS + 1) + " [1].", not bounded)
+    assert_verdict(compiled, "v" + "...w" * MAX_SENTENCE_BREAKS + " [1].", True)
+    assert_verdict(compiled, "v" + "...w" * (MAX_SENTENCE_BREAKS + 1) + " [1].", not bounded)
 
 
 @pytest.mark.parametrize("bounded", [True, False])
@@ -467,14 +487,11 @@ def test_default_bound_in_xgrammar_and_llama_cpp(grammars) -> None:  # type: ign
     # The default 300-character bound, at full size (Lark left out: it is slow on long runs).
     compiled = grammars(REQUIRED, bounded=True)
     limit = Policy().max_uncited_chars
-    for text, expected in [
-        ("w" * (limit - 1) + " [1].", True),
-        ("w" * limit + " [1].", False),
-        ("a" * limit + (".5" + "b" * (limit - 2)) * MAX_SENTENCE_BREAKS + " [1].", True),
-    ]:
-        assert xgrammar_accepts(compiled.xgrammar, text) is expected
-        assert compiled.gbnf_vocab is not None
-        assert compiled.gbnf_vocab.accepts(compiled.gbnf, text) is expected
+    runs = ["a" * limit] * MAX_SENTENCE_BREAKS
+    assert_verdict(compiled, "w" * (limit - 1) + " [1].", True, lark=False)
+    assert_verdict(compiled, "w" * limit + " [1].", False, lark=False)
+    assert_verdict(compiled, "...".join([*runs, "b" * (limit - 1) + " "]) + "[1]", True, lark=False)
+    assert_verdict(compiled, "...".join([*runs, "a" * limit, "b"]) + " [1]", False, lark=False)
 
 
 def test_largest_bound_compiles(gbnf_vocab: GbnfVocab) -> None:

@@ -75,8 +75,8 @@ class ScriptedRuntime:
 
     Its logits are a function of the whole generated prefix: the token that continues the
     script at the current byte offset scores highest (longer matches first); off the
-    script, it prefers closing the answer, then ``[``, low ids, ``]`` and ``.``, so a
-    constrained decode always finishes.
+    script, it prefers ``[``, then ``]``, then ending the answer, then low ids and ``.``,
+    so a constrained decode always finishes.
     """
 
     def __init__(self, script: str, vocabulary: Vocabulary | None = None) -> None:
@@ -90,6 +90,8 @@ class ScriptedRuntime:
         for piece, score in ((b"[", 3.0), (b"]", 2.5), (b".", 2.0), (b" ", 0.5)):
             if piece in by_piece:
                 base[by_piece[piece]] = score
+        for stop in self._vocabulary.stop_ids:
+            base[stop] = 2.2  # off the script, end as soon as the grammar allows
         for digit in range(10):
             piece = str(digit).encode()
             if piece in by_piece:

@@ -242,12 +242,17 @@ class Decoder:
         allowed = bits.view(np.bool_) & self.index.unblocked
         for token in run.token_bans.get(position, ()):
             allowed[token] = False
-        self._filter_markers(run, allowed, position)
+        can_open = self._filter_markers(run, allowed, position)
         if self.policy.mode is CitationMode.REQUIRED and not run.state.in_marker:
+            if not can_open:
+                if run.state.dangling:
+                    return None  # the sentence needs a citation that can no longer be given
+                self._filter_dangling(run, allowed)
             self._filter_ramble(run, allowed)
         return allowed if allowed.any() else None
 
-    def _filter_markers(self, run: _Run, allowed: npt.NDArray[np.bool_], position: int) -> None:
+    def _filter_markers(self, run: _Run, allowed: npt.NDArray[np.bool_], position: int) -> bool:
+        """Mask marker tokens the validator would refuse; return whether a marker may open."""
         state = run.state
         banned = run.bans.get(state.sentence_start, set())
         forbidden = self.validator.forbidden_ids(state.sentence_ids, banned)
@@ -258,15 +263,15 @@ class Decoder:
             )
             if not can_open:
                 allowed[self.index.open_ids] = False
-                return
+                return False
             candidates = self.index.open_ids
         else:
-            candidates = self.index.marker_ids
-        if not forbidden:
-            return
-        for token in candidates[allowed[candidates]]:
-            if not self._marker_ok(state, self.index.tokens[token], position, forbidden):
-                allowed[token] = False
+            can_open, candidates = True, self.index.marker_ids
+        if forbidden:
+            for token in candidates[allowed[candidates]]:
+                if not self._marker_ok(state, self.index.tokens[token], position, forbidden):
+                    allowed[token] = False
+        return can_open
 
     def _marker_ok(
         self, state: TextState, piece: bytes, position: int, forbidden: frozenset[int]
@@ -283,6 +288,17 @@ class Decoder:
                 str(i).startswith(prefix) and i not in taken for i in range(1, self._n_sources + 1)
             )
         return True
+
+    def _filter_dangling(self, run: _Run, allowed: npt.NDArray[np.bool_]) -> None:
+        """No marker may open: only let words through if the token ends the sentence first."""
+        pending = run.state.pending_boundary
+        if pending == 2:
+            return
+        index = self.index
+        new_sentence = index.newline_first | index.ends_first
+        if pending == 1:
+            new_sentence = new_sentence | index.space_first
+        allowed &= ~(index.prose & ~new_sentence)
 
     def _filter_ramble(self, run: _Run, allowed: npt.NDArray[np.bool_]) -> None:
         """Enforce ``max_uncited_chars``: prose past the bound must open a citation first."""

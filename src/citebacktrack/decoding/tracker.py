@@ -70,6 +70,9 @@ class TextState:
     """Digits typed so far inside the open marker."""
     uncited_run: int = 0
     """Bytes of prose since the last citation (or the start): the ramble bound counts these."""
+    dangling: bool = False
+    """Words were written in this sentence after its last marker group (or it has none):
+    under REQUIRED the sentence cannot end until another marker closes."""
     pending_boundary: int = 0
     """0: none; 1: a terminator (and closers) was seen; 2: then whitespace: a boundary
     that the next visible byte confirms or cancels."""
@@ -95,6 +98,7 @@ def advance(
     sentence_ids, group_ids, in_group = s.sentence_ids, s.group_ids, s.in_group
     marker_start, marker_token, partial = s.marker_start, s.marker_token, s.partial_id
     run, pending, initial = s.uncited_run, s.pending_boundary, s.initial_period
+    dangling = s.dangling
     prev, prev2, prev3 = s.prev, s.prev2, s.prev3
     closed: list[ClosedMarker] = []
     for byte in piece:
@@ -114,7 +118,7 @@ def advance(
                 sentence_ids = (*sentence_ids, source_index)
                 group_ids = (*group_ids, source_index)
                 marker_start, marker_token, partial = -1, -1, ""
-                in_group, run = True, 0
+                in_group, run, dangling = True, 0, False
             elif byte in _DIGITS:
                 partial += chr(byte)
         elif byte == _OPEN:
@@ -141,9 +145,10 @@ def advance(
                         (prev in _UPPER and prev2 in _SPACE)
                         or (prev in _LOWER and prev2 == ord(".") and prev3 in _LOWER)
                     )
-            elif byte in _CLOSERS and pending == 1:
+            elif byte in _CLOSERS and (pending == 1 or not dangling):
                 pass
             else:
+                dangling = True
                 if pending == 2 and not initial:
                     sentence_start, sentence_token = length, token_index
                     sentence_ids, group_ids = (), ()
@@ -163,6 +168,7 @@ def advance(
         marker_token=marker_token,
         partial_id=partial,
         uncited_run=run,
+        dangling=dangling,
         pending_boundary=pending,
         initial_period=initial,
         prev=prev,

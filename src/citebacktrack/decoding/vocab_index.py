@@ -47,6 +47,12 @@ class VocabularyIndex:
         unblocked: False for control tokens and padding ids (never sampled).
         open_ids: ids of tokens containing ``[``.
         marker_ids: ids of tokens that can continue a marker (digits first or ``]``).
+        prose: tokens with a word character (anything but whitespace, closers,
+            terminators): writing one after a sentence's last marker needs another marker,
+            unless the token first ends the sentence, which the next three arrays tell.
+        newline_first: a newline comes before the token's first word character.
+        ends_first: a terminator then whitespace come before its first word character.
+        space_first: whitespace comes before its first word character.
     """
 
     def __init__(self, vocabulary: Vocabulary) -> None:
@@ -76,6 +82,8 @@ class VocabularyIndex:
             ),
             np.intp,
         )
+        flags = np.array([_lead_flags(t) for t in tokens], dtype=bool).reshape(size, 4)
+        self.prose, self.newline_first, self.ends_first, self.space_first = flags.T.copy()
         # Stop tokens need a non-empty spelling for XGrammar; they are matched by id anyway.
         encoded = [t if t or i not in self.stop_ids else b"</s>" for i, t in enumerate(tokens)]
         xgr = import_xgrammar()
@@ -88,3 +96,26 @@ class VocabularyIndex:
         """Compile ``grammar`` for this vocabulary (cached by grammar text)."""
         compiled: xgr.CompiledGrammar = self.compiler.compile_grammar(emit(grammar, Dialect.EBNF))
         return compiled
+
+
+_NEUTRAL_SPACE = frozenset(b" \t\r")
+_NEUTRAL_END = frozenset(b".!?")
+_NEUTRAL_CLOSE = frozenset(b")\"'")
+
+
+def _lead_flags(token: bytes) -> tuple[bool, bool, bool, bool]:
+    """(has a word character, newline before it, terminator+space before it, space before it)."""
+    newline = ended = spaced = terminated = False
+    for byte in token:
+        if byte == 10:
+            newline = True
+        elif byte in _NEUTRAL_SPACE:
+            spaced = True
+            ended = ended or terminated
+        elif byte in _NEUTRAL_END:
+            terminated = True
+        elif byte in _NEUTRAL_CLOSE or byte == 91:  # "[" is handled by the marker filter
+            continue
+        else:
+            return True, newline, ended, spaced
+    return False, newline, ended, spaced

@@ -1,0 +1,88 @@
+"""Builders shared by the decoder, backend and orchestrator tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from citebacktrack.backends.base import ChatMessage, GenerationRequest
+from citebacktrack.decoding.budgets import Budgets
+from citebacktrack.decoding.operators import Operator
+from citebacktrack.decoding.sampling import SamplingConfig
+from citebacktrack.grammar.citations import citation_grammar
+from citebacktrack.support import SupportResult
+from citebacktrack.types import (
+    CitationAccepted,
+    CitationMode,
+    CitationRejected,
+    Done,
+    Event,
+    Policy,
+    TextDelta,
+)
+from citebacktrack.validation import CitationValidator
+
+
+@dataclass
+class TableScorer:
+    """A support scorer that accepts exactly the ids ``is_supported(claim, id)`` says."""
+
+    rule: Callable[[str, int], bool]
+    calls: list[tuple[str, int]]
+
+    def score(self, claim: str, source_index: int) -> SupportResult:
+        self.calls.append((claim, source_index))
+        ok = self.rule(claim, source_index)
+        return SupportResult(
+            score=0.9 if ok else 0.1, is_supported=ok, evidence="", detail=f"table says {ok}"
+        )
+
+
+def table_scorer(rule: Callable[[str, int], bool]) -> TableScorer:
+    return TableScorer(rule, [])
+
+
+def request(
+    n_sources: int = 3,
+    *,
+    mode: CitationMode = CitationMode.REQUIRED,
+    scorer: TableScorer | None = None,
+    sampling: SamplingConfig | None = None,
+    budgets: Budgets | None = None,
+    operators: Sequence[Operator] = (),
+    max_per_sentence: int = 3,
+    max_uncited_chars: int = 300,
+) -> GenerationRequest:
+    policy = Policy(
+        mode=mode,
+        max_citations_per_sentence=max_per_sentence,
+        max_uncited_chars=max_uncited_chars,
+    )
+    return GenerationRequest(
+        messages=[ChatMessage("user", "question")],
+        grammar=citation_grammar(n_sources, policy),
+        policy=policy,
+        n_sources=n_sources,
+        validator=CitationValidator(n_sources=n_sources, policy=policy, scorer=scorer),
+        sampling=sampling or SamplingConfig(),
+        budgets=budgets or Budgets(),
+        operators=tuple(operators),
+    )
+
+
+def text_of(events: Iterable[Event]) -> str:
+    return "".join(e.text for e in events if isinstance(e, TextDelta))
+
+
+def accepted_ids(events: Iterable[Event]) -> list[int]:
+    return [e.citation.source_index for e in events if isinstance(e, CitationAccepted)]
+
+
+def rejected_ids(events: Iterable[Event]) -> list[int]:
+    return [e.source_index for e in events if isinstance(e, CitationRejected)]
+
+
+def done(events: Sequence[Event]) -> Done:
+    last = events[-1]
+    assert isinstance(last, Done)
+    return last

@@ -1,0 +1,301 @@
+"""The backtracking decoder, driven by scripted and prefix-hashed toy models."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from helpers import accepted_ids, done, rejected_ids, request, table_scorer, text_of
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from citebacktrack.backends.local import decode
+from citebacktrack.backends.mock import MockBackend, PrefixHashRuntime, toy_vocabulary
+from citebacktrack.decoding.budgets import Budgets
+from citebacktrack.decoding.decoder import Decoder, _Run
+from citebacktrack.decoding.operators import Repetition
+from citebacktrack.decoding.sampling import SamplingConfig
+from citebacktrack.decoding.vocab_index import VocabularyIndex
+from citebacktrack.types import (
+    CitationAccepted,
+    CitationMode,
+    CitationRejected,
+    Rollback,
+    StopReason,
+    TextDelta,
+)
+
+VOCAB = toy_vocabulary()
+INDEX = VocabularyIndex(VOCAB)
+MARKER = re.compile(r"\[(\d+)\]")
+
+
+def run_script(script: str, **kwargs: object) -> list:
+    return list(MockBackend([script]).stream(request(**kwargs)))  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------- contract
+
+
+def test_script_is_followed_when_it_is_valid() -> None:
+    events = run_script("Paris is big [1]. Rome is old [2][3].")
+    assert text_of(events) == "Paris is big [1]. Rome is old [2][3]."
+    assert accepted_ids(events) == [1, 2, 3]
+    assert done(events).trace.stop_reason is StopReason.END
+    assert done(events).trace.backtracks == 0
+
+
+@pytest.mark.parametrize("n_sources", [1, 3, 9, 12])
+@pytest.mark.parametrize("bad", ["[0]", "[01]", "[99]", "[13]", "[1, 2]", "[1-2]"])
+def test_fabricated_ids_are_token_impossible(n_sources: int, bad: str) -> None:
+    events = run_script(f"The answer is here {bad}.", n_sources=n_sources)
+    ids = [int(m) for m in MARKER.findall(text_of(events))]
+    assert ids, "REQUIRED must still produce a citation"
+    assert all(1 <= i <= n_sources for i in ids)
+    assert "," not in text_of(events).split("[", 1)[1]
+
+
+def test_unsupported_citation_is_rolled_back_and_replaced() -> None:
+    scorer = table_scorer(lambda claim, i: i == 2)
+    events = run_script("Paris is big [1]. Rome is old [1].", scorer=scorer)
+    assert text_of(events) == "Paris is big [2]. Rome is old [2]."
+    assert rejected_ids(events) == [1, 1]
+    assert sum(isinstance(e, Rollback) for e in events) == 2
+    trace = done(events).trace
+    assert trace.rejections == 2
+    assert trace.backtracks == 2
+    # A retry resumes from the checkpoint's saved logits: the only forward passes are the
+    # prefill and one per token that was kept or later rolled back, except each rollback's
+    # last token, which was judged before being evaluated.
+    assert trace.forward_passes == 1 + trace.kept_tokens + trace.tokens_wasted - trace.backtracks
+
+
+def test_rejections_never_repeat_within_a_sentence() -> None:
+    scorer = table_scorer(lambda claim, i: i == 3)
+    events = run_script("Paris is big [1].", scorer=scorer, n_sources=3)
+    assert rejected_ids(events) == [1, 2]
+    assert text_of(events) == "Paris is big [3]."
+
+
+def test_duplicate_and_stacked_markers_are_not_offered() -> None:
+    events = run_script("Paris is big [1][1][1][1].", n_sources=5)
+    text = text_of(events)
+    ids = [int(m) for m in MARKER.findall(text)]
+    assert len(ids) == len(set(ids)) <= 3
+    assert done(events).trace.rejections == 0  # prevented by the mask, not rejected
+
+
+def test_per_sentence_limit_spans_groups() -> None:
+    events = run_script("A is one [1], B is two [2], C is three [3].", max_per_sentence=2)
+    sentences = [s for s in re.split(r"(?<=\.)\s", text_of(events)) if s]
+    assert all(len(MARKER.findall(s)) <= 2 for s in sentences)
+
+
+def test_required_gives_up_with_a_reason_when_nothing_supports() -> None:
+    scorer = table_scorer(lambda claim, i: "Paris" in claim)
+    events = run_script("Paris is big [1]. Rome is old [1].", scorer=scorer)
+    trace = done(events).trace
+    assert text_of(events) == "Paris is big [1]. "
+    assert trace.stop_reason is StopReason.NO_VALID_CITATION
+    assert any(e.kind == "fallback" for e in trace.entries)
+    assert sorted(rejected_ids(events)) == [1, 1, 2, 2, 3, 3]  # every id, once per attempt
+
+
+def test_auto_drops_a_marker_it_cannot_support() -> None:
+    scorer = table_scorer(lambda claim, i: False)
+    budgets = Budgets(retries_per_checkpoint=1, sentence_retries=1)
+    events = run_script(
+        "Paris is big [1]. Rome is old.",
+        mode=CitationMode.AUTO,
+        scorer=scorer,
+        budgets=budgets,
+        n_sources=5,
+    )
+    text = text_of(events)
+    assert "[" not in text
+    assert text.startswith("Paris is big")
+    trace = done(events).trace
+    assert trace.stop_reason is StopReason.END
+    assert any(e.reason.startswith("dropped marker") for e in trace.entries)
+
+
+def test_stream_never_shows_rolled_back_text() -> None:
+    scorer = table_scorer(lambda claim, i: i == 2 or "Paris" in claim)
+    events = run_script("Paris is big [1]. Rome is old [1]. Oslo is cold [2].", scorer=scorer)
+    deltas = [e.text for e in events if isinstance(e, TextDelta)]
+    assert len(deltas) >= 2, "text is released sentence by sentence"
+    assert "".join(deltas) == "Paris is big [1]. Rome is old [2]. Oslo is cold [2]."
+    first_rejection = next(i for i, e in enumerate(events) if isinstance(e, CitationRejected))
+    released_before = "".join(e.text for e in events[:first_rejection] if isinstance(e, TextDelta))
+    assert released_before == "Paris is big [1]. "
+
+
+def test_accepted_citations_carry_spans_in_the_final_text() -> None:
+    events = run_script("Año 2020 was odd [1]. Ünïcode too [2].")
+    text = text_of(events)
+    for event in events:
+        if isinstance(event, CitationAccepted):
+            c = event.citation
+            assert text[c.start : c.end] == f"[{c.source_index}]"
+            assert text[c.sentence_start :].startswith(("Año", "Ünïcode"))
+
+
+# ---------------------------------------------------------------------- budgets
+
+
+def test_max_new_tokens_cuts_at_a_sentence_boundary() -> None:
+    events = run_script(
+        "Paris is big [1]. Rome is old and grand [2].", budgets=Budgets(max_new_tokens=25)
+    )
+    assert done(events).trace.stop_reason is StopReason.MAX_NEW_TOKENS
+    assert text_of(events) == "Paris is big [1]. "
+
+
+def test_backtrack_budget_stops_the_loop() -> None:
+    scorer = table_scorer(lambda claim, i: False)
+    events = run_script("Paris is big [1].", scorer=scorer, budgets=Budgets(max_backtracks=1))
+    assert done(events).trace.stop_reason is StopReason.BACKTRACK_BUDGET
+    assert done(events).trace.backtracks == 2
+
+
+def test_rolled_back_token_budget_stops_the_loop() -> None:
+    scorer = table_scorer(lambda claim, i: False)
+    budgets = Budgets(max_rolled_back_tokens=2)
+    events = run_script("Paris is big [1].", scorer=scorer, budgets=budgets)
+    assert done(events).trace.stop_reason is StopReason.ROLLED_BACK_TOKEN_BUDGET
+
+
+def test_wall_time_budget_stops_the_loop() -> None:
+    events = run_script("Paris is big [1].", budgets=Budgets(max_wall_time_s=1e-9))
+    assert done(events).trace.stop_reason is StopReason.WALL_TIME
+    assert text_of(events) == ""
+
+
+# ---------------------------------------------------------------------- operators
+
+
+def test_repetition_operator_rolls_back_and_bans() -> None:
+    events = run_script("Zzzzzzzz is a word [1].", operators=[Repetition(max_repetitions=2)])
+    text = text_of(events)
+    assert "zzz" not in text
+    trace = done(events).trace
+    assert any(e.kind == "operator" and "Repetition" in e.reason for e in trace.entries)
+    assert trace.stop_reason is StopReason.END
+    assert MARKER.search(text)
+
+
+# ---------------------------------------------------------------------- rollback invariants
+
+
+def _bias(boost: dict[bytes, float]) -> np.ndarray:
+    bias = np.zeros(VOCAB.size, dtype=np.float32)
+    for i, piece in enumerate(VOCAB.tokens):
+        if piece in boost:
+            bias[i] = boost[piece]
+    return bias
+
+
+def _decoder(runtime: PrefixHashRuntime, mode: CitationMode = CitationMode.AUTO) -> Decoder:
+    req = request(mode=mode, n_sources=12)
+    return Decoder(
+        runtime,
+        INDEX,
+        INDEX.compile(req.grammar),
+        policy=req.policy,
+        validator=req.validator,
+        sampling=SamplingConfig(),
+        budgets=Budgets(),
+        source_ids=req.source_ids,
+    )
+
+
+def _snapshot(decoder: Decoder, run: _Run) -> tuple:
+    allowed = decoder._allowed(run, len(run.steps))
+    assert allowed is not None and run.logits is not None
+    return (run.logits.copy(), allowed.copy(), run.state, bytes(run.out), run.rng)
+
+
+def _same(a: tuple, b: tuple) -> None:
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert a[2:] == b[2:]
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), length=st.integers(4, 40), data=st.data())
+def test_rollback_then_replay_equals_never_rolling_back(
+    seed: int, length: int, data: st.DataObject
+) -> None:
+    """Logits, mask, citation state and text after rollback(n)+replay match a straight run.
+
+    The toy model's logits hash the whole prefix, so a KV off-by-one or stale logits after
+    a rollback would change them.
+    """
+    runtime = PrefixHashRuntime(
+        VOCAB, seed=seed, bias=_bias({b"[": 2.0, b"]": 2.0, b"1": 2.0, b" ": 1.0})
+    )
+    decoder = _decoder(runtime)
+    run = _Run(rng=0)
+    prompt = [5, 6, 7]
+    run.logits = runtime.prefill(prompt)
+    snapshots, tokens = [], []
+    for _ in range(length):
+        snap = _snapshot(decoder, run)
+        masked = np.where(snap[1], run.logits, -np.inf).astype(np.float32)
+        token = int(np.argmax(masked))
+        list(decoder._take(run, token, run.rng, masked, len(prompt)))
+        if len(run.steps) != len(snapshots) + 1:
+            break  # a stop token ended the answer
+        snapshots.append(snap)
+        tokens.append(token)
+    target = data.draw(st.integers(0, len(tokens) - 1))
+    decoder._truncate_to(run, target, len(prompt))
+    assert runtime.n_tokens == len(prompt) + target
+    for position in range(target, len(tokens)):
+        snap = _snapshot(decoder, run)
+        _same(snap, snapshots[position])
+        list(
+            decoder._take(run, tokens[position], run.rng, np.where(snap[1], run.logits, -np.inf), 3)
+        )
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**16), retries=st.integers(0, 4), sentence_retries=st.integers(0, 2))
+def test_adversarial_model_terminates_within_budget(
+    seed: int, retries: int, sentence_retries: int
+) -> None:
+    """A model that always wants unsupported or out-of-range ids ends, with a reason."""
+    bias = _bias({b"[": 6.0, b"7": 9.0, b"9": 9.0, b"1": 5.0, b"2": 4.0, b"]": 6.0, b".": 3.0})
+    runtime = PrefixHashRuntime(VOCAB, seed=seed, bias=bias)
+    budgets = Budgets(
+        max_new_tokens=120, retries_per_checkpoint=retries, sentence_retries=sentence_retries
+    )
+    req = request(n_sources=3, scorer=table_scorer(lambda claim, i: False), budgets=budgets)
+    events = list(decode(runtime, INDEX, req, [1, 2, 3]))
+    trace = done(events).trace
+    assert trace.stop_reason in {
+        StopReason.NO_VALID_CITATION,
+        StopReason.BACKTRACK_BUDGET,
+        StopReason.MAX_NEW_TOKENS,
+    }
+    assert accepted_ids(events) == []
+    assert all(1 <= i <= 3 for i in rejected_ids(events))
+    assert "[" not in text_of(events)
+    assert trace.backtracks <= budgets.max_backtracks + 1
+    assert trace.tokens_wasted <= budgets.max_rolled_back_tokens + budgets.max_new_tokens
+
+
+def test_sampling_is_reproducible_by_seed() -> None:
+    def sample_text(seed: int) -> str:
+        runtime = PrefixHashRuntime(VOCAB, seed=1, bias=_bias({b"[": 3.0, b"1": 3.0, b"]": 3.0}))
+        req = request(
+            mode=CitationMode.AUTO,
+            sampling=SamplingConfig(temperature=1.0, top_k=50, top_p=0.95, seed=seed),
+            budgets=Budgets(max_new_tokens=30),
+        )
+        events = list(decode(runtime, INDEX, req, [1, 2]))
+        return text_of(events) + str(done(events).usage.generated_tokens)
+
+    assert sample_text(7) == sample_text(7)
+    assert len({sample_text(s) for s in range(5)}) > 1
