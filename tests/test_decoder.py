@@ -6,7 +6,6 @@ import re
 
 import numpy as np
 import pytest
-from helpers import accepted_ids, done, rejected_ids, request, table_scorer, text_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -25,6 +24,7 @@ from citebacktrack.types import (
     StopReason,
     TextDelta,
 )
+from helpers import accepted_ids, done, rejected_ids, request, table_scorer, text_of
 
 VOCAB = toy_vocabulary()
 INDEX = VocabularyIndex(VOCAB)
@@ -212,7 +212,8 @@ def _decoder(runtime: PrefixHashRuntime, mode: CitationMode = CitationMode.AUTO)
 
 def _snapshot(decoder: Decoder, run: _Run) -> tuple:
     allowed = decoder._allowed(run, len(run.steps))
-    assert allowed is not None and run.logits is not None
+    assert allowed is not None
+    assert run.logits is not None
     return (run.logits.copy(), allowed.copy(), run.state, bytes(run.out), run.rng)
 
 
