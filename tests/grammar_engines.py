@@ -191,9 +191,7 @@ class CompiledGrammar:
                 "lark": lark_accepts(self.lark, string),
             }
             if self.gbnf_vocab is not None:
-                result["llama.cpp"] = self.gbnf_vocab.accepts(
-                    self.gbnf, string, self.grammar.root
-                )
+                result["llama.cpp"] = self.gbnf_vocab.accepts(self.gbnf, string, self.grammar.root)
             self._cache[string] = result
         return self._cache[string]
 

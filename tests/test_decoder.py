@@ -237,17 +237,17 @@ def test_rollback_then_replay_equals_never_rolling_back(
         VOCAB, seed=seed, bias=_bias({b"[": 2.0, b"]": 2.0, b"1": 2.0, b" ": 1.0})
     )
     decoder = _decoder(runtime)
-    run = _Run(rng=0)
+    run = _Run(rng=0, state=decoder.initial_state)
     prompt = [5, 6, 7]
     run.logits = runtime.prefill(prompt)
     snapshots, tokens = [], []
     for _ in range(length):
         snap = _snapshot(decoder, run)
         masked = np.where(snap[1], run.logits, -np.inf).astype(np.float32)
+        masked[list(VOCAB.stop_ids)] = -np.inf  # keep going: ending is not under test here
         token = int(np.argmax(masked))
         list(decoder._take(run, token, run.rng, masked, len(prompt)))
-        if len(run.steps) != len(snapshots) + 1:
-            break  # a stop token ended the answer
+        assert len(run.steps) == len(snapshots) + 1
         snapshots.append(snap)
         tokens.append(token)
     target = data.draw(st.integers(0, len(tokens) - 1))

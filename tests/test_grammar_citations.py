@@ -7,6 +7,7 @@ Expected verdicts follow the rules in the module docstring of
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -36,11 +37,16 @@ def _compiled(n: int, policy: Policy, bounded: bool, vocab: GbnfVocab) -> Compil
     return compile_all(citation_grammar(n, policy, bounded=bounded), vocab)
 
 
+GetGrammar = Callable[..., CompiledGrammar]
+
+
 @pytest.fixture(scope="module")
-def grammars(gbnf_vocab: GbnfVocab):  # type: ignore[no-untyped-def]
+def grammars(gbnf_vocab: GbnfVocab) -> Iterator[GetGrammar]:
     """``grammars(mode, n=5, bounded=False, **policy)``: a grammar loaded in every engine."""
 
-    def get(mode: CitationMode, n: int = N_SOURCES, bounded: bool = False, **policy: int):
+    def get(
+        mode: CitationMode, n: int = N_SOURCES, bounded: bool = False, **policy: int
+    ) -> CompiledGrammar:
         return _compiled(n, Policy(mode=mode, **policy), bounded, gbnf_vocab)
 
     yield get
@@ -69,7 +75,9 @@ def assert_verdict(
 
 @pytest.mark.parametrize("bounded", [False, True])
 @pytest.mark.parametrize("mode", MODES)
-def test_compiles_for_1_to_100_sources(gbnf_vocab: GbnfVocab, mode: CitationMode, bounded: bool) -> None:
+def test_compiles_for_1_to_100_sources(
+    gbnf_vocab: GbnfVocab, mode: CitationMode, bounded: bool
+) -> None:
     policy = Policy(mode=mode)
     for n in range(1, 101):
         grammar = citation_grammar(n, policy, bounded=bounded)
@@ -91,7 +99,7 @@ def test_source_ids_for_1_to_100_sources(mode: CitationMode) -> None:
 
 @pytest.mark.parametrize("n", [1, 2, 9, 10, 11, 99, 100])
 @pytest.mark.parametrize("mode", MODES)
-def test_source_ids_in_all_engines(grammars, mode: CitationMode, n: int) -> None:  # type: ignore[no-untyped-def]
+def test_source_ids_in_all_engines(grammars: GetGrammar, mode: CitationMode, n: int) -> None:
     compiled = grammars(mode, n)
     for good in sorted({1, n, max(1, n - 1), (n + 1) // 2}):
         assert_verdict(compiled, f"Fact [{good}].", True)
@@ -100,7 +108,7 @@ def test_source_ids_in_all_engines(grammars, mode: CitationMode, n: int) -> None
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_largest_source_count(grammars, mode: CitationMode) -> None:  # type: ignore[no-untyped-def]
+def test_largest_source_count(grammars: GetGrammar, mode: CitationMode) -> None:
     compiled = grammars(mode, MAX_SOURCES)
     assert_verdict(compiled, f"Fact [{MAX_SOURCES}][37].", True)
     assert_verdict(compiled, f"Fact [{MAX_SOURCES + 1}].", False)
@@ -290,7 +298,7 @@ CORPUS = [
     Case('He said "hello [1].', True, True, False, "unterminated quotation"),
     Case('"" [1]', True, True, False, "empty quotation"),
     Case('"two\nlines" [1]', False, True, False, "quotation across a newline"),
-    Case("A “mixed\" [1]", True, True, False, "mismatched quotation marks"),
+    Case('A “mixed" [1]', True, True, False, "mismatched quotation marks"),
     Case('"hello" [1] and more', False, True, True, "quotation first"),
     Case('He said "a [1]" then [2].', True, True, False, "marker inside a quotation, then"),
     Case("Plain prose, no quotation.", False, True, True, "no quotation at all"),
@@ -319,13 +327,15 @@ def _corpus_params() -> list[object]:
             params.append(pytest.param(case, mode, id=f"{mode.value}-{case.why}"))
     for case, modes in KNOWN_DISCREPANCIES.items():
         for mode in modes:
-            mark = pytest.mark.xfail(strict=True, reason=f"grammar departs from the docs: {case.why}")
+            mark = pytest.mark.xfail(
+                strict=True, reason=f"grammar departs from the docs: {case.why}"
+            )
             params.append(pytest.param(case, mode, id=f"{mode.value}-{case.why}", marks=mark))
     return params
 
 
 @pytest.mark.parametrize(("case", "mode"), _corpus_params())
-def test_corpus(grammars, case: Case, mode: CitationMode) -> None:  # type: ignore[no-untyped-def]
+def test_corpus(grammars: GetGrammar, case: Case, mode: CitationMode) -> None:
     assert_verdict(grammars(mode), case.text, case.expected(mode))
 
 
@@ -334,7 +344,7 @@ def test_corpus_has_no_duplicates() -> None:
     assert len(texts) == len(set(texts))
 
 
-def test_markers_per_sentence(grammars) -> None:  # type: ignore[no-untyped-def]
+def test_markers_per_sentence(grammars: GetGrammar) -> None:
     # What the REQUIRED grammar does enforce of max_citations_per_sentence (k).
     one = grammars(REQUIRED, max_citations_per_sentence=1)
     assert_verdict(one, "Fact [1].", True)
@@ -409,12 +419,12 @@ ALCE_QAMPARI = [
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("answer", ALCE_ASQA + ALCE_ELI5, ids=lambda a: a[:24])
-def test_alce_prose_demos(grammars, answer: str, mode: CitationMode) -> None:  # type: ignore[no-untyped-def]
+def test_alce_prose_demos(grammars: GetGrammar, answer: str, mode: CitationMode) -> None:
     assert_verdict(grammars(mode), answer, True)
 
 
 @pytest.mark.parametrize("answer", ALCE_QAMPARI, ids=lambda a: a[:24])
-def test_alce_list_demos(grammars, answer: str) -> None:  # type: ignore[no-untyped-def]
+def test_alce_list_demos(grammars: GetGrammar, answer: str) -> None:
     groups = answer.count("[")
     assert_verdict(grammars(AUTO), answer, True)
     assert_verdict(grammars(QUOTES), answer, True)
@@ -436,7 +446,9 @@ UNSETTLED = [
 
 
 @pytest.mark.parametrize(("text", "mode", "verdict"), UNSETTLED)
-def test_unsettled_cases(grammars, text: str, mode: CitationMode, verdict: bool) -> None:  # type: ignore[no-untyped-def]
+def test_unsettled_cases(
+    grammars: GetGrammar, text: str, mode: CitationMode, verdict: bool
+) -> None:
     assert_verdict(grammars(mode), text, verdict)
 
 
@@ -446,7 +458,7 @@ LIMIT = 40  # a small Policy.max_uncited_chars keeps Lark's Earley parser quick
 
 
 @pytest.mark.parametrize("bounded", [True, False])
-def test_uncited_run_bound_required(grammars, bounded: bool) -> None:  # type: ignore[no-untyped-def]
+def test_uncited_run_bound_required(grammars: GetGrammar, bounded: bool) -> None:
     compiled = grammars(REQUIRED, bounded=bounded, max_uncited_chars=LIMIT)
     run = "w" * (LIMIT - 1) + " "  # the run includes the space before the marker
     assert_verdict(compiled, run + "[1].", True)
@@ -461,14 +473,14 @@ def test_uncited_run_bound_required(grammars, bounded: bool) -> None:  # type: i
 
 
 @pytest.mark.parametrize("bounded", [True, False])
-def test_sentence_break_bound(grammars, bounded: bool) -> None:  # type: ignore[no-untyped-def]
+def test_sentence_break_bound(grammars: GetGrammar, bounded: bool) -> None:
     compiled = grammars(REQUIRED, bounded=bounded, max_uncited_chars=LIMIT)
     assert_verdict(compiled, "v" + "...w" * MAX_SENTENCE_BREAKS + " [1].", True)
     assert_verdict(compiled, "v" + "...w" * (MAX_SENTENCE_BREAKS + 1) + " [1].", not bounded)
 
 
 @pytest.mark.parametrize("bounded", [True, False])
-def test_quotation_bound(grammars, bounded: bool) -> None:  # type: ignore[no-untyped-def]
+def test_quotation_bound(grammars: GetGrammar, bounded: bool) -> None:
     compiled = grammars(QUOTES, bounded=bounded, max_uncited_chars=LIMIT)
     assert_verdict(compiled, '"' + "q" * LIMIT + '" [1]', True)
     assert_verdict(compiled, "“" + "q" * LIMIT + "” [1]", True)
@@ -478,12 +490,12 @@ def test_quotation_bound(grammars, bounded: bool) -> None:  # type: ignore[no-un
     assert_verdict(compiled, "p" * (3 * LIMIT) + " [1]", True)
 
 
-def test_auto_is_not_bounded(grammars) -> None:  # type: ignore[no-untyped-def]
+def test_auto_is_not_bounded(grammars: GetGrammar) -> None:
     compiled = grammars(AUTO, bounded=True, max_uncited_chars=LIMIT)
     assert_verdict(compiled, "p" * (3 * LIMIT) + " [1] " + "p" * (3 * LIMIT), True)
 
 
-def test_default_bound_in_xgrammar_and_llama_cpp(grammars) -> None:  # type: ignore[no-untyped-def]
+def test_default_bound_in_xgrammar_and_llama_cpp(grammars: GetGrammar) -> None:
     # The default 300-character bound, at full size (Lark left out: it is slow on long runs).
     compiled = grammars(REQUIRED, bounded=True)
     limit = Policy().max_uncited_chars

@@ -153,13 +153,14 @@ class Decoder:
         self._bitmask_bytes = self.bitmask.numpy().view(np.uint8)
         self._size = index.vocabulary.size
         self._n_sources = len(source_ids)
+        self.initial_state = TextState(strict=policy.mode is CitationMode.REQUIRED)
 
     # ------------------------------------------------------------------ driving
 
     def run(self, prompt: Sequence[int]) -> Iterator[Event]:
         """Decode an answer to ``prompt``; yield final text, citation events and ``Done``."""
         started = time.perf_counter()
-        run = _Run(rng=self.sampling.seed)
+        run = _Run(rng=self.sampling.seed, state=self.initial_state)
         run.logits = self.runtime.prefill(prompt)
         run.forward_passes = 1
         prompt_len = len(prompt)

@@ -70,6 +70,9 @@ class TextState:
     """Digits typed so far inside the open marker."""
     uncited_run: int = 0
     """Bytes of prose since the last citation (or the start): the ramble bound counts these."""
+    strict: bool = False
+    """REQUIRED: a sentence only ends after a marker group with no words after it (as in the
+    grammar), so an uncited run of prose never counts as a finished sentence."""
     dangling: bool = False
     """Words were written in this sentence after its last marker group (or it has none):
     under REQUIRED the sentence cannot end until another marker closes."""
@@ -148,11 +151,14 @@ def advance(
             elif byte in _CLOSERS and (pending == 1 or not dangling):
                 pass
             else:
-                dangling = True
-                if pending == 2 and not initial:
+                if (
+                    pending == 2
+                    and not initial
+                    and not (s.strict and (dangling or not sentence_ids))
+                ):
                     sentence_start, sentence_token = length, token_index
                     sentence_ids, group_ids = (), ()
-                pending, initial = 0, False
+                pending, initial, dangling = 0, False, True
             run += 1
         prev3, prev2, prev = prev2, prev, byte
         length += 1

@@ -1,0 +1,143 @@
+"""The citation tracker (sentences, markers, groups) and the validator's rules."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from citebacktrack.decoding.tracker import TextState, advance
+from citebacktrack.types import Policy, RejectionReason
+from citebacktrack.validation import CitationValidator, strip_markers
+from helpers import table_scorer
+
+
+def feed(text: str, *, chunk: int = 1) -> tuple[TextState, list]:
+    data = text.encode()
+    state, closed = TextState(), []
+    for token_index, start in enumerate(range(0, len(data), chunk)):
+        state, found = advance(state, data[start : start + chunk], token_index)
+        closed.extend(found)
+    return state, closed
+
+
+def sentence_starts(text: str) -> list[str]:
+    data = text.encode()
+    state, starts = TextState(), set()
+    for i in range(len(data)):
+        state, _ = advance(state, data[i : i + 1], i)
+        starts.add(state.sentence_start)
+    return [data[s:].decode()[:8] for s in sorted(starts)]
+
+
+def test_markers_groups_and_sentence_ids() -> None:
+    state, closed = feed("Paris is big [1][2]. Rome is old [3], and Oslo [1].")
+    assert [(m.source_index, m.prior_ids) for m in closed] == [
+        (1, ()),
+        (2, (1,)),
+        (3, ()),
+        (1, (3,)),
+    ]
+    assert state.sentence_ids == (3, 1)
+    assert not state.in_marker
+
+
+@pytest.mark.parametrize(
+    ("text", "starts"),
+    [
+        ("A is b [1]. C is d [2].", ["A is b [", "C is d ["]),
+        ("It cost 3.5 dollars [1]. Next [2].", ["It cost ", "Next [2]"]),
+        ("Use e.g. apples [1]. Next [2].", ["Use e.g.", "Next [2]"]),
+        ("By J. K. Rowling [1]. Next [2].", ["By J. K.", "Next [2]"]),
+        ("Intro:\n- a [1]\n- b [2]", ["Intro:\n-", "- a [1]\n", "- b [2]"]),
+        ("Done [1]! Really? Yes [2].", ["Done [1]", "Really? ", "Yes [2]."]),
+    ],
+)
+def test_sentence_boundaries_follow_the_grammar(text: str, starts: list[str]) -> None:
+    assert sentence_starts(text) == starts
+
+
+@given(st.text(alphabet="ab .[]12\n", max_size=60), st.integers(1, 7))
+def test_tokenisation_does_not_change_the_state(text: str, chunk: int) -> None:
+    """Token boundaries (one byte or many) never change what the tracker concludes."""
+    by_byte, closed_a = feed(text, chunk=1)
+    by_chunk, closed_b = feed(text, chunk=chunk)
+    assert (by_byte.sentence_start, by_byte.sentence_ids, by_byte.marker_start) == (
+        by_chunk.sentence_start,
+        by_chunk.sentence_ids,
+        by_chunk.marker_start,
+    )
+    assert [(m.source_index, m.start, m.end) for m in closed_a] == [
+        (m.source_index, m.start, m.end) for m in closed_b
+    ]
+
+
+def test_utf8_split_across_tokens_is_harmless() -> None:
+    data = "Año [1]. Ünï [2].".encode()
+    state = TextState()
+    closed = []
+    for i in range(len(data)):  # one byte per token splits every multi-byte character
+        state, found = advance(state, data[i : i + 1], i)
+        closed.extend(found)
+    assert [m.source_index for m in closed] == [1, 2]
+
+
+def test_uncited_run_and_dangling() -> None:
+    state, _ = feed("Some words here")
+    assert state.uncited_run == len("Some words here")
+    assert state.dangling
+    state, _ = feed("Some words [1]")
+    assert (state.uncited_run, state.dangling) == (0, False)
+    state, _ = feed("Some words [1].")
+    assert not state.dangling
+    state, _ = feed("Some words [1] more")
+    assert state.dangling
+
+
+def validator(n: int = 3, k: int = 3, rule=None) -> CitationValidator:  # type: ignore[no-untyped-def]
+    scorer = table_scorer(rule) if rule else None
+    return CitationValidator(
+        n_sources=n, policy=Policy(max_citations_per_sentence=k), scorer=scorer
+    )
+
+
+@pytest.mark.parametrize(
+    ("source_index", "prior", "reason"),
+    [
+        (0, (), RejectionReason.OUT_OF_RANGE),
+        (4, (), RejectionReason.OUT_OF_RANGE),
+        (2, (2,), RejectionReason.DUPLICATE),
+        (3, (1, 2), RejectionReason.TOO_MANY),
+    ],
+)
+def test_structural_rules(
+    source_index: int, prior: tuple[int, ...], reason: RejectionReason
+) -> None:
+    verdict = validator(k=2).check(source_index=source_index, sentence_ids=prior, claim="x")
+    assert not verdict.is_accepted
+    assert verdict.reason is reason
+    assert verdict.detail
+
+
+def test_support_rule_and_scores() -> None:
+    v = validator(rule=lambda claim, i: i == 2)
+    rejected = v.check(source_index=1, sentence_ids=(), claim="Paris is big")
+    accepted = v.check(source_index=2, sentence_ids=(), claim="Paris is big")
+    assert (rejected.is_accepted, rejected.reason, rejected.score) == (
+        False,
+        RejectionReason.UNSUPPORTED,
+        0.1,
+    )
+    assert (accepted.is_accepted, accepted.score) == (True, 0.9)
+
+
+def test_forbidden_and_can_open() -> None:
+    v = validator(n=3, k=2)
+    assert v.forbidden_ids((1,), {3}) == {1, 3}
+    assert v.can_open_marker((1,), set())
+    assert not v.can_open_marker((1, 2), set())  # per-sentence limit
+    assert not v.can_open_marker((1,), {2, 3})  # nothing left to cite
+
+
+def test_strip_markers() -> None:
+    assert strip_markers("Paris [1][2] is big [3].") == "Paris is big."
