@@ -31,7 +31,26 @@ from citebacktrack.grammar.ir import (
 from grammar_engines import CompiledGrammar, GbnfVocab, compile_all
 
 # Characters that some dialect must escape, plus plain letters so that strings overlap.
-ALPHABET = ["a", "b", '"', "\\", "]", "[", "-", "^", "/", "\n", " ", "'", "|", "(", "#", "é", "😀"]
+ALPHABET = [
+    "a",
+    "b",
+    '"',
+    "\\",
+    "]",
+    "[",
+    "-",
+    "^",
+    "/",
+    "\n",
+    " ",
+    "'",
+    "|",
+    "~",
+    "(",
+    "#",
+    "é",
+    "😀",
+]
 # Strings may also use characters no grammar names, one below and one above every range.
 EXTRA = ["\x01", "z", "🚀"]
 POOL = ALPHABET + EXTRA

@@ -93,7 +93,8 @@ def _class_char(char: str) -> str:
 # Lark runs every regexp through Python string unescaping before ``re`` sees it, so a hex
 # escape such as ``\x5D`` arrives as a bare ``]``; regex metacharacters keep a backslash
 # (``\]``), and ``"`` is spelled ``\x22`` because Lark mangles ``\\"`` (a backslash then a
-# quote).
+# quote). ``|``, ``&`` and ``~`` are escaped too: doubled in a class, ``re`` warns
+# (FutureWarning) that they will become set operations.
 _LARK_CLASS_ESCAPES = {
     "\\": "\\\\",
     "]": "\\]",
@@ -102,6 +103,9 @@ _LARK_CLASS_ESCAPES = {
     "^": "\\^",
     "/": "\\/",
     '"': "\\x22",
+    "|": "\\|",
+    "&": "\\&",
+    "~": "\\~",
 }
 
 
