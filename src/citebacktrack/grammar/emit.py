@@ -23,7 +23,16 @@ from enum import StrEnum
 from typing import assert_never
 
 from citebacktrack.errors import GrammarError
-from citebacktrack.grammar.ir import CharClass, Choice, Grammar, Literal, Node, Repeat, RuleRef, Sequence
+from citebacktrack.grammar.ir import (
+    CharClass,
+    Choice,
+    Grammar,
+    Literal,
+    Node,
+    Repeat,
+    RuleRef,
+    Sequence,
+)
 
 __all__ = ["Dialect", "emit"]
 
