@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import threading
+import weakref
 from abc import abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 
-from citebacktrack.backends.base import Backend, GenerationRequest
+import anyio
+import anyio.lowlevel
+
+from citebacktrack.backends.base import Backend, GenerationRequest, iterate_in_thread
 from citebacktrack.decoding.decoder import Decoder
 from citebacktrack.decoding.runtime import TokenRuntime
 from citebacktrack.decoding.vocab_index import VocabularyIndex
@@ -51,13 +55,24 @@ def decode(
 class LocalBackend(Backend):
     """A backend with one in-process model, used by one decode at a time.
 
-    Concurrent ``stream``/``astream`` calls from many threads or tasks are serialized on
-    a lock: the model has one KV cache, and a 2-core machine gains nothing from batching
-    small models. Each call holds the lock from its first event to its last.
+    Concurrent ``stream``/``astream`` calls from many threads, tasks or event loops are
+    serialized on one lock: the model has one KV cache, and a 2-core machine gains nothing
+    from batching small models. Each call holds the lock from its first event to its last,
+    so a sync ``stream`` iterator that is abandoned without ``close()`` keeps the model
+    busy until it is garbage-collected.
+
+    Async callers wait in the event loop (first come, first served within a loop), not
+    on a worker thread, so any number of concurrent ``astream``/``agenerate`` calls is
+    safe: only the running decode occupies a worker thread.
     """
+
+    _POLL_MIN_S = 0.001
+    _POLL_MAX_S = 0.02
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._gates: weakref.WeakKeyDictionary[object, anyio.Lock] = weakref.WeakKeyDictionary()
+        self._gates_guard = threading.Lock()
 
     @abstractmethod
     def _prepare(
@@ -65,8 +80,45 @@ class LocalBackend(Backend):
     ) -> tuple[TokenRuntime, VocabularyIndex, list[int], int | None]:
         """Return the runtime, its vocabulary index, the prompt tokens and the context window."""
 
+    def _decode(self, request: GenerationRequest) -> Iterator[Event]:
+        runtime, index, prompt, window = self._prepare(request)
+        yield from decode(runtime, index, request, prompt, context_window=window)
+
     def stream(self, request: GenerationRequest) -> Iterator[Event]:
         """Decode ``request`` with grammar, validation and backtracking."""
         with self._lock:
-            runtime, index, prompt, window = self._prepare(request)
-            yield from decode(runtime, index, request, prompt, context_window=window)
+            yield from self._decode(request)
+
+    async def astream(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        """Async :meth:`stream`; waits for the model in the event loop, not on a thread."""
+        async with self._gate():
+            await self._acquire_model()
+            try:
+                async for event in iterate_in_thread(self._decode(request)):
+                    yield event
+            finally:
+                self._lock.release()
+
+    def _gate(self) -> anyio.Lock:
+        """The FIFO queue of this event loop's callers (one lock per running loop)."""
+        token = anyio.lowlevel.current_token()
+        with self._gates_guard:
+            try:
+                gate = self._gates.get(token)
+            except TypeError:  # an event-loop token that cannot be weakly referenced
+                return anyio.Lock()
+            if gate is None:
+                gate = self._gates[token] = anyio.Lock()
+            return gate
+
+    async def _acquire_model(self) -> None:
+        """Take the model lock without blocking the loop or a worker thread.
+
+        Within one loop only the head of the gate's queue polls; the lock is shared with
+        sync callers and other loops, so a short back-off poll is the only wait that
+        never ties up a thread.
+        """
+        delay = self._POLL_MIN_S
+        while not self._lock.acquire(blocking=False):
+            await anyio.sleep(delay)
+            delay = min(delay * 2, self._POLL_MAX_S)
