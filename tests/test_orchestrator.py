@@ -24,7 +24,8 @@ from citebacktrack import (
     TextDelta,
     render_markdown,
 )
-from citebacktrack.backends.base import GenerationRequest
+from citebacktrack.backends.base import Completion, GenerationRequest, collect
+from citebacktrack.errors import BackendError, MissingDependencyError
 from citebacktrack.grammar.citations import MAX_SOURCES
 from citebacktrack.prompts import format_sources
 from citebacktrack.render import renumbered_text
@@ -212,3 +213,46 @@ def test_answer_serialises_to_json(tmp_path: Path) -> None:
     assert payload["citations"][0]["source_id"] == "eiffel"
     assert payload["trace"]["stop_reason"] == "end"
     assert Answer.model_validate(payload) == answer
+
+
+def test_references_carry_the_source_metadata() -> None:
+    sources = [s.model_copy(update={"metadata": {"page": str(i)}}) for i, s in enumerate(SOURCES)]
+    answer = cf("The Eiffel Tower was built from 1887 to 1889 [2].").generate(QUESTION, sources)
+    assert [dict(r.metadata) for r in answer.references] == [{"page": "1"}]
+
+
+def test_leading_whitespace_is_dropped_and_offsets_follow() -> None:
+    text = "  The Eiffel Tower was built from 1887 to 1889 [1]."
+    answer = cf(text).generate(QUESTION, SOURCES)
+    assert answer.text == text.strip().replace("[1]", "[2]")
+    citation = answer.citations[0]
+    assert answer.text[citation.start : citation.end] == "[2]"
+    rejection = next(e for e in answer.trace.entries if e.kind == "rejection")
+    assert answer.text[rejection.char_offset :].startswith("[")
+
+
+def test_agenerate_uses_the_backends_agenerate() -> None:
+    calls: list[str] = []
+
+    class Recording(MockBackend):
+        async def agenerate(self, request: GenerationRequest) -> Completion:
+            calls.append("agenerate")
+            return await super().agenerate(request)
+
+    backend = Recording(["The Eiffel Tower was built from 1887 to 1889 [2]."])
+    answer = anyio.run(Citeformer(backend).agenerate, QUESTION, SOURCES)
+    assert calls == ["agenerate"]
+    assert [c.source_index for c in answer.citations] == [2]
+
+
+def test_a_stream_without_done_is_a_backend_error() -> None:
+    with pytest.raises(BackendError, match="must yield Done last"):
+        collect(iter([TextDelta(text="hi")]))
+
+
+def test_missing_core_dependency_names_the_module_not_an_extra() -> None:
+    error = MissingDependencyError(feature="constrained decoding", extra=None, module="xgrammar")
+    assert "pip install xgrammar" in str(error)
+    assert "citebacktrack[" not in str(error)
+    error = MissingDependencyError(feature="HFBackend", extra="hf", module="torch")
+    assert 'pip install "citebacktrack[hf]"' in str(error)

@@ -57,13 +57,20 @@ class GrammarError(ConfigurationError):
 class MissingDependencyError(CitebacktrackError, ImportError):
     """An optional dependency is missing; the message names the ``pip install`` to run."""
 
-    def __init__(self, *, feature: str, extra: str, module: str) -> None:
+    def __init__(self, *, feature: str, extra: str | None, module: str) -> None:
         self.feature = feature
         self.extra = extra
+        """The extra that installs it, or None for a core dependency."""
         self.module = module
+        if extra is None:
+            hint = (
+                f"it is a core dependency of citebacktrack; reinstall citebacktrack "
+                f"or run: pip install {module}"
+            )
+        else:
+            hint = f'install it with: pip install "citebacktrack[{extra}]"'
         super().__init__(
-            f"{feature} needs the Python module {module!r}, which is not installed. "
-            f'Install it with: pip install "citebacktrack[{extra}]"'
+            f"{feature} needs the Python module {module!r}, which is not installed; {hint}"
         )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
-from citebacktrack.backends.base import Backend, Completion, GenerationRequest, collect
+from citebacktrack.backends.base import Backend, Completion, GenerationRequest
 from citebacktrack.decoding.budgets import Budgets
 from citebacktrack.decoding.operators import Operator
 from citebacktrack.decoding.sampling import SamplingConfig
@@ -129,8 +129,7 @@ class Citeformer:
     async def agenerate(self, question: str, sources: Sequence[Source | str]) -> Answer:
         """Async :meth:`generate`."""
         request, normalized = self.build_request(question, sources)
-        events = [event async for event in self.backend.astream(request)]
-        return _answer(collect(iter(events)), normalized)
+        return _answer(await self.backend.agenerate(request), normalized)
 
 
 def _normalize_sources(sources: Sequence[Source | str]) -> tuple[Source, ...]:
@@ -184,10 +183,17 @@ def _answer(completion: Completion, sources: Sequence[Source]) -> Answer:
         for c in completion.citations
         if c.end <= len(text)
     )
+    trace = completion.trace
+    if lead:
+        entries = tuple(
+            e.model_copy(update={"char_offset": max(0, e.char_offset - lead)})
+            for e in trace.entries
+        )
+        trace = trace.model_copy(update={"entries": entries})
     return Answer(
         text=text[lead:],
         citations=citations,
         references=build_references(citations, sources),
         usage=completion.usage,
-        trace=completion.trace,
+        trace=trace,
     )

@@ -30,6 +30,7 @@ def build_references(
                 source_id=citation.source_id,
                 title=source.title,
                 url=source.url,
+                metadata=source.metadata,
             )
         )
     return tuple(references)

@@ -51,7 +51,8 @@ class Source(BaseModel):
     title: str = Field(default="", description="Short title shown in the prompt and references.")
     url: str | None = Field(default=None, description="Where the source lives, if anywhere.")
     metadata: Mapping[str, str] = Field(
-        default_factory=dict, description="Free-form string metadata carried to references."
+        default_factory=dict,
+        description="Free-form string metadata, copied to the source's Reference.",
     )
 
 
@@ -80,7 +81,13 @@ class Policy(BaseModel):
 
     mode: CitationMode = Field(default=CitationMode.REQUIRED, description="When citations are due.")
     max_citations_per_sentence: int = Field(
-        default=3, ge=1, le=10, description="Most markers in one sentence (and one group)."
+        default=3,
+        ge=1,
+        le=10,
+        description=(
+            "Most markers in one sentence. The grammar bounds each group of adjacent markers; "
+            "the validator counts across the sentence and rejects the marker past the limit."
+        ),
     )
     marker_style: MarkerStyle = Field(default=MarkerStyle.BRACKET, description="Marker syntax.")
     max_uncited_chars: int = Field(
@@ -88,8 +95,11 @@ class Policy(BaseModel):
         ge=20,
         le=2000,
         description=(
-            "Under REQUIRED, the longest run of prose (between sentence-internal breaks) the "
-            "grammar allows before a citation must come; stops a model rambling uncited."
+            "Under REQUIRED, the most UTF-8 bytes of prose since the last citation (or the start) "
+            "before the next token must open a citation; stops a model rambling uncited. "
+            "Token-level backends enforce it in the decoder; the grammar carries it only "
+            "when built with bounded=True (for engines that cannot be filtered per token). "
+            "The decoder applies it under REQUIRED only."
         ),
     )
 
@@ -119,6 +129,9 @@ class Reference(BaseModel):
     source_id: str = Field(description="Id of the source.")
     title: str = Field(default="", description="Title of the source.")
     url: str | None = Field(default=None, description="URL of the source, if any.")
+    metadata: Mapping[str, str] = Field(
+        default_factory=dict, description="The source's metadata, unchanged."
+    )
 
 
 class StopReason(StrEnum):
@@ -135,7 +148,8 @@ class StopReason(StrEnum):
     WALL_TIME = "wall_time"
     """The wall-clock budget ran out."""
     NO_VALID_CITATION = "no_valid_citation"
-    """Under REQUIRED, a sentence could not be given a citation that passes validation."""
+    """A sentence (REQUIRED) or a quote (QUOTES_ONLY) that needs a citation could not be
+    given one that passes validation."""
     DEAD_END = "dead_end"
     """No token was allowed by the grammar and the bans together (a bug or a tiny vocabulary)."""
 
@@ -173,7 +187,10 @@ class TraceEntry(BaseModel):
         description="What happened."
     )
     token_position: int = Field(description="Generated-token index where it happened.")
-    char_offset: int = Field(description="Answer-text offset where it happened.")
+    char_offset: int = Field(
+        description="Offset in the answer text where it happened (clamped to 0 when it fell "
+        "in leading whitespace that the answer drops)."
+    )
     source_index: int | None = Field(default=None, description="Citation involved, if any.")
     reason: str = Field(default="", description="Rejection reason, operator name or fallback.")
     score: float | None = Field(default=None, description="Evidence, e.g. the support score.")

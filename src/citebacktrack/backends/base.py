@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Literal
 
 import anyio.to_thread
 
+from citebacktrack.errors import BackendError
 from citebacktrack.types import (
     Citation,
     CitationAccepted,
@@ -91,7 +92,11 @@ class Completion:
 
 
 def collect(events: Iterator[Event]) -> Completion:
-    """Fold a stream into a :class:`Completion` (the stream must end with ``Done``)."""
+    """Fold a stream into a :class:`Completion`.
+
+    Raises:
+        BackendError: the stream ended without ``Done``.
+    """
     parts: list[str] = []
     citations: list[Citation] = []
     rejections: list[CitationRejected] = []
@@ -113,7 +118,10 @@ def collect(events: Iterator[Event]) -> Completion:
                     usage=usage,
                     trace=trace,
                 )
-    raise RuntimeError("a backend stream ended without a Done event")
+    raise BackendError(
+        "a backend stream ended without a Done event; a Backend.stream implementation "
+        "must yield Done last"
+    )
 
 
 async def iterate_in_thread(iterator: Iterator[Event]) -> AsyncIterator[Event]:

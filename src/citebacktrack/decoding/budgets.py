@@ -18,7 +18,8 @@ class Budgets:
         retries_per_checkpoint: rejected markers allowed in one sentence before the
             decoder escalates to regenerating the whole sentence.
         sentence_retries: whole-sentence regenerations allowed before the policy's
-            fallback (drop the marker under AUTO, end the answer under REQUIRED).
+            fallback (drop the marker under AUTO; end the answer, stop reason
+            ``no_valid_citation``, under REQUIRED and QUOTES_ONLY).
         max_backtracks: rollbacks in total (stop reason ``backtrack_budget``).
         max_rolled_back_tokens: tokens thrown away in total (``rolled_back_token_budget``).
         max_wall_time_s: seconds for the whole decode, ``None`` for no limit (``wall_time``).

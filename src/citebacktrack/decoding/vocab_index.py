@@ -29,7 +29,7 @@ def import_xgrammar() -> ModuleType:
         import xgrammar
     except ImportError as exc:
         raise MissingDependencyError(
-            feature="constrained decoding", extra="all", module="xgrammar"
+            feature="constrained decoding", extra=None, module="xgrammar"
         ) from exc
     return xgrammar
 

@@ -26,10 +26,12 @@ What the prose may contain:
 * Under REQUIRED a sentence ends at ``.``, ``!`` or ``?`` followed by whitespace, or at the
   end of a line, and must carry a citation before it ends; its period comes after the
   citation (``... in 1889 [1].``). These do not end a sentence: a decimal point between
-  digits (``3.5``, ``1.2.3``), a URL with a scheme (``https://example.com/a?b=c``, which
-  runs from ``://`` to the next whitespace), a two-letter dotted abbreviation (``e.g.``,
-  ``i.e.``, ``a.m.``, ``U.S.``, ``A.D.``), a single capital initial after a space or at the
-  start (``J. K. Rowling``), and an ellipsis. Any other period and space ends the sentence,
+  digits (``3.5``, ``12.34.56``; not two points one digit apart, as in ``1.2.3``, because
+  each point takes the digits on both sides of it), a URL with a scheme
+  (``https://example.com/a?b=c``, which runs from ``://`` to the next whitespace), a
+  two-letter dotted abbreviation (``e.g.``, ``i.e.``, ``a.m.``, ``U.S.``, ``A.D.``), a
+  single capital initial after a space or at the start (``J. K. Rowling``), and an
+  ellipsis. Any other period and space ends the sentence,
   so ``Dr. Smith`` or ``etc. and`` need a citation before the period. (A small model given
   a lower-case escape hatch used it to avoid citing, run-on after run-on; for the same
   reason ``energy.chlorophyll`` and bare domains like ``example.com`` are not allowed, and a
