@@ -71,7 +71,7 @@ def synthetic_vocabulary(size: int = VOCAB_SIZE, seed: int = 0) -> Vocabulary:
         add(str(n).encode())
     punctuation = ".,;:!?()'\"-"
     while len(pieces) < size // 10:
-        add("".join(rng.choice(punctuation) for _ in range(rng.randint(2, 3))).encode())
+        add("".join(rng.choice(punctuation) for _ in range(rng.randint(2, 4))).encode())
     letters = string.ascii_lowercase
     while len(pieces) < size:
         word = "".join(rng.choice(letters) for _ in range(rng.randint(2, 9)))
@@ -191,7 +191,7 @@ def main() -> None:
     index = VocabularyIndex(vocabulary)
     index.compile(make_request(5, None).grammar)  # compile once, as a backend would
     setup = time.perf_counter() - start
-    print(f"vocabulary {vocabulary.size} tokens; index + grammar compile {setup:.2f} s")
+    print(f"vocabulary {vocabulary.size} tokens; index + grammar compile {setup:.2f} s", flush=True)
 
     results: dict[str, dict[str, float]] = {}
     for label, reject_first in (
