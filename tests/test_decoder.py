@@ -300,3 +300,27 @@ def test_sampling_is_reproducible_by_seed() -> None:
 
     assert sample_text(7) == sample_text(7)
     assert len({sample_text(s) for s in range(5)}) > 1
+
+
+# ---------------------------------------------------------------------- ramble bound
+
+
+@pytest.mark.parametrize(
+    ("script", "overshoot"),
+    [
+        ("word " * 30 + "[1].", 0),  # plain prose: a marker must open within the bound
+        ("Well" + "." * 60 + " [1].", 2),  # the bound falls inside an ellipsis chain
+        ("x" * 17 + " e.g. more words and more words [1].", 3),  # ... inside "e.g. "
+        ("x" * 18 + " 3.5 metres and more words here [1].", 1),  # ... inside a decimal
+        ("See https://example.com/some/long/path/here and more [1].", 40),  # ... in a URL
+    ],
+)
+def test_ramble_bound_forces_a_citation_without_a_dead_end(script: str, overshoot: int) -> None:
+    """Past ``max_uncited_chars`` the next token must open a marker; where the grammar
+    cannot take ``[`` yet, the construct in progress is finished first (never a dead end)."""
+    events = run_script(script, max_uncited_chars=20)
+    text = text_of(events)
+    trace = done(events).trace
+    assert trace.stop_reason is StopReason.END, (text, trace.entries)
+    assert MARKER.search(text), text
+    assert text.index("[") <= 20 + overshoot, text

@@ -96,7 +96,9 @@ class Policy(BaseModel):
         le=2000,
         description=(
             "Under REQUIRED, the most UTF-8 bytes of prose since the last citation (or the start) "
-            "before the next token must open a citation; stops a model rambling uncited. "
+            "before the next token must open a citation (overshot only by what it takes to "
+            "finish an ellipsis, abbreviation, decimal or URL in progress); stops a model "
+            "rambling uncited. "
             "Token-level backends enforce it in the decoder; the grammar carries it only "
             "when built with bounded=True (for engines that cannot be filtered per token). "
             "The decoder applies it under REQUIRED only."

@@ -302,13 +302,25 @@ class Decoder:
         allowed &= ~(index.prose & ~new_sentence)
 
     def _filter_ramble(self, run: _Run, allowed: npt.NDArray[np.bool_]) -> None:
-        """Enforce ``max_uncited_chars``: prose past the bound must open a citation first."""
-        room = self.policy.max_uncited_chars - run.state.uncited_run
+        """Enforce ``max_uncited_chars``: prose past the bound must open a citation first.
+
+        Where the bound falls inside a construct the grammar will not let ``[`` interrupt
+        (an ellipsis, ``e.g.``, a decimal point, a URL), the construct is finished first,
+        by the shortest tokens that can (see ``VocabularyIndex.closing``): the bound may be
+        overshot by those few bytes, but never becomes a dead end.
+        """
+        room = max(0, self.policy.max_uncited_chars - run.state.uncited_run)
         if room >= self.index.max_length:
             return
         lengths, open_pos = self.index.lengths, self.index.open_pos
-        too_long = np.where(open_pos >= 0, open_pos > room, lengths > room)
-        allowed &= ~too_long
+        within = ~np.where(open_pos >= 0, open_pos > room, lengths > room)
+        if (allowed & within).any():
+            allowed &= within
+            return
+        for closing in self.index.closing:
+            if (allowed & closing).any():
+                allowed &= closing
+                return
 
     # ------------------------------------------------------------------ validation
 

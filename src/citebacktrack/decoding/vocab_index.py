@@ -53,6 +53,9 @@ class VocabularyIndex:
         newline_first: a newline comes before the token's first word character.
         ends_first: a terminator then whitespace come before its first word character.
         space_first: whitespace comes before its first word character.
+        closing: tokens of only whitespace and periods, then tokens of only digits: the
+            ways out of a construct ``[`` cannot interrupt (an ellipsis, ``e.g.``, a URL,
+            a decimal point), tried in that order when the ramble bound is reached there.
     """
 
     def __init__(self, vocabulary: Vocabulary) -> None:
@@ -84,6 +87,10 @@ class VocabularyIndex:
         )
         flags = np.array([_lead_flags(t) for t in tokens], dtype=bool).reshape(size, 4)
         self.prose, self.newline_first, self.ends_first, self.space_first = flags.T.copy()
+        self.closing: tuple[npt.NDArray[np.bool_], ...] = tuple(
+            np.fromiter((bool(t) and set(t) <= alphabet for t in tokens), bool, size)
+            for alphabet in (frozenset(b" \t\r\n."), frozenset(_DIGITS))
+        )
         # Stop tokens need a non-empty spelling for XGrammar; they are matched by id anyway.
         encoded = [t if t or i not in self.stop_ids else b"</s>" for i, t in enumerate(tokens)]
         xgr = import_xgrammar()
