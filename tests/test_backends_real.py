@@ -291,27 +291,32 @@ def test_sources_too_long_for_the_context_window_are_refused(llama_backend) -> N
     assert_markers_are_real(answer, len(SOURCES))
 
 
-@pytest.mark.parametrize("kind", ["missing", "garbage"])
-def test_bad_model_files_raise_model_load_error(tmp_path: Path, kind: str) -> None:
+def _load_llamacpp(path: Path) -> object:
     from citebacktrack.backends.llamacpp import LlamaCppBackend
 
-    path = tmp_path / "model.gguf"
-    if kind == "garbage":
-        path.write_bytes(b"GGUF" + bytes(range(256)) * 8)
-    with pytest.raises(ModelLoadError, match=r"model\.gguf"):
-        LlamaCppBackend(path)
+    return LlamaCppBackend(path)
 
 
-@pytest.mark.skipif(not HAS_HF, reason="needs torch, transformers and gguf")
-@pytest.mark.parametrize("kind", ["missing", "garbage"])
-def test_bad_model_files_raise_model_load_error_on_transformers(tmp_path: Path, kind: str) -> None:
+def _load_hf(path: Path) -> object:
     from citebacktrack.backends.hf import HFBackend
 
+    return HFBackend.from_gguf(path)
+
+
+@pytest.mark.parametrize(
+    "load",
+    [
+        _load_llamacpp,
+        pytest.param(_load_hf, marks=pytest.mark.skipif(not HAS_HF, reason="needs the hf extra")),
+    ],
+)
+@pytest.mark.parametrize("kind", ["missing", "garbage"])
+def test_bad_model_files_raise_model_load_error(tmp_path: Path, kind: str, load) -> None:  # type: ignore[no-untyped-def]
     path = tmp_path / "model.gguf"
     if kind == "garbage":
         path.write_bytes(b"GGUF" + bytes(range(256)) * 8)
     with pytest.raises(ModelLoadError, match=r"model\.gguf"):
-        HFBackend.from_gguf(path)
+        load(path)
 
 
 # --------------------------------------------------------------------------- async
