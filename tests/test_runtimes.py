@@ -520,3 +520,43 @@ def test_an_unwritable_cache_only_logs(
         runtime = HFRuntime.from_gguf(cache_dir=blocker)
     assert runtime.vocabulary.size == VOCAB_SIZE
     assert "could not cache the converted model" in caplog.text
+
+
+class _OldCacheName:
+    """A causal LM whose ``forward`` only knows ``past_key_values`` (transformers < 5.24
+    and custom models): it must still get the cache, under that name."""
+
+    def __init__(self, model: Any) -> None:
+        self._model = model
+        self.config = model.config
+        self.generation_config = model.generation_config
+        self.device = model.device
+        self.calls = 0
+
+    def eval(self) -> _OldCacheName:
+        return self
+
+    def forward(
+        self, input_ids: Any = None, past_key_values: Any = None, use_cache: bool | None = None
+    ) -> Any:
+        self.calls += 1
+        assert past_key_values is not None
+        return self._model(input_ids=input_ids, cache=past_key_values, use_cache=use_cache)
+
+    __call__ = forward
+
+
+@pytest.mark.slow
+def test_hf_runtime_passes_the_cache_under_the_name_the_model_knows(
+    hf_converted: Converted,
+) -> None:
+    current = hf_converted.runtime
+    model = current._model
+    old = HFRuntime(_OldCacheName(model), current._tokenizer)  # type: ignore[arg-type]
+    prompt = current.encode_chat(QUESTION)
+    tokens, expected = greedy(current, current.prefill(prompt), 4)
+    got_tokens, got = greedy(old, old.prefill(prompt), 4)
+    assert got_tokens == tokens
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    assert old._model.calls == 5  # type: ignore[attr-defined]

@@ -114,11 +114,13 @@ class HFRuntime:
         self._context_window = context_window
         # logits_to_keep=1 skips the vocabulary projection for all but the last prompt row;
         # custom (remote-code) models may not accept it.
+        parameters = inspect.signature(model.forward).parameters
         self._extra_forward_args: dict[str, Any] = (
-            {"logits_to_keep": 1}
-            if "logits_to_keep" in inspect.signature(model.forward).parameters
-            else {}
+            {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
         )
+        # transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns,
+        # and goes in 5.40); older releases and custom models only know the old name.
+        self._cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
         self._cache: Any = None
         self._n_tokens = 0
 
@@ -300,8 +302,8 @@ class HFRuntime:
             with torch.inference_mode():
                 output = self._model(
                     input_ids=input_ids,
-                    past_key_values=self._cache,
                     use_cache=True,
+                    **{self._cache_kwarg: self._cache},
                     **self._extra_forward_args,
                 )
         except (RuntimeError, ValueError, IndexError) as exc:
