@@ -8,6 +8,7 @@ the bans make it choose differently.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -66,24 +67,110 @@ def sample(
 ) -> tuple[int, int]:
     """Pick a token from ``logits`` (disallowed tokens already at ``-inf``).
 
+    Temperature, then top-k, then top-p (nucleus: the smallest set of most likely tokens,
+    ties by id, whose probability reaches p), then one draw. Nothing sorts or prefix-sums
+    the whole vocabulary (on the project machine a sort of 50k floats costs milliseconds
+    and a cumulative sum 0.15 ms): top-k selects with a subsample bound, a draw finds its
+    block of 1024 weights and prefix-sums only that block, and top-p draws from the whole
+    distribution and redraws until the token is in the nucleus, which gives exactly the
+    nucleus distribution; after ``_MAX_REDRAWS`` misses (only when p is small and the
+    distribution flat) the nucleus is built explicitly.
+
     Returns:
         The token id and the new random state (unchanged when greedy).
     """
     if config.is_greedy:
         return int(np.argmax(logits)), rng_state
-    scaled = logits.astype(np.float64) / config.temperature
-    candidates = np.flatnonzero(np.isfinite(scaled))
-    values = scaled[candidates]
-    if config.top_k and config.top_k < len(candidates):
-        keep = np.argpartition(-values, config.top_k - 1)[: config.top_k]
-        candidates, values = candidates[keep], values[keep]
-    order = np.argsort(-values, kind="stable")
-    candidates, values = candidates[order], values[order]
-    probs = np.exp(values - values[0])
-    probs /= probs.sum()
-    if config.top_p < 1.0:
-        cut = int(np.searchsorted(np.cumsum(probs), config.top_p)) + 1
-        candidates, probs = candidates[:cut], probs[:cut] / probs[:cut].sum()
+    # float32 throughout: exp of float64 -inf takes a slow path (0.4 ms over 50k here).
+    values = np.asarray(logits, dtype=np.float32) / np.float32(config.temperature)
+    ids: npt.NDArray[np.intp] | None = None
+    if config.top_k and config.top_k < len(values):
+        ids = top_k_indices(values, config.top_k)
+        values = values[ids]
+    top = values.max()
+    if not np.isfinite(top):
+        raise ConfigurationError(
+            "sample() needs a finite logit to pick and no NaN: every token is masked, or the "
+            "model returned NaN"
+        )
+    weights = np.exp(values - top)  # disallowed tokens weigh exactly 0
+    tries = _MAX_REDRAWS if config.top_p < 1.0 else 1
+    threshold = config.top_p * float(weights.sum()) if config.top_p < 1.0 else 0.0
+    for _ in range(tries):
+        draw, rng_state = next_random(rng_state)
+        index = pick(weights, draw)
+        if config.top_p >= 1.0 or in_nucleus(weights, index, threshold):
+            return int(ids[index] if ids is not None else index), rng_state
+    nucleus = nucleus_indices(weights, threshold)
     draw, rng_state = next_random(rng_state)
-    index = min(int(np.searchsorted(np.cumsum(probs), draw, side="right")), len(candidates) - 1)
-    return int(candidates[index]), rng_state
+    index = int(nucleus[pick(weights[nucleus], draw)])
+    return int(ids[index] if ids is not None else index), rng_state
+
+
+_BLOCK = 1024
+
+
+def pick(weights: npt.NDArray[np.floating[Any]], draw: float) -> int:
+    """The index where ``draw`` (in [0, 1)) lands in the weights laid end to end: ``i``
+    with ``cumsum[i-1] <= draw * total < cumsum[i]``. Never an index of weight 0."""
+    full = len(weights) - len(weights) % _BLOCK
+    sums = weights[:full].reshape(-1, _BLOCK).sum(axis=1)
+    if full < len(weights):
+        sums = np.append(sums, weights[full:].sum())
+    ends = np.cumsum(sums, dtype=np.float64)
+    target = draw * ends[-1]
+    block = int(np.searchsorted(ends, target, side="right"))
+    if block >= len(ends):  # rounding put the target past the end: the last weighted block
+        block = int(np.flatnonzero(sums)[-1])
+        target = ends[block]
+    start = block * _BLOCK
+    part = weights[start : start + _BLOCK]
+    inside = np.cumsum(part)
+    offset = target - (ends[block - 1] if block else 0.0)
+    index = int(np.searchsorted(inside, offset, side="right"))
+    if index >= len(part) or part[index] == 0.0:  # rounding again: last weighted entry
+        index = int(np.flatnonzero(part[: min(index + 1, len(part))])[-1])
+    return start + index
+
+
+_MAX_REDRAWS = 8
+"""Draws tried before building the nucleus explicitly (each lands in it with probability
+at least p, so with p = 0.9 all eight miss once in 10^8 steps)."""
+
+
+def top_k_indices(values: npt.NDArray[np.floating[Any]], k: int) -> npt.NDArray[np.intp]:
+    """Indices of the ``k`` largest ``values``, ascending (which of equal values at the
+    boundary is kept is unspecified)."""
+    size = len(values)
+    if k >= size:
+        return np.arange(size)
+    if size > 64 * k:
+        # The k-th largest of every 16th value bounds the k-th largest of all from below,
+        # so filtering by it keeps every top-k value and leaves a small set to select from.
+        stride = values[::16]
+        bound = np.partition(stride, len(stride) - k)[len(stride) - k]
+        pool = np.flatnonzero(values >= bound)
+    else:
+        pool = np.arange(size)
+    if len(pool) > k:
+        pool = pool[np.argpartition(-values[pool], k - 1)[:k]]
+    return np.sort(pool)
+
+
+def in_nucleus(weights: npt.NDArray[np.floating[Any]], index: int, threshold: float) -> bool:
+    """Whether ``index`` is in the nucleus of weight ``threshold`` (top-p times the total):
+    the weight ranked before it (larger weights, then equal ones at lower indices) is still
+    under ``threshold``."""
+    w = weights[index]
+    larger = np.dot(weights, (weights > w).astype(weights.dtype))  # 8x a boolean-index sum
+    before = float(larger) + float(w) * np.count_nonzero(weights[:index] == w)
+    return bool(before < threshold)
+
+
+def nucleus_indices(
+    weights: npt.NDArray[np.floating[Any]], threshold: float
+) -> npt.NDArray[np.intp]:
+    """The nucleus of weight ``threshold``, most likely first (ties by index), by sorting."""
+    order = np.lexsort((np.arange(len(weights)), -weights))
+    cut = int(np.searchsorted(np.cumsum(weights[order]), threshold)) + 1
+    return order[:cut]
