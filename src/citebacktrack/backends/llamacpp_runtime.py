@@ -114,6 +114,11 @@ class LlamaCppRuntime:
         return cls(llama)
 
     @property
+    def lib(self) -> ModuleType:
+        """The ``llama_cpp`` module (its low-level C API)."""
+        return self._lib
+
+    @property
     def llama(self) -> llama_cpp.Llama:
         """The wrapped ``llama_cpp.Llama``."""
         return self._llama

@@ -12,6 +12,7 @@ import anyio.lowlevel
 
 from citebacktrack.backends.base import Backend, GenerationRequest, iterate_in_thread
 from citebacktrack.decoding.decoder import Decoder
+from citebacktrack.decoding.matcher import TokenMatcher, XGrammarMatcher
 from citebacktrack.decoding.runtime import TokenRuntime
 from citebacktrack.decoding.vocab_index import VocabularyIndex
 from citebacktrack.errors import ContextOverflowError
@@ -27,8 +28,12 @@ def decode(
     prompt: Sequence[int],
     *,
     context_window: int | None = None,
+    matcher: TokenMatcher | None = None,
 ) -> Iterator[Event]:
     """Run the backtracking decoder for ``request`` on ``runtime``.
+
+    ``matcher`` is the grammar engine's state for ``request.grammar``; by default XGrammar
+    over the grammar compiled with ``index``.
 
     Raises:
         ContextOverflowError: the prompt plus ``max_new_tokens`` exceeds ``context_window``.
@@ -41,7 +46,7 @@ def decode(
     decoder = Decoder(
         runtime,
         index,
-        index.compile(request.grammar),
+        matcher or XGrammarMatcher(index.compile(request.grammar), index.vocabulary.size),
         policy=request.policy,
         validator=request.validator,
         sampling=request.sampling,
@@ -80,9 +85,14 @@ class LocalBackend(Backend):
     ) -> tuple[TokenRuntime, VocabularyIndex, list[int], int | None]:
         """Return the runtime, its vocabulary index, the prompt tokens and the context window."""
 
+    def _matcher(self, request: GenerationRequest) -> TokenMatcher | None:
+        """The grammar engine for ``request``; ``None`` for the default (XGrammar)."""
+        return None
+
     def _decode(self, request: GenerationRequest) -> Iterator[Event]:
         runtime, index, prompt, window = self._prepare(request)
-        yield from decode(runtime, index, request, prompt, context_window=window)
+        matcher = self._matcher(request)
+        yield from decode(runtime, index, request, prompt, context_window=window, matcher=matcher)
 
     def stream(self, request: GenerationRequest) -> Iterator[Event]:
         """Decode ``request`` with grammar, validation and backtracking."""

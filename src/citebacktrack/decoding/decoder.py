@@ -7,6 +7,10 @@ logits. A rollback to step ``i`` restores all of them together with the grammar 
 needs no extra forward pass; where logits were dropped to save memory, one forward pass
 of the last kept token recomputes them (counted in the trace).
 
+Greedy decoding first checks the model's favourite token alone (``_speculate``: every
+filter of the mask decided for that token, then the matcher's ``accept_token``) and builds
+the full mask only when it is refused; it picks exactly what argmax over the mask would.
+
 Escalation when a citation is rejected, per sentence:
 
 1. ban the id for the rest of this sentence and roll back to the marker's first token,
@@ -27,17 +31,17 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
 from citebacktrack.decoding.budgets import Budgets
+from citebacktrack.decoding.matcher import TokenMatcher
 from citebacktrack.decoding.operators import Operator, StepStats, StepView
 from citebacktrack.decoding.runtime import Logits, TokenRuntime
 from citebacktrack.decoding.sampling import SamplingConfig, sample
 from citebacktrack.decoding.tracker import ClosedMarker, TextState, advance
-from citebacktrack.decoding.vocab_index import VocabularyIndex, import_xgrammar
+from citebacktrack.decoding.vocab_index import VocabularyIndex
 from citebacktrack.types import (
     Citation,
     CitationAccepted,
@@ -55,9 +59,6 @@ from citebacktrack.types import (
     Usage,
 )
 from citebacktrack.validation import CitationValidator, Verdict, strip_markers
-
-if TYPE_CHECKING:
-    import xgrammar as xgr
 
 __all__ = ["Decoder"]
 
@@ -114,7 +115,8 @@ class Decoder:
     Args:
         runtime: the model (its KV cache is reset by ``prefill``).
         index: the vocabulary index for ``runtime.vocabulary``.
-        compiled_grammar: the citation grammar compiled with ``index``.
+        matcher: the citation grammar's state (:class:`XGrammarMatcher` over the grammar
+            compiled with ``index``, or another engine's :class:`TokenMatcher`).
         policy: the citation policy.
         validator: citation rules and support; ``None`` accepts every grammatical marker.
         sampling: how to pick tokens.
@@ -127,7 +129,7 @@ class Decoder:
         self,
         runtime: TokenRuntime,
         index: VocabularyIndex,
-        compiled_grammar: xgr.CompiledGrammar,
+        matcher: TokenMatcher,
         *,
         policy: Policy,
         validator: CitationValidator | None,
@@ -147,11 +149,8 @@ class Decoder:
         self.operators = tuple(operators)
         self.hold_back = max((op.max_depth for op in self.operators), default=0)
         self.source_ids = tuple(source_ids)
-        xgr = import_xgrammar()
-        self.matcher = xgr.GrammarMatcher(compiled_grammar)
-        self.bitmask = xgr.allocate_token_bitmask(1, index.vocabulary.size)
-        self._bitmask_bytes = self.bitmask.numpy().view(np.uint8)
-        self._size = index.vocabulary.size
+        self.matcher = matcher
+        self._greedy_shortcut = sampling.is_greedy and not self.operators
         self._n_sources = len(source_ids)
         self.initial_state = TextState(strict=policy.mode is CitationMode.REQUIRED)
 
@@ -181,27 +180,48 @@ class Decoder:
 
     def _step(self, run: _Run, prompt_len: int) -> Iterator[Event]:
         """Sample one token under every constraint and take it."""
-        allowed = self._allowed(run, len(run.steps))
+        if run.logits is None:  # pragma: no cover - every path sets logits before stepping
+            raise RuntimeError("decoder lost its logits")
+        position = len(run.steps)
+        favourite = int(np.argmax(run.logits)) if self._greedy_shortcut else -1
+        if favourite >= 0 and self._speculate(run, favourite, position):
+            yield from self._take(run, favourite, run.rng, None, prompt_len, accepted=True)
+            return
+        allowed = self._allowed(run, position)
         if allowed is None:
             yield from self._dead_end(run, prompt_len)
             return
-        if run.logits is None:  # pragma: no cover - every path sets logits before stepping
-            raise RuntimeError("decoder lost its logits")
+        if favourite >= 0 and allowed[favourite]:
+            # The model's favourite is allowed, so it is also the argmax of the masked
+            # logits (np.argmax takes the first maximum either way): skip building them.
+            yield from self._take(run, favourite, run.rng, None, prompt_len)
+            return
         masked = np.where(allowed, run.logits, np.float32(-np.inf)).astype(np.float32, copy=False)
         token, rng_after = sample(masked, self.sampling, run.rng)
         yield from self._take(run, token, rng_after, masked, prompt_len)
 
     def _take(
-        self, run: _Run, token: int, rng_after: int, masked: Logits, prompt_len: int
+        self,
+        run: _Run,
+        token: int,
+        rng_after: int,
+        masked: Logits | None,
+        prompt_len: int,
+        *,
+        accepted: bool = False,
     ) -> Iterator[Event]:
-        """Accept ``token`` (already allowed by the mask): validate, maybe roll back, forward."""
+        """Accept ``token`` (already allowed by the mask): validate, maybe roll back, forward.
+
+        ``masked`` (the logits it was drawn from) may be None only when there are no
+        operators; ``accepted`` says the matcher has already taken the token.
+        """
         position = len(run.steps)
         logits = run.logits
         run.generated += 1
-        if token in self.index.stop_ids and self.matcher.accept_token(token):
+        if token in self.index.stop_ids and (accepted or self.matcher.accept_token(token)):
             run.stop = StopReason.END
             return
-        if not self.matcher.accept_token(token):
+        if not accepted and not self.matcher.accept_token(token):
             # The mask said yes and the matcher no: never trust a token twice.
             run.token_bans.setdefault(position, set()).add(token)
             return
@@ -221,7 +241,7 @@ class Decoder:
                 yield from self._reject(run, marker, verdict, prompt_len)
                 return
             run.accepted.append(_Accepted(marker, verdict))
-        if self.operators:
+        if self.operators and masked is not None:
             depth = self._operators(run, position, token, masked)
             if depth:
                 yield from self._operator_rollback(run, depth, prompt_len)
@@ -236,11 +256,49 @@ class Decoder:
 
     # ------------------------------------------------------------------ masking
 
+    def _speculate(self, run: _Run, token: int, position: int) -> bool:
+        """Greedy's shortcut: whether ``token`` (the model's favourite) passes every filter
+        of :meth:`_allowed` and the grammar, checked for this one token; if so the matcher
+        has accepted it. The full mask (the bitmask fill is most of the decoder's cost)
+        is then never built. False means "build the mask": the token is refused, or its
+        fate depends on other tokens (the ramble bound's fallbacks, a dead end).
+
+        Decides exactly as ``_allowed(...)[token]`` would, filter by filter (the greedy
+        fast-path test in ``tests/test_decoder.py`` compares the two on random models).
+        """
+        index, state = self.index, run.state
+        if not index.unblocked[token] or token in run.token_bans.get(position, ()):
+            return False
+        opens = bool(index.open_pos[token] >= 0)
+        forbidden, can_open = self._marker_rules(run)
+        candidate = index.is_marker[token] if state.in_marker else opens
+        if (
+            forbidden
+            and candidate
+            and not self._marker_ok(state, index.tokens[token], position, forbidden)
+        ):
+            return False
+        if not state.in_marker:
+            if opens and not can_open:
+                return False
+            if self.policy.mode is CitationMode.REQUIRED:
+                if not can_open:
+                    if state.dangling:
+                        return False  # a dead end: the full path escalates it
+                    pending = state.pending_boundary
+                    if pending != 2 and index.prose[token]:
+                        new_sentence = index.newline_first[token] or index.ends_first[token]
+                        if not (new_sentence or (pending == 1 and index.space_first[token])):
+                            return False
+                room = self._ramble_room(run)
+                reach = int(index.open_pos[token]) if opens else int(index.lengths[token])
+                if room is not None and reach > room:
+                    return False  # past the bound: the fallbacks need the whole mask
+        return self.matcher.accept_token(token)
+
     def _allowed(self, run: _Run, position: int) -> npt.NDArray[np.bool_] | None:
         """The tokens the grammar, control masks, bans and citation rules all allow."""
-        self.matcher.fill_next_token_bitmask(self.bitmask)
-        bits = np.unpackbits(self._bitmask_bytes, bitorder="little", count=self._size)
-        allowed = bits.view(np.bool_) & self.index.unblocked
+        allowed = self.matcher.allowed() & self.index.unblocked
         for token in run.token_bans.get(position, ()):
             allowed[token] = False
         can_open = self._filter_markers(run, allowed, position)
@@ -252,22 +310,35 @@ class Decoder:
             self._filter_ramble(run, allowed)
         return allowed if allowed.any() else None
 
-    def _filter_markers(self, run: _Run, allowed: npt.NDArray[np.bool_], position: int) -> bool:
-        """Mask marker tokens the validator would refuse; return whether a marker may open."""
+    def _marker_rules(self, run: _Run) -> tuple[frozenset[int], bool]:
+        """Ids the next marker in this sentence must not use, and whether a new marker may
+        open here (always True inside a marker)."""
         state = run.state
         banned = run.bans.get(state.sentence_start, set())
         forbidden = self.validator.forbidden_ids(state.sentence_ids, banned)
+        can_open = state.in_marker or (
+            state.sentence_start not in run.no_markers
+            and self.validator.can_open_marker(state.sentence_ids, banned)
+        )
+        return forbidden, can_open
+
+    def _ramble_room(self, run: _Run) -> int | None:
+        """Bytes of prose left before ``max_uncited_chars``, or None while no token is long
+        enough to reach the bound."""
+        room = max(0, self.policy.max_uncited_chars - run.state.uncited_run)
+        return room if room < self.index.max_length else None
+
+    def _filter_markers(self, run: _Run, allowed: npt.NDArray[np.bool_], position: int) -> bool:
+        """Mask marker tokens the validator would refuse; return whether a marker may open."""
+        state = run.state
+        forbidden, can_open = self._marker_rules(run)
         if not state.in_marker:
-            can_open = (
-                state.sentence_start not in run.no_markers
-                and self.validator.can_open_marker(state.sentence_ids, banned)
-            )
             if not can_open:
                 allowed[self.index.open_ids] = False
                 return False
             candidates = self.index.open_ids
         else:
-            can_open, candidates = True, self.index.marker_ids
+            candidates = self.index.marker_ids
         if forbidden:
             for token in candidates[allowed[candidates]]:
                 if not self._marker_ok(state, self.index.tokens[token], position, forbidden):
@@ -309,8 +380,8 @@ class Decoder:
         by the shortest tokens that can (see ``VocabularyIndex.closing``): the bound may be
         overshot by those few bytes, but never becomes a dead end.
         """
-        room = max(0, self.policy.max_uncited_chars - run.state.uncited_run)
-        if room >= self.index.max_length:
+        room = self._ramble_room(run)
+        if room is None:
             return
         lengths, open_pos = self.index.lengths, self.index.open_pos
         within = ~np.where(open_pos >= 0, open_pos > room, lengths > room)

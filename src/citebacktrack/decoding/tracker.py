@@ -15,7 +15,7 @@ the first visible character after it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 __all__ = ["ClosedMarker", "TextState", "advance"]
 
@@ -162,8 +162,7 @@ def advance(
             run += 1
         prev3, prev2, prev = prev2, prev, byte
         length += 1
-    new = replace(
-        s,
+    new = TextState(  # not dataclasses.replace: that introspects the fields on every call
         length=length,
         sentence_start=sentence_start,
         sentence_token=sentence_token,
@@ -174,6 +173,7 @@ def advance(
         marker_token=marker_token,
         partial_id=partial,
         uncited_run=run,
+        strict=s.strict,
         dangling=dangling,
         pending_boundary=pending,
         initial_period=initial,

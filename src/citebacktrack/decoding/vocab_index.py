@@ -44,9 +44,12 @@ class VocabularyIndex:
         tokens: each id's bytes (padding ids and control tokens map to ``b""``).
         lengths: byte length of each token.
         open_pos: offset of the first ``[`` in each token, -1 if none.
-        unblocked: False for control tokens and padding ids (never sampled).
+        unblocked: False for control tokens, padding ids and tokens holding a NUL byte
+            (never sampled; no answer wants a NUL, and llama.cpp's GBNF sampler cannot
+            match one while XGrammar can, so both engines now give the same masks).
         open_ids: ids of tokens containing ``[``.
         marker_ids: ids of tokens that can continue a marker (digits first or ``]``).
+        is_marker: ``marker_ids`` as a boolean array over the vocabulary.
         prose: tokens with a word character (anything but whitespace, closers,
             terminators): writing one after a sentence's last marker needs another marker,
             unless the token first ends the sentence, which the next three arrays tell.
@@ -75,6 +78,7 @@ class VocabularyIndex:
         )
         unblocked = np.ones(size, dtype=bool)
         unblocked[sorted(blocked)] = False
+        unblocked[[i for i, t in enumerate(tokens) if b"\x00" in t]] = False
         self.unblocked = unblocked
         self.open_ids: npt.NDArray[np.intp] = np.flatnonzero(self.open_pos >= 0)
         self.marker_ids: npt.NDArray[np.intp] = np.fromiter(
@@ -85,6 +89,8 @@ class VocabularyIndex:
             ),
             np.intp,
         )
+        self.is_marker = np.zeros(size, dtype=bool)
+        self.is_marker[self.marker_ids] = True
         flags = np.array([_lead_flags(t) for t in tokens], dtype=bool).reshape(size, 4)
         self.prose, self.newline_first, self.ends_first, self.space_first = flags.T.copy()
         self.closing: tuple[npt.NDArray[np.bool_], ...] = tuple(
