@@ -18,6 +18,7 @@ choice forces one rollback per marker.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import statistics
@@ -131,7 +132,9 @@ class FirstChoiceRejected:
         )
 
 
-def make_request(n_sources: int, scorer: FirstChoiceRejected | None) -> GenerationRequest:
+def make_request(
+    n_sources: int, scorer: FirstChoiceRejected | None, sampling: SamplingConfig | None = None
+) -> GenerationRequest:
     policy = Policy()
     return GenerationRequest(
         messages=[ChatMessage("user", "q")],
@@ -139,15 +142,21 @@ def make_request(n_sources: int, scorer: FirstChoiceRejected | None) -> Generati
         policy=policy,
         n_sources=n_sources,
         validator=CitationValidator(n_sources=n_sources, policy=policy, scorer=scorer),
-        sampling=SamplingConfig(),
+        sampling=sampling or SamplingConfig(),
         budgets=Budgets(max_new_tokens=512),
     )
 
 
-def run_once(index: VocabularyIndex, *, reject_first: bool) -> dict[str, float]:
+def run_once(
+    index: VocabularyIndex,
+    *,
+    reject_first: bool,
+    sampling: SamplingConfig | None = None,
+    full_mask: bool = False,
+) -> dict[str, float]:
     runtime = TimedRuntime(ScriptedRuntime(ANSWER, index.vocabulary))
     scorer = FirstChoiceRejected() if reject_first else None
-    request = make_request(5, scorer)
+    request = make_request(5, scorer, sampling)
     rollback_times: list[float] = []
     original = decoder_module.Decoder._reject
 
@@ -159,12 +168,16 @@ def run_once(index: VocabularyIndex, *, reject_first: bool) -> dict[str, float]:
         yield from events
 
     decoder_module.Decoder._reject = timed_reject  # type: ignore[method-assign]
+    speculate = decoder_module.Decoder._speculate
+    if full_mask:  # measure the path that builds the whole mask at every step
+        decoder_module.Decoder._speculate = lambda *args: False  # type: ignore[method-assign]
     try:
         start = time.perf_counter()
         events = list(decode(runtime, index, request, [1, 2, 3]))
         wall = time.perf_counter() - start
     finally:
         decoder_module.Decoder._reject = original  # type: ignore[method-assign]
+        decoder_module.Decoder._speculate = speculate  # type: ignore[method-assign]
     done = events[-1]
     assert isinstance(done, Done)
     generated = done.usage.generated_tokens
@@ -194,12 +207,18 @@ def main() -> None:
     print(f"vocabulary {vocabulary.size} tokens; index + grammar compile {setup:.2f} s", flush=True)
 
     results: dict[str, dict[str, float]] = {}
-    for label, reject_first in (
-        ("no rejections", False),
-        ("reject first choice at every marker", True),
+    sampled = SamplingConfig(temperature=0.8, top_p=0.95, seed=1)
+    for label, reject_first, sampling, full_mask in (
+        ("no rejections", False, None, False),
+        ("reject first choice at every marker", True, None, False),
+        ("no rejections, greedy shortcut off (full mask every step)", False, None, True),
+        ("sampled (temperature 0.8, top-p 0.95), no rejections", False, sampled, False),
     ):
-        run_once(index, reject_first=reject_first)  # warm-up
-        runs = [run_once(index, reject_first=reject_first) for _ in range(args.runs)]
+        once = functools.partial(
+            run_once, index, reject_first=reject_first, sampling=sampling, full_mask=full_mask
+        )
+        once()  # warm-up
+        runs = [once() for _ in range(args.runs)]
         summary = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
         summary["overhead_ms_per_token_mean"] = statistics.fmean(
             r["overhead_ms_per_token"] for r in runs
@@ -209,7 +228,8 @@ def main() -> None:
             f"{label}: {summary['generated_tokens']:.0f} tokens generated, "
             f"{summary['kept_tokens']:.0f} kept, {summary['rollbacks']:.0f} rollbacks; "
             f"decoder overhead {summary['overhead_ms_per_token_mean']:.3f} ms/token (mean of "
-            f"{args.runs} runs), citation rollback {summary['rollback_ms_mean']:.3f} ms mean / "
+            f"{args.runs} runs; median {summary['overhead_ms_per_token']:.3f}), "
+            f"citation rollback {summary['rollback_ms_mean']:.3f} ms mean / "
             f"{summary['rollback_ms_max']:.3f} ms max (excluding model work)"
         )
     print(f"numpy {np.__version__}")

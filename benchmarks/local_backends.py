@@ -7,6 +7,8 @@ over the bundled sample documents, top-5 BM25 passages each), for llama.cpp
 * ``unconstrained``: a greedy loop on the backend's own runtime (prefill, then
   ``runtime.forward`` one token at a time, argmax, stop at a stop id or the token limit);
 * ``constrained``: the citebacktrack decoder with the citation grammar, no support scorer;
+* ``constrained (gbnf)``: llama.cpp only: ``constrained`` with llama.cpp's GBNF sampler as
+  the grammar engine instead of XGrammar (``grammar_engine="gbnf"``);
 * ``validated``: the default decoder (grammar + ``LexicalSupportScorer``, backtracking);
 * ``llama-cpp-python``: ``Llama.create_completion`` greedy, no grammar (reference: the
   engine's own loop), and, when its virtualenv exists, the peer citeformer 0.3.1 on the
@@ -62,10 +64,11 @@ QUESTIONS = (
 N_SOURCES = 5
 N_CTX = 4096
 
-UNCONSTRAINED, NATIVE, CONSTRAINED, VALIDATED, PEER = (
+UNCONSTRAINED, NATIVE, CONSTRAINED, CONSTRAINED_GBNF, VALIDATED, PEER = (
     "unconstrained",
     "llama-cpp-python",
     "constrained",
+    "constrained (gbnf)",
     "validated",
     "citeformer 0.3.1",
 )
@@ -302,8 +305,13 @@ def measure_backend(
     max_new: int,
     repeats: int,
     native: bool,
+    peer: PeerRunner | None = None,
 ) -> list[Row]:
-    """Every mode on one backend, round-robin per repetition so drift hits all alike."""
+    """Every mode on one backend, round-robin per repetition so drift hits all alike.
+
+    The order rotates by one mode each repetition, so no mode always runs first or
+    right after the same neighbour; the peer (own process, own warm-up) is one more mode.
+    """
     constrained = requests(backend, items, max_new, validate=False)
     validated = requests(backend, items, max_new, validate=True)
     prompts = [runtime.encode_chat(r.messages) for r in constrained]
@@ -313,14 +321,29 @@ def measure_backend(
         VALIDATED: lambda i: run_decoder(backend, runtime, validated[i]),
     }
     if native:
+        from citebacktrack.backends.llamacpp import LlamaCppBackend
+
+        gbnf = LlamaCppBackend(runtime=runtime, grammar_engine="gbnf")
+        modes[CONSTRAINED_GBNF] = lambda i: run_decoder(gbnf, runtime, constrained[i])
         modes[NATIVE] = lambda i: run_native(runtime.llama, prompts[i], max_new)
-    rows = {mode: Row(name, mode) for mode in modes}
+    reps: dict[str, Callable[[], list[Sample] | None]] = {
+        mode: (lambda run=run: [run(i) for i in range(len(items))]) for mode, run in modes.items()
+    }
+    if peer is not None:
+        reps[PEER] = peer.run
+    rows = {mode: Row(name, mode) for mode in reps}
     log(f"{name}: warm-up")
     for warm_up in modes.values():
         warm_up(0)
+    order = list(reps)
     for rep in range(repeats):
-        for mode, run in modes.items():
-            rows[mode].reps.append([run(i) for i in range(len(items))])
+        for mode in order[rep % len(order) :] + order[: rep % len(order)]:
+            samples = reps[mode]()
+            if samples is None:  # the peer failed (logged): leave it out from now on
+                order.remove(mode)
+                del rows[mode]
+                continue
+            rows[mode].reps.append(samples)
             s = rows[mode].summary()
             log(
                 f"{name} rep {rep + 1}/{repeats} {mode:>17}: {s['ms_per_token']:6.2f} ms/token "
@@ -332,58 +355,65 @@ def measure_backend(
 # ---------------------------------------------------------------------------- the peer
 
 
-def measure_peer(
-    python: Path, llama: Any, items: Sequence[Item], prompts: Sequence[Sequence[int]], **kw: Any
-) -> tuple[Row | None, dict[str, Any]]:
-    """Run citeformer 0.3.1 in its own virtualenv on the same rendered prompts."""
-    if not python.is_file():
-        log(f"peer skipped: no {python}. Create the peer virtualenv with:\n{PEER_SETUP}")
-        return None, {"skipped": f"no {python}"}
-    spec = {
-        "model_path": str(default_model_path()),
-        "n_ctx": N_CTX,
-        "max_new_tokens": kw["max_new"],
-        "repeats": kw["repeats"],
-        "items": [
-            {
-                # The exact text citebacktrack prefilled (chat template applied): citeformer's
-                # llama.cpp path applies no template itself.
-                "prompt": llama.detokenize(list(p), special=True).decode("utf-8"),
-                "sources": [{"title": s.title, "text": s.text} for s in item.sources],
-            }
-            for item, p in zip(items, prompts, strict=True)
-        ],
-    }
-    log("citeformer 0.3.1: running in its own virtualenv")
-    done = subprocess.run(
-        [str(python), str(PEER_SCRIPT)],
-        input=json.dumps(spec),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        log(f"peer failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
-        return None, {"failed": done.stderr[-2000:]}
-    out = json.loads(done.stdout)
-    row = Row("llama.cpp", PEER)
-    for rep in out.pop("runs"):
-        row.reps.append(
-            [
-                Sample(
-                    prompt_tokens=r["prompt_tokens"],
-                    prefill_s=r["prefill_s"],
-                    decode_s=r["decode_s"],
-                    generated=r["samples"],
-                    kept=r["completion_tokens"],
-                    forward_passes=r["forward_passes"],
-                    model_s=r["model_s"],
-                    text=r["text"],
-                )
-                for r in rep
-            ]
+class PeerRunner:
+    """citeformer 0.3.1 in its own virtualenv on the same rendered prompts: each ``run``
+    is one repetition over every item, in a fresh process (load and warm-up untimed)."""
+
+    def __init__(
+        self,
+        python: Path,
+        llama: Any,
+        items: Sequence[Item],
+        prompts: Sequence[Sequence[int]],
+        max_new: int,
+    ) -> None:
+        self.python = python
+        self.info: dict[str, Any] = {}
+        self.spec = {
+            "model_path": str(default_model_path()),
+            "n_ctx": N_CTX,
+            "max_new_tokens": max_new,
+            "repeats": 1,
+            "items": [
+                {
+                    # The exact text citebacktrack prefilled (chat template applied):
+                    # citeformer's llama.cpp path applies no template itself.
+                    "prompt": llama.detokenize(list(p), special=True).decode("utf-8"),
+                    "sources": [{"title": s.title, "text": s.text} for s in item.sources],
+                }
+                for item, p in zip(items, prompts, strict=True)
+            ],
+        }
+
+    def run(self) -> list[Sample] | None:
+        """One repetition; None (logged, and recorded in ``info``) if the peer fails."""
+        done = subprocess.run(
+            [str(self.python), str(PEER_SCRIPT)],
+            input=json.dumps(self.spec),
+            capture_output=True,
+            text=True,
+            check=False,
         )
-    return row, out
+        if done.returncode != 0:
+            log(f"peer failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
+            self.info = {"failed": done.stderr[-2000:]}
+            return None
+        out = json.loads(done.stdout)
+        (rep,) = out.pop("runs")
+        self.info = out
+        return [
+            Sample(
+                prompt_tokens=r["prompt_tokens"],
+                prefill_s=r["prefill_s"],
+                decode_s=r["decode_s"],
+                generated=r["samples"],
+                kept=r["completion_tokens"],
+                forward_passes=r["forward_passes"],
+                model_s=r["model_s"],
+                text=r["text"],
+            )
+            for r in rep
+        ]
 
 
 # ---------------------------------------------------------------------------- profile
@@ -436,7 +466,7 @@ PROFILE_PARTS = (
     ("  _filter_markers", "  _filter_markers (validator id rules)"),
     ("  _filter_ramble", "  _filter_ramble (max_uncited_chars)"),
     ("  _filter_dangling", "  _filter_dangling"),
-    ("sample", "sample (argmax of masked logits)"),
+    ("sample", "sample (greedy: only when the favourite token is masked)"),
     ("accept_token", "xgrammar accept_token"),
     ("advance", "tracker advance (per kept token)"),
     ("_judge", "validation (_judge, scorer included)"),
@@ -611,16 +641,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         runtime = llama_backend.runtime
         extra["llamacpp_load_s"] = time.perf_counter() - started
         extra["llamacpp_threads"] = [runtime.llama.n_threads, runtime.llama.n_threads_batch]
-        rows += measure_backend("llama.cpp", llama_backend, runtime, items, native=True, **kw)
         prompts = [
             runtime.encode_chat(r.messages)
             for r in requests(llama_backend, items, args.max_new_tokens, validate=False)
         ]
-        if not args.no_peer:
-            python = args.peer_venv / "bin" / "python"
-            peer, extra["peer"] = measure_peer(python, runtime.llama, items, prompts, **kw)
-            if peer is not None:
-                rows.append(peer)
+        peer = None
+        python = args.peer_venv / "bin" / "python"
+        if args.no_peer:
+            extra["peer"] = {"skipped": "--no-peer"}
+        elif not python.is_file():
+            log(f"peer skipped: no {python}. Create the peer virtualenv with:\n{PEER_SETUP}")
+            extra["peer"] = {"skipped": f"no {python}"}
+        else:
+            peer = PeerRunner(python, runtime.llama, items, prompts, args.max_new_tokens)
+        rows += measure_backend(
+            "llama.cpp", llama_backend, runtime, items, native=True, peer=peer, **kw
+        )
+        if peer is not None:
+            extra["peer"] = peer.info
         if not args.no_profile:
             log("llama.cpp: instrumented pass (profile)")
             for validate in (False, True):
@@ -669,7 +707,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\n## Where a generated token's time goes: llama.cpp, {key[8:]} (ms/token)\n")
         for label, text in PROFILE_PARTS:
             print(f"- {text}: {prof['ms_per_token'][label]:.3f}")
-        print(f"- other (np.where mask, events, bookkeeping): {prof['other_ms_per_token']:.3f}")
+        other = prof["other_ms_per_token"]
+        print(f"- other (argmax, one-token checks, masking if needed, events): {other:.3f}")
         print(
             f"- total {prof['total_ms_per_token']:.3f} ms/token, of which decoder (non-model) "
             f"{prof['decoder_overhead_ms_per_token']:.3f}"
