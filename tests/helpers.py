@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+import numpy.typing as npt
+
 from citebacktrack.backends.base import ChatMessage, GenerationRequest
 from citebacktrack.decoding.budgets import Budgets
 from citebacktrack.decoding.operators import Operator
@@ -86,3 +89,31 @@ def done(events: Sequence[Event]) -> Done:
     last = events[-1]
     assert isinstance(last, Done)
     return last
+
+
+def reference_nucleus(weights: npt.NDArray[np.floating], top_p: float) -> set[int]:
+    """Sort everything (most likely first, ties by id) and cut where the mass reaches p."""
+    order = sorted(range(len(weights)), key=lambda i: (-weights[i], i))
+    total, kept, mass = weights.sum(), [], 0.0
+    for i in order:
+        kept.append(i)
+        mass += weights[i]
+        if mass >= top_p * total:
+            break
+    return set(kept)
+
+
+def reference_sample_set(
+    logits: npt.NDArray[np.float32], allowed: npt.NDArray[np.bool_], config: SamplingConfig
+) -> dict[int, float]:
+    """The masked distribution by the textbook: mask, temper, top-k (by value, ties by id),
+    top-p (ties by id), renormalise."""
+    scaled = np.where(allowed, logits.astype(np.float64) / config.temperature, -np.inf)
+    order = sorted(np.flatnonzero(allowed).tolist(), key=lambda i: (-scaled[i], i))
+    if config.top_k:
+        order = order[: config.top_k]
+    weights = np.exp(scaled[order] - scaled[order[0]])
+    kept = sorted(reference_nucleus(weights, config.top_p)) if config.top_p < 1 else None
+    ids = [order[i] for i in kept] if kept is not None else order
+    mass = np.exp(scaled[ids] - scaled[order[0]])
+    return dict(zip(ids, mass / mass.sum(), strict=True))

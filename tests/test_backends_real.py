@@ -189,9 +189,13 @@ def distractor_run(llama_backend, eiffel_sources: list[Source]) -> Recorded:  # 
     ],
 )
 def test_sampled_answers_only_cite_sources_that_exist(llama_backend, mode: CitationMode) -> None:  # type: ignore[no-untyped-def]
-    """Hot sampling (temperature 1.0) over 6 seeds: every marker names one of the 3 sources."""
+    """Hot sampling (temperature 1.0) over at least 6 seeds: every marker names one of the 3
+    sources. About one hot answer in five writes a marker at all, so seeds go on (up to
+    40) until one has."""
     markers = 0  # markers the model wrote, kept or rejected
-    for seed in range(6):
+    for seed in range(40):
+        if seed >= 6 and markers:
+            break
         cf = Citeformer(
             llama_backend,
             policy=Policy(mode=mode),

@@ -14,7 +14,12 @@ from hypothesis import strategies as st
 
 from citebacktrack.backends.base import GenerationRequest
 from citebacktrack.backends.local import decode
-from citebacktrack.backends.mock import MockBackend, PrefixHashRuntime, toy_vocabulary
+from citebacktrack.backends.mock import (
+    MockBackend,
+    PrefixHashRuntime,
+    ScriptedRuntime,
+    toy_vocabulary,
+)
 from citebacktrack.decoding.budgets import Budgets
 from citebacktrack.decoding.decoder import Decoder, _Run
 from citebacktrack.decoding.matcher import XGrammarMatcher
@@ -30,7 +35,15 @@ from citebacktrack.types import (
     StopReason,
     TextDelta,
 )
-from helpers import accepted_ids, done, rejected_ids, request, table_scorer, text_of
+from helpers import (
+    accepted_ids,
+    done,
+    reference_sample_set,
+    rejected_ids,
+    request,
+    table_scorer,
+    text_of,
+)
 
 VOCAB = toy_vocabulary()
 INDEX = VocabularyIndex(VOCAB)
@@ -388,6 +401,113 @@ def test_greedy_fast_path_equals_argmax_of_the_masked_logits(
         return tuple(runtime._tokens), text_of(events), done(events).trace.stop_reason.value
 
     assert tokens(()) == tokens((_NoOp(),))
+
+
+@settings(max_examples=40, deadline=None)
+@_filter_cases
+def test_sampled_shortcut_takes_only_tokens_of_the_masked_sample_set(
+    seed: int, mode: CitationMode, max_uncited: int, max_per_sentence: int, rejected: frozenset[int]
+) -> None:
+    """Sampling draws from the unmasked logits first and takes a ``certain`` draw after the
+    one-token checks: every token it takes must be one sampling over the full mask (top-k,
+    top-p) could have given."""
+    config = SamplingConfig(temperature=0.9, top_k=8, top_p=0.8, seed=seed)
+    original_step, original_take = Decoder._step, Decoder._take
+    expected: list[dict[int, float] | None] = []
+    taken: list[int] = []
+
+    def checking_step(self: Decoder, run: _Run, prompt_len: int) -> Iterator[Event]:
+        allowed = self._allowed(run, len(run.steps))
+        assert run.logits is not None
+        expected[:] = []
+        expected.append(
+            None if allowed is None else reference_sample_set(run.logits, allowed, config)
+        )
+        yield from original_step(self, run, prompt_len)
+
+    def recording_take(self: Decoder, run: _Run, token: int, *args: object, **kw: bool):  # type: ignore[no-untyped-def]
+        taken.append(token)
+        step_set = expected.pop()  # the set of the step taking it (a dead end takes none)
+        assert step_set is not None
+        assert token in step_set, (len(taken), token, step_set)
+        return original_take(self, run, token, *args, **kw)
+
+    runtime, req = _filter_run(seed, mode, max_uncited, max_per_sentence, rejected)
+    with (
+        patch.object(Decoder, "_step", checking_step),
+        patch.object(Decoder, "_take", recording_take),
+    ):
+        list(decode(runtime, INDEX, replace(req, sampling=config), [1, 2, 3]))
+    assert taken
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_sampling_builds_the_full_mask_only_at_some_steps(top_p: float) -> None:
+    """With a model that usually wants an allowed token, most sampled steps take the
+    proposal after the one-token checks, without the grammar's full mask."""
+    config = SamplingConfig(temperature=0.7, top_p=top_p, seed=4)
+    runtime = ScriptedRuntime(
+        "Paris is the capital of France [1]. It has about 2.1 million people [2].", VOCAB
+    )
+    req = request(n_sources=3, mode=CitationMode.AUTO, sampling=config)
+    original_allowed = Decoder._allowed
+    masks = 0
+
+    def counting_allowed(self: Decoder, run: _Run, position: int):  # type: ignore[no-untyped-def]
+        nonlocal masks
+        masks += 1
+        return original_allowed(self, run, position)
+
+    with patch.object(Decoder, "_allowed", counting_allowed):
+        events = list(decode(runtime, INDEX, req, [1, 2, 3]))
+    generated = done(events).usage.generated_tokens
+    assert generated > 20
+    assert masks < generated / 2
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        SamplingConfig(temperature=1.0),
+        SamplingConfig(temperature=1.0, top_p=0.8),
+        SamplingConfig(temperature=1.5, top_k=4),
+    ],
+    ids=["temperature", "top-p", "top-k"],
+)
+def test_the_decoders_first_token_has_the_masked_distribution(config: SamplingConfig) -> None:
+    """End to end through the decoder (proposal, one-token checks, full-mask fallback):
+    over many seeds the first token's frequencies are the masked distribution's, even
+    though the model's favourite (``]``) is never allowed at the start."""
+    bias = _bias({b"]": 6.0, b"T": 4.0, b"A": 3.5, b"I": 3.0, b"[": 3.0})
+    req = request(mode=CitationMode.AUTO, budgets=Budgets(max_new_tokens=1))
+    original_step = Decoder._step
+    first: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def recording_step(self: Decoder, run: _Run, prompt_len: int) -> Iterator[Event]:
+        assert run.logits is not None
+        allowed = self._allowed(run, len(run.steps))
+        assert allowed is not None
+        first.append((run.logits.copy(), allowed))
+        yield from original_step(self, run, prompt_len)
+
+    with patch.object(Decoder, "_step", recording_step):
+        list(decode(PrefixHashRuntime(VOCAB, bias=bias), INDEX, req, [1, 2, 3]))
+    logits, allowed = first[0]
+    assert not allowed[int(np.argmax(logits))]
+    expected = reference_sample_set(logits, allowed, config)
+    counts: dict[int, int] = {}
+    n = 3000
+    for seed in range(n):
+        runtime = PrefixHashRuntime(VOCAB, bias=bias)
+        sampled = replace(req, sampling=replace(config, seed=seed))
+        list(decode(runtime, INDEX, sampled, [1, 2, 3]))
+        token = runtime._tokens[3]
+        counts[token] = counts.get(token, 0) + 1
+    assert set(counts) <= set(expected)
+    for token, p in expected.items():
+        freq = counts.get(token, 0) / n
+        # 4 standard errors, plus 3 counts for the many tokens of tiny probability
+        assert abs(freq - p) <= 4 * np.sqrt(p * (1 - p) / n) + 3 / n, (token, freq, p)
 
 
 @settings(max_examples=30, deadline=None)

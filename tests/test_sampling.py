@@ -13,27 +13,18 @@ from citebacktrack.decoding.sampling import (
     next_random,
     nucleus_indices,
     pick,
+    propose,
     sample,
+    sample_masked,
     top_k_indices,
 )
 from citebacktrack.errors import ConfigurationError
+from helpers import reference_nucleus, reference_sample_set
 
 
 def reference_pick(weights: np.ndarray, draw: float) -> int:
     cumulative = np.cumsum(weights)
     return int(np.searchsorted(cumulative, draw * cumulative[-1], side="right"))
-
-
-def reference_nucleus(weights: np.ndarray, top_p: float) -> set[int]:
-    """Sort everything (most likely first, ties by id) and cut where the mass reaches p."""
-    order = sorted(range(len(weights)), key=lambda i: (-weights[i], i))
-    total, kept, mass = weights.sum(), [], 0.0
-    for i in order:
-        kept.append(i)
-        mass += weights[i]
-        if mass >= top_p * total:
-            break
-    return set(kept)
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -200,3 +191,120 @@ def test_a_nan_among_finite_logits_is_a_typed_error_not_a_silent_pick() -> None:
     logits = np.array([1.0, np.nan, 0.5], dtype=np.float32)
     with pytest.raises(ConfigurationError, match="NaN"):
         sample(logits, SamplingConfig(temperature=1.0), 1)
+
+
+# ---------------------------------------------------------------- proposal, then the mask
+
+
+CONFIGS = [
+    SamplingConfig(temperature=0.8),
+    SamplingConfig(temperature=0.8, top_p=0.6),
+    SamplingConfig(temperature=1.2, top_k=3),
+    SamplingConfig(temperature=1.0, top_k=4, top_p=0.7),
+]
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    # Multiples of 1/8: exact in float32, and distinct values stay distinct weights (the
+    # sampler works in float32, the reference in float64).
+    st.lists(st.integers(min_value=-32, max_value=32), min_size=2, max_size=12),
+    st.lists(st.booleans(), min_size=12, max_size=12),
+    st.sampled_from([0.5, 1.0, 1.5]),
+    st.sampled_from([0, 1, 2, 3, 5]),
+    st.one_of(st.just(1.0), st.floats(min_value=0.2, max_value=0.99)),
+    st.integers(min_value=0, max_value=2**32),
+)
+def test_a_certain_proposal_that_the_mask_allows_is_in_the_masked_sample_set(
+    raw: list[int],
+    mask: list[bool],
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    seed: int,
+) -> None:
+    """The claim the decoder's shortcut rests on: ``certain`` holds for every masking."""
+    config = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+    logits = np.asarray(raw, dtype=np.float32) / 8
+    allowed = np.asarray(mask[: len(raw)], dtype=bool)
+    if not allowed.any():
+        allowed[0] = True
+    proposal = propose(logits, config, seed)
+    if proposal.certain and allowed[proposal.token]:
+        assert proposal.token in reference_sample_set(logits, allowed, config)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"t{c.temperature}k{c.top_k}p{c.top_p}")
+def test_proposal_then_mask_samples_exactly_the_masked_distribution(
+    config: SamplingConfig,
+) -> None:
+    """The decoder's path (a proposal, taken when certain and allowed, else
+    ``sample_masked``) has the masked distribution's frequencies, and never leaves its set."""
+    rng = np.random.default_rng(5)
+    logits = (rng.standard_normal(24) * 1.5).astype(np.float32)
+    allowed = rng.random(24) < 0.6
+    allowed[int(np.argmax(logits))] = False  # the favourite is masked: proposals get refused
+    expected = reference_sample_set(logits, allowed, config)
+    counts: dict[int, int] = {}
+    state = config.seed
+    n = 20_000
+    outcomes = {"certain": 0, "other": 0}
+    for _ in range(n):
+        proposal = propose(logits, config, state)
+        if proposal.certain and allowed[proposal.token]:
+            token, state = proposal.token, proposal.rng_state
+            outcomes["certain"] += 1
+        else:
+            token, state = sample_masked(logits, allowed, config, state, proposal)
+            outcomes["other"] += 1
+        counts[token] = counts.get(token, 0) + 1
+    assert set(counts) <= set(expected)
+    assert outcomes["certain"] > 0
+    assert outcomes["other"] > 0
+    for token, p in expected.items():
+        freq = counts.get(token, 0) / n
+        assert abs(freq - p) <= 4 * np.sqrt(p * (1 - p) / n) + 1e-9, (token, freq, p)
+
+
+def test_sample_masked_without_a_proposal_equals_sample_on_masked_logits() -> None:
+    rng = np.random.default_rng(8)
+    logits = rng.standard_normal(3000).astype(np.float32)
+    allowed = rng.random(3000) < 0.5
+    masked = np.where(allowed, logits, np.float32(-np.inf))
+    for config in [*CONFIGS, SamplingConfig()]:
+        state_a = state_b = 77
+        for _ in range(20):
+            a, state_a = sample_masked(logits, allowed, config, state_a)
+            b, state_b = sample(masked, config, state_b)
+            assert (a, state_a) == (b, state_b)
+
+
+def test_greedy_proposal_is_the_argmax_and_falls_back_to_the_masked_argmax() -> None:
+    logits = np.array([0.0, 5.0, 3.0, 3.0], dtype=np.float32)
+    proposal = propose(logits, SamplingConfig(), 9)
+    assert (proposal.token, proposal.rng_state, proposal.certain) == (1, 9, True)
+    allowed = np.array([True, False, True, True])
+    assert sample_masked(logits, allowed, SamplingConfig(), 9, proposal) == (2, 9)
+
+
+def test_a_proposal_on_nan_logits_is_never_certain_and_sampling_then_raises() -> None:
+    logits = np.array([1.0, np.nan, 0.5], dtype=np.float32)
+    config = SamplingConfig(temperature=1.0)
+    proposal = propose(logits, config, 1)
+    assert not proposal.certain
+    with pytest.raises(ConfigurationError, match="finite logit"):
+        sample_masked(logits, np.ones(3, dtype=bool), config, 1, proposal)
+
+
+@pytest.mark.parametrize(("top_p", "in_nucleus_set"), [(0.70, False), (0.76, True)])
+def test_certain_is_decided_right_at_the_nucleus_boundary(
+    top_p: float, in_nucleus_set: bool
+) -> None:
+    """Weights e : 1: the second token is in the nucleus exactly when p > e / (e + 1) ~ 0.731.
+    Unmasked, its proposal is certain exactly then; masking the first token cannot push it
+    out, and the draw is only certain if no masking could."""
+    logits = np.array([1.0, 0.0], dtype=np.float32)
+    config = SamplingConfig(temperature=1.0, top_p=top_p)
+    seed = next(s for s in range(100) if propose(logits, config, s).token == 1)
+    assert propose(logits, config, seed).certain is in_nucleus_set
+    assert (1 in reference_sample_set(logits, np.ones(2, dtype=bool), config)) is in_nucleus_set

@@ -7,9 +7,11 @@ logits. A rollback to step ``i`` restores all of them together with the grammar 
 needs no extra forward pass; where logits were dropped to save memory, one forward pass
 of the last kept token recomputes them (counted in the trace).
 
-Greedy decoding first checks the model's favourite token alone (``_speculate``: every
-filter of the mask decided for that token, then the matcher's ``accept_token``) and builds
-the full mask only when it is refused; it picks exactly what argmax over the mask would.
+Each step first draws a token from the unmasked logits (``propose``: the argmax when
+greedy) and checks that token alone (``_speculate``: every filter of the mask decided for
+that one token, then the matcher's ``accept_token``); the full mask is built only when it
+is refused or its place in the top-k/top-p set depends on the mask. A rejection sampler,
+it picks each token with exactly the probability sampling over the mask would give it.
 
 Escalation when a citation is rejected, per sentence:
 
@@ -39,7 +41,7 @@ from citebacktrack.decoding.budgets import Budgets
 from citebacktrack.decoding.matcher import TokenMatcher
 from citebacktrack.decoding.operators import Operator, StepStats, StepView
 from citebacktrack.decoding.runtime import Logits, TokenRuntime
-from citebacktrack.decoding.sampling import SamplingConfig, sample
+from citebacktrack.decoding.sampling import SamplingConfig, propose, sample, sample_masked
 from citebacktrack.decoding.tracker import ClosedMarker, TextState, advance
 from citebacktrack.decoding.vocab_index import VocabularyIndex
 from citebacktrack.types import (
@@ -150,7 +152,8 @@ class Decoder:
         self.hold_back = max((op.max_depth for op in self.operators), default=0)
         self.source_ids = tuple(source_ids)
         self.matcher = matcher
-        self._greedy_shortcut = sampling.is_greedy and not self.operators
+        # Operators need the masked distribution of every step: no shortcut for them.
+        self._shortcut = not self.operators
         self._n_sources = len(source_ids)
         self.initial_state = TextState(strict=policy.mode is CitationMode.REQUIRED)
 
@@ -183,18 +186,22 @@ class Decoder:
         if run.logits is None:  # pragma: no cover - every path sets logits before stepping
             raise RuntimeError("decoder lost its logits")
         position = len(run.steps)
-        favourite = int(np.argmax(run.logits)) if self._greedy_shortcut else -1
-        if favourite >= 0 and self._speculate(run, favourite, position):
-            yield from self._take(run, favourite, run.rng, None, prompt_len, accepted=True)
+        proposal = propose(run.logits, self.sampling, run.rng) if self._shortcut else None
+        if (
+            proposal is not None
+            and proposal.certain
+            and self._speculate(run, proposal.token, position)
+        ):
+            rng = proposal.rng_state
+            yield from self._take(run, proposal.token, rng, None, prompt_len, accepted=True)
             return
         allowed = self._allowed(run, position)
         if allowed is None:
             yield from self._dead_end(run, prompt_len)
             return
-        if favourite >= 0 and allowed[favourite]:
-            # The model's favourite is allowed, so it is also the argmax of the masked
-            # logits (np.argmax takes the first maximum either way): skip building them.
-            yield from self._take(run, favourite, run.rng, None, prompt_len)
+        if proposal is not None:  # no operators: they would need the masked logits
+            token, rng_after = sample_masked(run.logits, allowed, self.sampling, run.rng, proposal)
+            yield from self._take(run, token, rng_after, None, prompt_len)
             return
         masked = np.where(allowed, run.logits, np.float32(-np.inf)).astype(np.float32, copy=False)
         token, rng_after = sample(masked, self.sampling, run.rng)
@@ -257,7 +264,7 @@ class Decoder:
     # ------------------------------------------------------------------ masking
 
     def _speculate(self, run: _Run, token: int, position: int) -> bool:
-        """Greedy's shortcut: whether ``token`` (the model's favourite) passes every filter
+        """The shortcut: whether ``token`` (the proposed draw) passes every filter
         of :meth:`_allowed` and the grammar, checked for this one token; if so the matcher
         has accepted it. The full mask (the bitmask fill is most of the decoder's cost)
         is then never built. False means "build the mask": the token is refused, or its
