@@ -9,6 +9,9 @@ over the bundled sample documents, top-5 BM25 passages each), for llama.cpp
 * ``constrained``: the citebacktrack decoder with the citation grammar, no support scorer;
 * ``constrained (gbnf)``: llama.cpp only: ``constrained`` with llama.cpp's GBNF sampler as
   the grammar engine instead of XGrammar (``grammar_engine="gbnf"``);
+* ``constrained (sampled)``: llama.cpp only: ``constrained`` sampling at temperature 0.8,
+  top-p 0.95 (seed = question index) instead of greedy; its non-model time is the
+  decoder's sampled overhead on a real model's distributions;
 * ``validated``: the default decoder (grammar + ``LexicalSupportScorer``, backtracking);
 * ``llama-cpp-python``: ``Llama.create_completion`` greedy, no grammar (reference: the
   engine's own loop), and, when its virtualenv exists, the peer citeformer 0.3.1 on the
@@ -36,7 +39,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -45,6 +48,7 @@ import numpy as np
 
 from citebacktrack import Budgets, Citeformer, GenerationRequest, Source
 from citebacktrack.backends.local import LocalBackend
+from citebacktrack.decoding.sampling import SamplingConfig
 from citebacktrack.models import default_model_path
 from citebacktrack.retrieval import PassageIndex, load_passages, sample_docs_path
 from citebacktrack.support import LexicalSupportScorer
@@ -64,14 +68,17 @@ QUESTIONS = (
 N_SOURCES = 5
 N_CTX = 4096
 
-UNCONSTRAINED, NATIVE, CONSTRAINED, CONSTRAINED_GBNF, VALIDATED, PEER = (
+UNCONSTRAINED, NATIVE, CONSTRAINED, CONSTRAINED_GBNF, SAMPLED, VALIDATED, PEER = (
     "unconstrained",
     "llama-cpp-python",
     "constrained",
     "constrained (gbnf)",
+    "constrained (sampled)",
     "validated",
     "citeformer 0.3.1",
 )
+SAMPLING = SamplingConfig(temperature=0.8, top_p=0.95)
+"""The ``constrained (sampled)`` mode's sampling (seeded by question index)."""
 
 
 @dataclass(slots=True)
@@ -325,6 +332,10 @@ def measure_backend(
 
         gbnf = LlamaCppBackend(runtime=runtime, grammar_engine="gbnf")
         modes[CONSTRAINED_GBNF] = lambda i: run_decoder(gbnf, runtime, constrained[i])
+        sampled = [
+            replace(r, sampling=replace(SAMPLING, seed=i)) for i, r in enumerate(constrained)
+        ]
+        modes[SAMPLED] = lambda i: run_decoder(backend, runtime, sampled[i])
         modes[NATIVE] = lambda i: run_native(runtime.llama, prompts[i], max_new)
     reps: dict[str, Callable[[], list[Sample] | None]] = {
         mode: (lambda run=run: [run(i) for i in range(len(items))]) for mode, run in modes.items()
@@ -466,7 +477,7 @@ PROFILE_PARTS = (
     ("  _filter_markers", "  _filter_markers (validator id rules)"),
     ("  _filter_ramble", "  _filter_ramble (max_uncited_chars)"),
     ("  _filter_dangling", "  _filter_dangling"),
-    ("sample", "sample (greedy: only when the favourite token is masked)"),
+    ("sampling", "sampling: propose (greedy: argmax) + sample_masked (when refused)"),
     ("accept_token", "xgrammar accept_token"),
     ("advance", "tracker advance (per kept token)"),
     ("_judge", "validation (_judge, scorer included)"),
@@ -493,7 +504,8 @@ def profile_decoder(
             (dec, "_filter_ramble", "  _filter_ramble", ""),
             (dec, "_filter_dangling", "  _filter_dangling", ""),
             (dec, "_judge", "_judge", ""),
-            (decoder_module, "sample", "sample", ""),
+            (decoder_module, "propose", "sampling", ""),
+            (decoder_module, "sample_masked", "sampling", ""),
             (decoder_module, "advance", "advance", "  _filter_markers"),
             (matcher, "fill_next_token_bitmask", "  fill_next_token_bitmask", ""),
             (matcher, "accept_token", "accept_token", ""),
@@ -708,7 +720,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for label, text in PROFILE_PARTS:
             print(f"- {text}: {prof['ms_per_token'][label]:.3f}")
         other = prof["other_ms_per_token"]
-        print(f"- other (argmax, one-token checks, masking if needed, events): {other:.3f}")
+        print(f"- other (one-token checks, masked logits if needed, events): {other:.3f}")
         print(
             f"- total {prof['total_ms_per_token']:.3f} ms/token, of which decoder (non-model) "
             f"{prof['decoder_overhead_ms_per_token']:.3f}"
