@@ -348,7 +348,7 @@ def test_ramble_bound_forces_a_citation_without_a_dead_end(script: str, overshoo
     assert text.index("[") <= 20 + overshoot, text
 
 
-# ---------------------------------------------------------------------- greedy fast path
+# ------------------------------------------------ the shortcut (one-token checks first)
 
 
 class _NoOp:
@@ -413,21 +413,18 @@ def test_sampled_shortcut_takes_only_tokens_of_the_masked_sample_set(
     top-p) could have given."""
     config = SamplingConfig(temperature=0.9, top_k=8, top_p=0.8, seed=seed)
     original_step, original_take = Decoder._step, Decoder._take
-    expected: list[dict[int, float] | None] = []
+    step_set: dict[int, float] | None = None  # the current step's (None: a dead end)
     taken: list[int] = []
 
     def checking_step(self: Decoder, run: _Run, prompt_len: int) -> Iterator[Event]:
+        nonlocal step_set
         allowed = self._allowed(run, len(run.steps))
         assert run.logits is not None
-        expected[:] = []
-        expected.append(
-            None if allowed is None else reference_sample_set(run.logits, allowed, config)
-        )
+        step_set = None if allowed is None else reference_sample_set(run.logits, allowed, config)
         yield from original_step(self, run, prompt_len)
 
     def recording_take(self: Decoder, run: _Run, token: int, *args: object, **kw: bool):  # type: ignore[no-untyped-def]
         taken.append(token)
-        step_set = expected.pop()  # the set of the step taking it (a dead end takes none)
         assert step_set is not None
         assert token in step_set, (len(taken), token, step_set)
         return original_take(self, run, token, *args, **kw)

@@ -2,7 +2,8 @@
 
 Masking uses XGrammar on the logits by default (fast). ``grammar_engine="gbnf"`` uses
 llama.cpp's own GBNF grammar sampler instead (validated before use, rolled back by replay;
-~15 ms per token slower, see :mod:`citebacktrack.backends.llamacpp_gbnf`).
+~15 ms more for each step that builds the full mask, see
+:mod:`citebacktrack.backends.llamacpp_gbnf`).
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 An alternative to XGrammar on :class:`~citebacktrack.backends.llamacpp.LlamaCppBackend`
 (``grammar_engine="gbnf"``): the same citation grammar, emitted as GBNF and enforced by
 llama.cpp's sampler, e.g. to cross-check XGrammar or to match a llama.cpp server's
-behaviour exactly. It is slower: llama.cpp tests every one of the 49,152 candidates
-against the grammar at each step (~15 ms per token on 2 cores, against ~0.07 ms for
-XGrammar's precompiled mask).
+behaviour exactly. It is slower: for a full mask llama.cpp tests every one of the 49,152
+candidates against the grammar (~15 ms on 2 cores, against ~0.07 ms for XGrammar's
+precompiled mask); steps whose proposed token passes alone ask it about that token only.
 
 Two llama.cpp behaviours are handled here:
 

@@ -270,8 +270,9 @@ class Decoder:
         is then never built. False means "build the mask": the token is refused, or its
         fate depends on other tokens (the ramble bound's fallbacks, a dead end).
 
-        Decides exactly as ``_allowed(...)[token]`` would, filter by filter (the greedy
-        fast-path test in ``tests/test_decoder.py`` compares the two on random models).
+        Decides exactly as ``_allowed(...)[token]`` would, filter by filter
+        (``test_one_token_checks_agree_with_the_full_mask_for_every_token_at_every_step``
+        compares the two on random models).
         """
         index, state = self.index, run.state
         if not index.unblocked[token] or token in run.token_bans.get(position, ()):
