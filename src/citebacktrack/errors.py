@@ -6,7 +6,8 @@ Every error the library raises on purpose derives from :class:`CitebacktrackErro
     ├── ConfigurationError            a value passed to us is unusable (and says which)
     │   ├── InvalidSourcesError       no sources, duplicate ids, empty text, too many
     │   ├── InvalidQuestionError      empty or whitespace-only question
-    │   └── GrammarError              an IR that cannot be emitted in a dialect
+    │   ├── GrammarError              an IR that cannot be emitted in a dialect
+    │   └── DatasetError              an evaluation dataset is missing, not JSON or malformed
     ├── MissingDependencyError        an optional extra is not installed (names the pip command)
     ├── BackendError                  an engine failed; the engine's error is chained
     │   ├── ModelLoadError            a model file is missing, unreadable or not a model
@@ -25,6 +26,7 @@ __all__ = [
     "CitebacktrackError",
     "ConfigurationError",
     "ContextOverflowError",
+    "DatasetError",
     "GrammarError",
     "InvalidQuestionError",
     "InvalidSourcesError",
@@ -52,6 +54,10 @@ class InvalidQuestionError(ConfigurationError):
 
 class GrammarError(ConfigurationError):
     """A grammar IR cannot be emitted in the requested dialect, or is malformed."""
+
+
+class DatasetError(ConfigurationError):
+    """An evaluation dataset is missing, is not JSON, or has a malformed record (named)."""
 
 
 class MissingDependencyError(CitebacktrackError, ImportError):
