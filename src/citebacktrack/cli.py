@@ -1,8 +1,11 @@
-"""The ``citebacktrack`` command line: ``ask`` over a folder of documents, ``grammar``."""
+"""The ``citebacktrack`` command line: ``ask`` over a folder of documents, ``grammar``,
+``eval`` over a QA dataset with gold sources."""
 
 from __future__ import annotations
 
 import json
+import os
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -14,7 +17,7 @@ from rich.markup import escape
 from citebacktrack.backends.base import Backend
 from citebacktrack.decoding.budgets import Budgets
 from citebacktrack.decoding.sampling import SamplingConfig
-from citebacktrack.errors import CitebacktrackError
+from citebacktrack.errors import CitebacktrackError, ConfigurationError
 from citebacktrack.grammar.citations import citation_grammar
 from citebacktrack.grammar.emit import Dialect, emit
 from citebacktrack.orchestrator import Citeformer
@@ -151,6 +154,202 @@ def _print_answer(console: Console, answer: Answer, sources: list[Source]) -> No
                 f"[dim]  rejected [{entry.source_index}] ({entry.reason}{score}): "
                 f"{escape(entry.detail)}[/]"
             )
+
+
+class SplitChoice(StrEnum):
+    """Which part of an evaluation dataset to run (see ``evaluation.split_of``)."""
+
+    ALL = "all"
+    TUNE = "tune"
+    HOLDOUT = "holdout"
+
+
+EVAL_N_CTX = 8192
+"""llama.cpp context for ``eval``: ten passages plus the demo overflow the default 4096."""
+
+
+def _eval_backend(name: BackendName, model: Path | None) -> Backend:
+    """The one backend every system of an ``eval`` run shares (tests replace this)."""
+    if name is BackendName.HF:
+        from citebacktrack.backends.hf import HFBackend
+
+        return HFBackend.from_gguf(model)
+    from citebacktrack.backends.llamacpp import LlamaCppBackend
+
+    return LlamaCppBackend(model, n_ctx=EVAL_N_CTX)
+
+
+def _eval_system_names(
+    systems: str | None, peer_python: Path | None, peer_given: bool, console: Console
+) -> list[str]:
+    from citebacktrack.evaluation import DEFAULT_SYSTEMS, PEER_SETUP, SYSTEM_NAMES
+
+    if systems is None:
+        names = list(DEFAULT_SYSTEMS)
+        wanted_peer = peer_given
+    else:
+        names = list(dict.fromkeys(n.strip() for n in systems.split(",") if n.strip()))
+        unknown = [n for n in names if n not in SYSTEM_NAMES]
+        if unknown or not names:
+            raise typer.BadParameter(
+                f"unknown system(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
+                f"choose from {','.join(SYSTEM_NAMES)}",
+                param_hint="--systems",
+            )
+        wanted_peer = "citeformer" in names
+        names = [n for n in names if n != "citeformer"]
+    if wanted_peer:
+        if peer_python is None:
+            console.print(
+                "[yellow]note:[/] skipping the citeformer system: no peer virtualenv with "
+                "bin/python (give --peer-venv or $CITEBACKTRACK_PEER_VENV; create one with: "
+                f"{escape(PEER_SETUP)})"
+            )
+        else:
+            names.append("citeformer")
+    if not names:
+        raise typer.BadParameter("no system left to run", param_hint="--systems")
+    return names
+
+
+@app.command("eval")
+def eval_command(
+    dataset: Annotated[
+        Path,
+        typer.Argument(
+            help="JSON list of records: {id, question, answer, sources:[{title, text}], gold} "
+            "or HotpotQA's distractor format."
+        ),
+    ],
+    systems: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma list of raw,grammar,validated,citeformer (default: raw,grammar,"
+            "validated, plus citeformer when a peer virtualenv is given)."
+        ),
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option(help="Only the first N records (after --split).", min=1)
+    ] = None,
+    split: Annotated[
+        SplitChoice, typer.Option(help="Records to run: all, tune (2/3) or holdout (1/3).")
+    ] = SplitChoice.ALL,
+    out: Annotated[
+        Path, typer.Option(help="Folder for results.json, results.md and the plots.")
+    ] = Path("eval-out"),
+    backend: Annotated[BackendName, typer.Option(help="Model engine.")] = BackendName.LLAMACPP,
+    model: Annotated[
+        Path | None, typer.Option(help="GGUF model file (default: embedded SmolLM2-135M-Instruct).")
+    ] = None,
+    peer_venv: Annotated[
+        Path | None,
+        typer.Option(
+            help="Virtualenv with citeformer==0.3.1 for the citeformer system "
+            "(default: $CITEBACKTRACK_PEER_VENV)."
+        ),
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Most answer tokens.", min=1)] = 160,
+    plots: Annotated[bool, typer.Option(help="Write PNG plots (needs matplotlib).")] = True,
+) -> None:
+    """Score citation precision/recall, validity and answer hits over a QA dataset."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from citebacktrack import __version__
+    from citebacktrack.errors import MissingDependencyError
+    from citebacktrack.evaluation import (
+        AnswerRecord,
+        PeerCiteformer,
+        evaluate,
+        load_dataset,
+        peer_python,
+        standard_systems,
+        write_plots,
+    )
+    from citebacktrack.models import default_model_path
+
+    console = Console(stderr=True)
+    peer: PeerCiteformer | None = None
+    try:
+        examples = load_dataset(dataset)
+        if split is not SplitChoice.ALL:
+            examples = [e for e in examples if e.split == split.value]
+        examples = examples[:limit] if limit is not None else examples
+        if not examples:
+            raise typer.BadParameter(f"no record of {dataset} is in the {split.value} split")
+        peer_given = peer_venv is not None or bool(os.environ.get("CITEBACKTRACK_PEER_VENV"))
+        python = peer_python(peer_venv)
+        names = _eval_system_names(systems, python, peer_given, console)
+        budgets = Budgets(max_new_tokens=max_new_tokens)
+        with console.status(f"Loading the model ({backend.value})…"):
+            engine = _eval_backend(backend, model)
+        if "citeformer" in names and python is not None:
+            peer = PeerCiteformer(
+                python,
+                model if model is not None else default_model_path(),
+                n_ctx=EVAL_N_CTX,
+                max_new_tokens=max_new_tokens,
+            )
+        runners = standard_systems(engine, names, budgets=budgets, peer=peer)
+        console.print(
+            f"{len(examples)} question(s) × {len(runners)} system(s): {', '.join(runners)}"
+        )
+        with Progress(
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+        ) as progress:
+            task = progress.add_task("evaluating", total=len(examples) * len(runners))
+
+            def advance(record: AnswerRecord) -> None:
+                progress.update(task, advance=1, description=f"{record.system:>10} {record.id}")
+
+            report = evaluate(examples, runners, on_record=advance)
+    except (CitebacktrackError, ValueError) as exc:
+        _fail(exc)
+    finally:
+        if peer is not None:
+            peer.close()
+    markdown = report.to_markdown()
+    meta = {
+        "dataset": str(dataset),
+        "split": split.value,
+        "limit": limit,
+        "backend": backend.value,
+        "model": str(model) if model is not None else None,
+        "max_new_tokens": max_new_tokens,
+        "citebacktrack": __version__,
+        "peer": peer.version if peer is not None else None,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(
+            json.dumps(report.to_dict(**meta), indent=2, ensure_ascii=False) + "\n",
+            encoding="utf-8",
+        )
+        (out / "results.md").write_text(
+            f"# citebacktrack eval: {dataset.name}\n\n{markdown}", encoding="utf-8"
+        )
+    except OSError as exc:
+        _fail(ConfigurationError(f"cannot write the results to {str(out)!r}: {exc}"))
+    written = ["results.json", "results.md"]
+    if plots:
+        try:
+            written += [p.name for p in write_plots(report, out)]
+        except MissingDependencyError as exc:
+            console.print(f"[yellow]note:[/] plots skipped: {escape(str(exc))}")
+    console.print(f"wrote {', '.join(written)} to {escape(str(out))}")
+    typer.echo(markdown)
 
 
 def _fail(exc: Exception) -> None:
