@@ -28,7 +28,8 @@ from citebacktrack.backends import hf_runtime as hf_module
 from citebacktrack.backends.base import ChatMessage
 from citebacktrack.backends.hf_runtime import HFRuntime, converted_model_dir
 from citebacktrack.backends.llamacpp_runtime import LlamaCppRuntime
-from citebacktrack.decoding.runtime import ChatRuntime, Logits
+from citebacktrack.backends.local import fixed_prefix_length
+from citebacktrack.decoding.runtime import ChatRuntime, Logits, PrefillStats, PrefixCachingRuntime
 from citebacktrack.errors import (
     BackendError,
     ConfigurationError,
@@ -274,6 +275,123 @@ def test_hf_context_overflow_is_refused(hf_converted: Converted) -> None:
     small = HFRuntime(base.model, base.tokenizer, context_window=16)
     with pytest.raises(BackendError, match="context window of 16"):
         small.prefill(small.encode_chat(QUESTION))
+
+
+# --------------------------------------------------------------------------- (b2) prefix reuse
+
+PREFIX = [
+    ChatMessage("system", "You answer in one short sentence."),
+    ChatMessage("user", "Name a colour."),
+    ChatMessage("assistant", "Blue."),
+]
+OTHER_PREFIX = [ChatMessage("system", "You are a terse assistant. Answer in five words.")]
+
+
+def chat(question: str, prefix: list[ChatMessage] = PREFIX) -> list[ChatMessage]:
+    return [*prefix, ChatMessage("user", question)]
+
+
+def prefixed(runtime: ChatRuntime, messages: list[ChatMessage]) -> tuple[list[int], int]:
+    """The prompt of ``messages`` and the length of its fixed prefix (all but the last turn)."""
+    assert isinstance(runtime, PrefixCachingRuntime)
+    prompt = runtime.encode_chat(messages)
+    n = fixed_prefix_length(runtime, messages, prompt)
+    head = runtime.encode_chat(messages[:-1], add_generation_prompt=False)
+    assert n == len(head) > 0  # ChatML turns end in special tokens: the head is a prefix
+    return prompt, n
+
+
+def decode_with_prefix(
+    runtime: ChatRuntime, prompt: list[int], n: int, steps: int = 8
+) -> tuple[list[int], list[Logits]]:
+    """Prefill with ``fixed_prefix=n``, then ``steps`` greedy tokens; every logits row."""
+    assert isinstance(runtime, PrefixCachingRuntime)
+    first = runtime.prefill(prompt, fixed_prefix=n)
+    tokens, after = greedy(runtime, first, steps)
+    return tokens, [first, *after]
+
+
+def assert_same_run(a: tuple[list[int], list[Logits]], b: tuple[list[int], list[Logits]]) -> None:
+    assert a[0] == b[0]
+    for x, y in zip(a[1], b[1], strict=True):
+        np.testing.assert_array_equal(x, y)  # bit for bit, not approximately
+
+
+def test_a_reused_prefix_gives_bit_identical_answers(runtime: ChatRuntime) -> None:
+    """B's tokens and logits are the same run first, after A (same prefix, reused), and
+    after C (another prefix); the reusing prefill evaluates only the part after the prefix."""
+    assert isinstance(runtime, PrefixCachingRuntime)
+    b, n = prefixed(runtime, chat("Who wrote Hamlet?"))
+    a, n_a = prefixed(runtime, chat("Name a large city in France, please."))
+    c, n_c = prefixed(runtime, chat("Who wrote Hamlet?", OTHER_PREFIX))
+    assert n_a == n
+    assert n_c != n
+
+    runtime.prefill(c)  # no fixed prefix: nothing is left to reuse
+    first = decode_with_prefix(runtime, b, n)
+    assert runtime.last_prefill == PrefillStats(len(b), n, 0, len(b))
+
+    decode_with_prefix(runtime, a, n)
+    assert runtime.last_prefill == PrefillStats(len(a), n, n, len(a) - n)
+
+    after_a = decode_with_prefix(runtime, b, n)
+    assert runtime.last_prefill == PrefillStats(len(b), n, n, len(b) - n)
+    assert_same_run(after_a, first)
+
+    decode_with_prefix(runtime, c, n_c)
+    assert runtime.last_prefill is not None
+    assert runtime.last_prefill.reused_tokens == 0
+    after_c = decode_with_prefix(runtime, b, n)
+    assert runtime.last_prefill == PrefillStats(len(b), n, 0, len(b))
+    assert_same_run(after_c, first)
+
+    # Truncating into the prefix forgets it; a prompt that is all prefix reuses its logits.
+    runtime.truncate(n - 1)
+    assert_same_run(decode_with_prefix(runtime, b, n), first)
+    assert runtime.last_prefill is not None
+    assert runtime.last_prefill.reused_tokens == 0
+    whole = runtime.prefill(b, fixed_prefix=len(b))
+    np.testing.assert_array_equal(runtime.prefill(b, fixed_prefix=len(b)), whole)
+    assert runtime.last_prefill == PrefillStats(len(b), len(b), len(b), 0)
+
+
+def test_prefix_prefill_agrees_with_a_whole_prefill(runtime: ChatRuntime) -> None:
+    """Splitting the prompt at the prefix moves llama.cpp's logits only by batch rounding."""
+    assert isinstance(runtime, PrefixCachingRuntime)
+    b, n = prefixed(runtime, chat("Who wrote Hamlet?"))
+    split = runtime.prefill(b, fixed_prefix=n)
+    whole = runtime.prefill(b)
+    assert runtime.last_prefill == PrefillStats(len(b), 0, 0, len(b))
+    tolerance = 2.0 if isinstance(runtime, LlamaCppRuntime) else 1e-3
+    assert float(np.abs(split - whole).max()) < tolerance
+    assert int(np.argmax(split)) == int(np.argmax(whole))
+
+
+def test_bad_fixed_prefix_is_a_configuration_error(runtime: ChatRuntime) -> None:
+    assert isinstance(runtime, PrefixCachingRuntime)
+    prompt = runtime.encode_chat(QUESTION)
+    for bad in (-1, len(prompt) + 1):
+        with pytest.raises(ConfigurationError, match="fixed_prefix"):
+            runtime.prefill(prompt, fixed_prefix=bad)
+
+
+@needs_llama
+def test_llama_prefix_is_not_reused_after_other_code_drove_the_model(
+    llama_runtime: LlamaCppRuntime,
+) -> None:
+    """``create_completion`` on the same ``Llama`` rewrites its cache: the next prefill
+    notices (token count, ids) and evaluates from scratch, with the same result."""
+    b, n = prefixed(llama_runtime, chat("Who wrote Hamlet?"))
+    first = decode_with_prefix(llama_runtime, b, n)
+    llama_runtime.llama.create_completion(
+        llama_runtime.encode_chat(chat("Name a large city in France.")), max_tokens=3
+    )
+    again = decode_with_prefix(llama_runtime, b, n)
+    assert llama_runtime.last_prefill == PrefillStats(len(b), n, 0, len(b))
+    assert_same_run(again, first)
+    llama_runtime.forget_prefix()
+    decode_with_prefix(llama_runtime, b, n)
+    assert llama_runtime.last_prefill == PrefillStats(len(b), n, 0, len(b))
 
 
 # --------------------------------------------------------------------------- (c) agreement

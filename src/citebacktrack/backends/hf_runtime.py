@@ -2,6 +2,9 @@
 
 The runtime runs the model on new tokens only, passing the cache back in, and rolls back by
 cropping the cache. torch and transformers are imported only when a runtime is built.
+``prefill(prompt, fixed_prefix=n)`` keeps a fixed prompt prefix cached between requests
+(cropped back to it, never re-evaluated); the prefix is always run as its own forward pass,
+so the logits do not depend on whether it was reused.
 
 :meth:`HFRuntime.from_gguf` loads a GGUF file through transformers, which dequantizes it to
 float32 (slow: tens of seconds). The converted model is saved once into a cache directory
@@ -25,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from citebacktrack.decoding.runtime import Logits, Vocabulary
+from citebacktrack.decoding.runtime import Logits, PrefillStats, Vocabulary
 from citebacktrack.errors import (
     BackendError,
     ConfigurationError,
@@ -123,6 +126,11 @@ class HFRuntime:
         self._cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
         self._cache: Any = None
         self._n_tokens = 0
+        # The fixed prefix run as its own forward pass by the last prefix prefill and still
+        # in the cache, and the logits after it.
+        self._prefix: tuple[int, ...] = ()
+        self._prefix_logits: Logits | None = None
+        self._last_prefill: PrefillStats | None = None
 
     @classmethod
     def from_pretrained(
@@ -214,19 +222,73 @@ class HFRuntime:
         """The model's maximum positions (``max_position_embeddings`` unless overridden)."""
         return self._context_window
 
-    def prefill(self, prompt: Sequence[int]) -> Logits:
-        """Start a fresh cache, evaluate ``prompt`` and return the logits after its last token.
+    @property
+    def last_prefill(self) -> PrefillStats | None:
+        """What the last :meth:`prefill` evaluated and reused (``None`` before the first)."""
+        return self._last_prefill
+
+    def prefill(self, prompt: Sequence[int], *, fixed_prefix: int = 0) -> Logits:
+        """Evaluate ``prompt`` and return the logits after its last token.
+
+        ``fixed_prefix=0`` starts a fresh cache and runs the prompt in one forward pass.
+        ``fixed_prefix=n`` runs ``prompt[:n]`` in one pass and the rest in another; when the
+        cache already holds exactly those ``n`` token ids from such a prefill, it is cropped
+        back to them and only the rest is run.
 
         Raises:
-            ConfigurationError: the prompt is empty or holds an id outside the vocabulary.
+            ConfigurationError: the prompt is empty, holds an id outside the vocabulary, or
+                ``fixed_prefix`` is not in ``[0, len(prompt)]``.
             BackendError: the prompt does not fit the context, or the model failed.
         """
         if not prompt:
             raise ConfigurationError("prefill needs at least one prompt token, got none")
-        transformers = _import_transformers()
-        self._cache = transformers.DynamicCache(config=self._model.config)
-        self._n_tokens = 0
-        return self._run(prompt)
+        tokens = [int(token) for token in prompt]
+        n = int(fixed_prefix)
+        if not 0 <= n <= len(tokens):
+            raise ConfigurationError(
+                f"fixed_prefix must be between 0 and the prompt's {len(tokens)} tokens, got {n}"
+            )
+        head = tuple(tokens[:n])
+        logits: Logits | None = None
+        if n and self._holds_prefix(head):
+            self.truncate(n)
+            reused = n
+            if n == len(tokens) and self._prefix_logits is not None:
+                logits = self._prefix_logits.copy()
+        else:
+            transformers = _import_transformers()
+            self.forget_prefix()
+            self._cache = transformers.DynamicCache(config=self._model.config)
+            self._n_tokens = 0
+            reused = 0
+            if n:
+                logits = self._run(head)
+                self._prefix, self._prefix_logits = head, logits.copy()
+        if n < len(tokens):
+            logits = self._run(tokens[n:])
+        if logits is None:  # pragma: no cover - n == len(tokens) always sets it above
+            raise BackendError("prefill produced no logits")
+        self._last_prefill = PrefillStats(
+            prompt_tokens=len(tokens),
+            fixed_prefix=n,
+            reused_tokens=reused,
+            evaluated_tokens=len(tokens) - reused,
+        )
+        return logits
+
+    def forget_prefix(self) -> None:
+        """Drop the cached prefix: the next prefill evaluates its prompt from scratch."""
+        self._prefix, self._prefix_logits = (), None
+
+    def _holds_prefix(self, head: tuple[int, ...]) -> bool:
+        """Whether the cache holds ``head`` as run by a prefix prefill of this runtime."""
+        return (
+            bool(head)
+            and head == self._prefix
+            and self._prefix_logits is not None
+            and self._cache is not None
+            and self._n_tokens >= len(head)
+        )
 
     def forward(self, tokens: Sequence[int]) -> Logits:
         """Append ``tokens`` to the cache and return the logits after the last one.
@@ -254,6 +316,8 @@ class HFRuntime:
             raise ConfigurationError(
                 f"cannot truncate to {n_tokens} tokens: the cache holds {self._n_tokens}"
             )
+        if n_tokens < len(self._prefix):
+            self.forget_prefix()
         drop = self._n_tokens - n_tokens
         if drop == 0:
             return
@@ -262,8 +326,12 @@ class HFRuntime:
             self._cache.crop(-drop)
         self._n_tokens = n_tokens
 
-    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+    def encode_chat(
+        self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True
+    ) -> list[int]:
         """Apply the tokenizer's chat template with the assistant turn opened, as token ids.
+
+        ``add_generation_prompt=False`` leaves the assistant turn unopened.
 
         Raises:
             BackendError: the tokenizer has no chat template or it fails to render.
@@ -272,7 +340,10 @@ class HFRuntime:
         try:
             # transformers 5 returns a BatchEncoding unless return_dict=False.
             ids = self._tokenizer.apply_chat_template(
-                conversation, add_generation_prompt=True, tokenize=True, return_dict=False
+                conversation,
+                add_generation_prompt=add_generation_prompt,
+                tokenize=True,
+                return_dict=False,
             )
         except (ValueError, TypeError) as exc:
             raise BackendError(f"the tokenizer's chat template failed: {exc}") from exc
@@ -310,6 +381,7 @@ class HFRuntime:
             # Some layers may already hold the new positions: the cache is unusable.
             self._cache = None
             self._n_tokens = 0
+            self.forget_prefix()
             raise BackendError(
                 f"the model failed on {len(batch)} tokens: {exc}; call prefill again"
             ) from exc

@@ -4,6 +4,10 @@ The runtime drives one sequence of a ``llama_cpp.Llama`` by hand: ``eval`` appen
 the KV cache, the logits of the last evaluated token are copied out of the context, and a
 rollback lowers ``Llama.n_tokens`` and removes the KV cells past it. ``llama_cpp`` is imported
 only when a runtime is built, so the core package never needs it.
+
+``prefill(prompt, fixed_prefix=n)`` keeps a fixed prompt prefix (system instruction and demo
+turns) cached between requests: the prefix is always evaluated as its own ``eval`` call, so
+a reused prefix holds bit-for-bit the KV a fresh one would.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from citebacktrack.decoding.runtime import Logits, Vocabulary
+from citebacktrack.decoding.runtime import Logits, PrefillStats, Vocabulary
 from citebacktrack.errors import (
     BackendError,
     ConfigurationError,
@@ -64,6 +68,10 @@ class LlamaCppRuntime:
     The decoder calls :meth:`prefill` once, :meth:`forward` per kept token and
     :meth:`truncate` to roll back. Returned logits are fresh float32 copies, never views of
     llama.cpp's buffer (the next ``eval`` overwrites it).
+
+    The runtime owns the ``Llama``'s KV cache. Another user of the same ``Llama`` (e.g.
+    ``create_completion``) between two prefills is detected by its token count and ids and
+    only costs the prefix reuse; call :meth:`forget_prefix` to be certain.
     """
 
     def __init__(self, llama: llama_cpp.Llama) -> None:
@@ -80,7 +88,13 @@ class LlamaCppRuntime:
         # buffer by the n_ctx asked for; the smaller of the two is the usable window.
         self._n_ctx = min(int(llama.n_ctx()), len(llama.input_ids))
         self._vocabulary = _read_vocabulary(self._lib, llama)
-        self._formatter: Any = None
+        self._formatters: dict[bool, Any] = {}
+        # The fixed prefix evaluated as its own batch by the last prefix prefill and still in
+        # the cache, the logits after it, and the cache length this runtime last left.
+        self._prefix: tuple[int, ...] = ()
+        self._prefix_logits: Logits | None = None
+        self._owned_n = int(llama.n_tokens)
+        self._last_prefill: PrefillStats | None = None
 
     @classmethod
     def from_path(
@@ -138,19 +152,80 @@ class LlamaCppRuntime:
         """The usable context: the ``n_ctx`` asked for (llama.cpp may allocate more)."""
         return self._n_ctx
 
-    def prefill(self, prompt: Sequence[int]) -> Logits:
-        """Clear the cache, evaluate ``prompt`` and return the logits after its last token.
+    @property
+    def last_prefill(self) -> PrefillStats | None:
+        """What the last :meth:`prefill` evaluated and reused (``None`` before the first)."""
+        return self._last_prefill
+
+    def prefill(self, prompt: Sequence[int], *, fixed_prefix: int = 0) -> Logits:
+        """Evaluate ``prompt`` and return the logits after its last token.
+
+        ``fixed_prefix=0`` clears the cache and evaluates the prompt in one ``eval`` call.
+        ``fixed_prefix=n`` evaluates ``prompt[:n]`` in one ``eval`` call and the rest in
+        another; when the cache already holds exactly those ``n`` token ids from such a
+        prefill, it is truncated to them and only the rest is evaluated. Either way the
+        same calls compute the same KV, so the logits do not depend on what ran before.
 
         Raises:
-            ConfigurationError: the prompt is empty or holds an id outside the vocabulary.
+            ConfigurationError: the prompt is empty, holds an id outside the vocabulary, or
+                ``fixed_prefix`` is not in ``[0, len(prompt)]``.
             BackendError: the prompt does not fit the context, or llama.cpp failed.
         """
         if not prompt:
             raise ConfigurationError("prefill needs at least one prompt token, got none")
+        tokens = [int(token) for token in prompt]
+        n = int(fixed_prefix)
+        if not 0 <= n <= len(tokens):
+            raise ConfigurationError(
+                f"fixed_prefix must be between 0 and the prompt's {len(tokens)} tokens, got {n}"
+            )
+        head = tuple(tokens[:n])
+        logits: Logits | None = None
+        if n and self._holds_prefix(head):
+            self.truncate(n)
+            reused = n
+            if n == len(tokens) and self._prefix_logits is not None:
+                logits = self._prefix_logits.copy()
+        else:
+            self._clear()
+            reused = 0
+            if n:
+                logits = self._eval(head)
+                self._prefix, self._prefix_logits = head, logits.copy()
+        if n < len(tokens):
+            logits = self._eval(tokens[n:])
+        if logits is None:  # pragma: no cover - n == len(tokens) always sets it above
+            raise BackendError("prefill produced no logits")
+        self._last_prefill = PrefillStats(
+            prompt_tokens=len(tokens),
+            fixed_prefix=n,
+            reused_tokens=reused,
+            evaluated_tokens=len(tokens) - reused,
+        )
+        return logits
+
+    def forget_prefix(self) -> None:
+        """Drop the cached prefix: the next prefill evaluates its prompt from scratch."""
+        self._prefix, self._prefix_logits = (), None
+
+    def _holds_prefix(self, head: tuple[int, ...]) -> bool:
+        """Whether the cache holds ``head`` as evaluated by a prefix prefill of this runtime."""
+        if not head or head != self._prefix or self._prefix_logits is None:
+            return False
+        n_cached = int(self._llama.n_tokens)
+        if n_cached != self._owned_n or n_cached < len(head):
+            # Other code drove the Llama since (its own generate loop, a reset).
+            return False
+        cached = self._llama.input_ids[: len(head)]
+        return bool(np.array_equal(cached, np.asarray(head, dtype=cached.dtype)))
+
+    def _clear(self) -> None:
+        """Empty the KV cache and forget the cached prefix."""
+        self.forget_prefix()
         self._llama.reset()  # type: ignore[no-untyped-call]
         # Llama.reset() only clears the KV cache of recurrent models; clear it ourselves.
         self._llama._ctx.kv_cache_clear()  # type: ignore[no-untyped-call]
-        return self._eval(prompt)
+        self._owned_n = 0
 
     def forward(self, tokens: Sequence[int]) -> Logits:
         """Append ``tokens`` to the cache and return the logits after the last one.
@@ -177,22 +252,29 @@ class LlamaCppRuntime:
             raise ConfigurationError(
                 f"cannot truncate to {n_tokens} tokens: the cache holds {current}"
             )
+        if n_tokens < len(self._prefix):
+            self.forget_prefix()
         if n_tokens == current:
             return
         self._llama.n_tokens = n_tokens
         # Cells [n_tokens, end) of every sequence; -1 for p1 means "to the end".
         self._llama._ctx.kv_cache_seq_rm(-1, n_tokens, -1)
+        self._owned_n = n_tokens
 
-    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+    def encode_chat(
+        self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True
+    ) -> list[int]:
         """Render ``messages`` with the GGUF's chat template, assistant turn opened, and tokenize.
 
         Special-token text in the rendered prompt (``<|im_start|>``) becomes the special
         token; no BOS is added beyond what the template writes (as transformers does).
+        ``add_generation_prompt=False`` leaves the assistant turn unopened (the form whose
+        tokens prefix a longer conversation's).
 
         Raises:
             BackendError: the GGUF has no ``tokenizer.chat_template`` or it fails to render.
         """
-        formatter = self._chat_formatter()
+        formatter = self._chat_formatter(add_generation_prompt)
         conversation = [{"role": m.role, "content": m.content} for m in messages]
         try:
             rendered = formatter(messages=conversation)
@@ -202,9 +284,9 @@ class LlamaCppRuntime:
         tokens: list[int] = self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
         return [int(token) for token in tokens]
 
-    def _chat_formatter(self) -> Any:
-        """Build (once) a Jinja2 formatter from the GGUF's ``tokenizer.chat_template``."""
-        if self._formatter is None:
+    def _chat_formatter(self, add_generation_prompt: bool = True) -> Any:
+        """Build (once each) a Jinja2 formatter from the GGUF's ``tokenizer.chat_template``."""
+        if add_generation_prompt not in self._formatters:
             template = self._llama.metadata.get("tokenizer.chat_template")
             if not template:
                 raise BackendError(
@@ -214,13 +296,13 @@ class LlamaCppRuntime:
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
             vocab = self._llama._model.vocab
-            self._formatter = Jinja2ChatFormatter(
+            self._formatters[add_generation_prompt] = Jinja2ChatFormatter(
                 template=template,
                 eos_token=_token_text(self._lib, vocab, self._lib.llama_vocab_eos(vocab)),
                 bos_token=_token_text(self._lib, vocab, self._lib.llama_vocab_bos(vocab)),
-                add_generation_prompt=True,
+                add_generation_prompt=add_generation_prompt,
             )
-        return self._formatter
+        return self._formatters[add_generation_prompt]
 
     def _eval(self, tokens: Sequence[int]) -> Logits:
         """Evaluate ``tokens`` after the cache and copy out the last row of logits."""
@@ -243,7 +325,9 @@ class LlamaCppRuntime:
             # Undo a partial eval (it runs in n_batch chunks) so the cache stays consistent.
             self._llama.n_tokens = n_cached
             self._llama._ctx.kv_cache_seq_rm(-1, n_cached, -1)
+            self._owned_n = n_cached
             raise BackendError(f"llama.cpp failed to evaluate {len(batch)} tokens: {exc}") from exc
+        self._owned_n = int(self._llama.n_tokens)
         pointer = self._lib.llama_get_logits_ith(self._llama._ctx.ctx, -1)
         if not pointer:
             raise BackendError("llama.cpp returned no logits for the last evaluated token")

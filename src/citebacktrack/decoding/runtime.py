@@ -5,6 +5,14 @@ A runtime owns the model and its KV cache for one sequence. The decoder drives i
 when it rolls back. Logits are float32 arrays of width :attr:`Vocabulary.size`; a runtime
 returns an array it will not mutate afterwards (copy engine buffers), because the decoder
 keeps logits at checkpoints so that a retry needs no extra forward pass.
+
+Prefix reuse: a runtime that also satisfies :class:`PrefixCachingRuntime` accepts
+``prefill(prompt, fixed_prefix=n)``: it always evaluates ``prompt[:n]`` as its own batch and
+``prompt[n:]`` after it, and when its cache already holds exactly those ``n`` tokens
+(evaluated the same way) it keeps them and evaluates only the rest. The batch boundaries
+never depend on what ran before, so neither do the logits. The decoder itself only calls
+``prefill(prompt)``: a backend that knows ``n`` hands the decoder a
+:class:`FixedPrefixRuntime` adapter that adds it.
 """
 
 from __future__ import annotations
@@ -19,7 +27,15 @@ import numpy.typing as npt
 if TYPE_CHECKING:
     from citebacktrack.backends.base import ChatMessage
 
-__all__ = ["ChatRuntime", "Logits", "TokenRuntime", "Vocabulary"]
+__all__ = [
+    "ChatRuntime",
+    "FixedPrefixRuntime",
+    "Logits",
+    "PrefillStats",
+    "PrefixCachingRuntime",
+    "TokenRuntime",
+    "Vocabulary",
+]
 
 Logits = npt.NDArray[np.float32]
 """One row of next-token logits."""
@@ -91,3 +107,80 @@ class ChatRuntime(TokenRuntime, Protocol):
     def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
         """Apply the model's chat template (with the assistant turn opened) and tokenize."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillStats:
+    """What the last :meth:`PrefixCachingRuntime.prefill` did.
+
+    Attributes:
+        prompt_tokens: length of the prompt.
+        fixed_prefix: the ``fixed_prefix`` asked for (0: no reuse).
+        reused_tokens: prompt tokens kept from the cache (0 or ``fixed_prefix``).
+        evaluated_tokens: prompt tokens evaluated (``prompt_tokens - reused_tokens``).
+    """
+
+    prompt_tokens: int
+    fixed_prefix: int
+    reused_tokens: int
+    evaluated_tokens: int
+
+
+@runtime_checkable
+class PrefixCachingRuntime(ChatRuntime, Protocol):
+    """A chat runtime that can keep a fixed prompt prefix's KV cache between prefills."""
+
+    @property
+    def last_prefill(self) -> PrefillStats | None:
+        """What the last prefill evaluated and reused (``None`` before the first)."""
+        ...
+
+    def prefill(self, prompt: Sequence[int], *, fixed_prefix: int = 0) -> Logits:
+        """Evaluate ``prompt`` and return the logits after its last token.
+
+        ``fixed_prefix=0`` (the default) clears the cache and evaluates the whole prompt.
+        ``fixed_prefix=n`` (``0 < n <= len(prompt)``) always evaluates ``prompt[:n]`` as its
+        own batch and ``prompt[n:]`` after it; if the cache already holds exactly
+        ``prompt[:n]`` from such a prefill, those ``n`` tokens are kept and only the rest is
+        evaluated. The result never depends on what the cache held before.
+        """
+        ...
+
+    def encode_chat(
+        self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Apply the chat template (assistant turn opened unless told not to) and tokenize."""
+        ...
+
+
+class FixedPrefixRuntime:
+    """A :class:`TokenRuntime` whose ``prefill(prompt)`` is ``inner.prefill(prompt,
+    fixed_prefix=n)``; everything else goes straight to ``inner``.
+
+    Backends hand this adapter to the decoder (which only ever calls ``prefill(prompt)``),
+    so prefix reuse needs no decoder change and the shared runtime holds no per-request
+    setting.
+    """
+
+    __slots__ = ("fixed_prefix", "inner")
+
+    def __init__(self, inner: PrefixCachingRuntime, fixed_prefix: int) -> None:
+        self.inner = inner
+        self.fixed_prefix = fixed_prefix
+
+    @property
+    def vocabulary(self) -> Vocabulary:
+        return self.inner.vocabulary
+
+    @property
+    def n_tokens(self) -> int:
+        return self.inner.n_tokens
+
+    def prefill(self, prompt: Sequence[int]) -> Logits:
+        return self.inner.prefill(prompt, fixed_prefix=self.fixed_prefix)
+
+    def forward(self, tokens: Sequence[int]) -> Logits:
+        return self.inner.forward(tokens)
+
+    def truncate(self, n_tokens: int) -> None:
+        self.inner.truncate(n_tokens)
