@@ -164,9 +164,9 @@ class ForwardClock:
     def __enter__(self) -> ForwardClock:
         prefill, forward = self.runtime.prefill, self.runtime.forward
 
-        def timed_prefill(prompt: Sequence[int]) -> Any:
+        def timed_prefill(prompt: Sequence[int], **kwargs: Any) -> Any:
             start = time.perf_counter()
-            logits = prefill(prompt)
+            logits = prefill(prompt, **kwargs)  # fixed_prefix=, from a backend's adapter
             self.prefill_end = time.perf_counter()
             self.prefill_s += self.prefill_end - start
             return logits

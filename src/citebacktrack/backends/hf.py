@@ -24,34 +24,46 @@ class HFBackend(LocalBackend):
 
     Args:
         runtime: the model and tokenizer wrapped as an :class:`HFRuntime`.
+        prefix_cache: keep the KV of the fixed prompt prefix (the messages before the last
+            user turn) between requests, cropping the cache back to it (default); answers
+            do not depend on what ran before either way.
 
     Use :meth:`from_model`, :meth:`from_pretrained` or :meth:`from_gguf` to build one.
     """
 
-    def __init__(self, runtime: HFRuntime) -> None:
-        super().__init__()
+    def __init__(self, runtime: HFRuntime, *, prefix_cache: bool = True) -> None:
+        super().__init__(prefix_cache=prefix_cache)
         self.runtime = runtime
         self.index = VocabularyIndex(runtime.vocabulary)
 
     @classmethod
-    def from_model(cls, model: Any, tokenizer: Any) -> HFBackend:
+    def from_model(cls, model: Any, tokenizer: Any, *, prefix_cache: bool = True) -> HFBackend:
         """Wrap an already loaded model and tokenizer."""
-        return cls(HFRuntime(model, tokenizer))
+        return cls(HFRuntime(model, tokenizer), prefix_cache=prefix_cache)
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str | os.PathLike[str], *, gguf_file: str | None = None
+        cls,
+        name_or_path: str | os.PathLike[str],
+        *,
+        gguf_file: str | None = None,
+        prefix_cache: bool = True,
     ) -> HFBackend:
         """Load with ``AutoModelForCausalLM.from_pretrained`` (local files only here)."""
-        return cls(HFRuntime.from_pretrained(name_or_path, gguf_file=gguf_file))
+        return cls(
+            HFRuntime.from_pretrained(name_or_path, gguf_file=gguf_file), prefix_cache=prefix_cache
+        )
 
     @classmethod
-    def from_gguf(cls, path: str | os.PathLike[str] | None = None) -> HFBackend:
+    def from_gguf(
+        cls, path: str | os.PathLike[str] | None = None, *, prefix_cache: bool = True
+    ) -> HFBackend:
         """Load a GGUF file (``None``: the embedded SmolLM2 model) via the converted-model cache."""
-        return cls(HFRuntime.from_gguf(path))
+        return cls(HFRuntime.from_gguf(path), prefix_cache=prefix_cache)
 
     def _prepare(
         self, request: GenerationRequest
     ) -> tuple[TokenRuntime, VocabularyIndex, list[int], int | None]:
         prompt = self.runtime.encode_chat(request.messages)
-        return self.runtime, self.index, prompt, self.runtime.context_window
+        runtime = self._reuse_prefix(self.runtime, request.messages, prompt)
+        return runtime, self.index, prompt, self.runtime.context_window

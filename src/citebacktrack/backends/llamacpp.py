@@ -33,6 +33,10 @@ class LlamaCppBackend(LocalBackend):
         n_threads: CPU threads (default: llama.cpp's choice).
         grammar_engine: ``"xgrammar"`` (default) masks with XGrammar; ``"gbnf"`` with
             llama.cpp's GBNF sampler (same grammar, same answers, slower).
+        prefix_cache: keep the KV of the fixed prompt prefix (the chat messages before the
+            last user turn: system instruction and demo) between requests and evaluate only
+            the rest (default). The prefix is evaluated as its own batch either way, so
+            answers do not depend on what ran before; off, every prompt is evaluated whole.
 
     Raises:
         MissingDependencyError: ``citebacktrack[llamacpp]`` is not installed.
@@ -49,12 +53,13 @@ class LlamaCppBackend(LocalBackend):
         n_ctx: int = 4096,
         n_threads: int | None = None,
         grammar_engine: Literal["xgrammar", "gbnf"] = "xgrammar",
+        prefix_cache: bool = True,
     ) -> None:
         if grammar_engine not in ("xgrammar", "gbnf"):
             raise ConfigurationError(
                 f"grammar_engine must be 'xgrammar' or 'gbnf', got {grammar_engine!r}"
             )
-        super().__init__()
+        super().__init__(prefix_cache=prefix_cache)
         self.grammar_engine = grammar_engine
         self.runtime = runtime or LlamaCppRuntime.from_path(
             model_path, n_ctx=n_ctx, n_threads=n_threads
@@ -62,7 +67,7 @@ class LlamaCppBackend(LocalBackend):
         self.index = VocabularyIndex(self.runtime.vocabulary)
 
     def _matcher(self, request: GenerationRequest) -> TokenMatcher | None:
-        if self.grammar_engine == "xgrammar":
+        if self.grammar_engine == "xgrammar" or request.grammar is None:
             return None
         return GbnfMatcher(
             self.runtime.lib, self.runtime.llama, request.grammar, self.runtime.vocabulary.size
@@ -72,4 +77,5 @@ class LlamaCppBackend(LocalBackend):
         self, request: GenerationRequest
     ) -> tuple[TokenRuntime, VocabularyIndex, list[int], int | None]:
         prompt = self.runtime.encode_chat(request.messages)
-        return self.runtime, self.index, prompt, self.runtime.context_window
+        runtime = self._reuse_prefix(self.runtime, request.messages, prompt)
+        return runtime, self.index, prompt, self.runtime.context_window

@@ -1,4 +1,12 @@
-"""Backends that run the backtracking decoder on a token runtime they own."""
+"""Backends that run the backtracking decoder on a token runtime they own.
+
+Prefix reuse: every request of a backend starts with the same chat messages (system
+instruction, few-shot demo turns) before its last user turn. :meth:`LocalBackend._reuse_prefix`
+renders those messages alone, checks that their tokens start the full prompt, and hands the
+decoder a :class:`~citebacktrack.decoding.runtime.FixedPrefixRuntime` over the backend's
+runtime, whose ``prefill(prompt)`` is ``runtime.prefill(prompt, fixed_prefix=n)``: the
+prefix's KV is computed once and kept, and the decoder needs no change.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +14,40 @@ import threading
 import weakref
 from abc import abstractmethod
 from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.lowlevel
 
 from citebacktrack.backends.base import Backend, GenerationRequest, iterate_in_thread
 from citebacktrack.decoding.decoder import Decoder
-from citebacktrack.decoding.matcher import TokenMatcher, XGrammarMatcher
-from citebacktrack.decoding.runtime import TokenRuntime
+from citebacktrack.decoding.matcher import FreeMatcher, TokenMatcher, XGrammarMatcher
+from citebacktrack.decoding.runtime import FixedPrefixRuntime, PrefixCachingRuntime, TokenRuntime
 from citebacktrack.decoding.vocab_index import VocabularyIndex
 from citebacktrack.errors import ContextOverflowError
 from citebacktrack.types import Event
 
-__all__ = ["LocalBackend", "decode"]
+if TYPE_CHECKING:
+    from citebacktrack.backends.base import ChatMessage
+
+__all__ = ["LocalBackend", "decode", "fixed_prefix_length"]
+
+
+def fixed_prefix_length(
+    runtime: PrefixCachingRuntime, messages: Sequence[ChatMessage], prompt: Sequence[int]
+) -> int:
+    """How many leading tokens of ``prompt`` are the messages before its last one.
+
+    ``messages[:-1]`` is rendered without an opened assistant turn; if its tokens are a
+    proper prefix of ``prompt`` (ChatML ends each turn with a special token, so they are),
+    that length is returned, else 0 (no reuse).
+    """
+    if len(messages) < 2:
+        return 0
+    head = runtime.encode_chat(messages[:-1], add_generation_prompt=False)
+    if 0 < len(head) < len(prompt) and [int(t) for t in prompt[: len(head)]] == head:
+        return len(head)
+    return 0
 
 
 def decode(
@@ -33,7 +62,8 @@ def decode(
     """Run the backtracking decoder for ``request`` on ``runtime``.
 
     ``matcher`` is the grammar engine's state for ``request.grammar``; by default XGrammar
-    over the grammar compiled with ``index``.
+    over the grammar compiled with ``index``. A request without a grammar is decoded
+    unconstrained, its markers unchecked (the raw-model baseline).
 
     Raises:
         ContextOverflowError: the prompt plus ``max_new_tokens`` exceeds ``context_window``.
@@ -43,16 +73,21 @@ def decode(
         raise ContextOverflowError(
             prompt_tokens=len(prompt), context_window=context_window, reserve=reserve
         )
+    if request.grammar is None:
+        matcher = FreeMatcher(index.vocabulary.size)
+    elif matcher is None:
+        matcher = XGrammarMatcher(index.compile(request.grammar), index.vocabulary.size)
     decoder = Decoder(
         runtime,
         index,
-        matcher or XGrammarMatcher(index.compile(request.grammar), index.vocabulary.size),
+        matcher,
         policy=request.policy,
         validator=request.validator,
         sampling=request.sampling,
         budgets=request.budgets,
         operators=request.operators,
         source_ids=request.source_ids,
+        constrained=request.grammar is not None,
     )
     yield from decoder.run(prompt)
 
@@ -74,7 +109,13 @@ class LocalBackend(Backend):
     _POLL_MIN_S = 0.001
     _POLL_MAX_S = 0.02
 
-    def __init__(self) -> None:
+    def __init__(self, *, prefix_cache: bool = True) -> None:
+        """Args:
+        prefix_cache: keep the KV of the messages before the last user turn between
+            requests (see :meth:`_reuse_prefix`); only backends that call it use it.
+        """
+        self.prefix_cache = prefix_cache
+        self._prefix_memo: tuple[tuple[tuple[str, str], ...], tuple[int, ...]] | None = None
         self._lock = threading.Lock()
         self._gates: weakref.WeakKeyDictionary[object, anyio.Lock] = weakref.WeakKeyDictionary()
         self._gates_guard = threading.Lock()
@@ -85,13 +126,41 @@ class LocalBackend(Backend):
     ) -> tuple[TokenRuntime, VocabularyIndex, list[int], int | None]:
         """Return the runtime, its vocabulary index, the prompt tokens and the context window."""
 
+    def _reuse_prefix(
+        self,
+        runtime: PrefixCachingRuntime,
+        messages: Sequence[ChatMessage],
+        prompt: Sequence[int],
+    ) -> TokenRuntime:
+        """The runtime to decode ``prompt`` on: ``runtime`` itself when prefix reuse is off
+        or impossible, else a :class:`FixedPrefixRuntime` that prefills with
+        ``fixed_prefix`` = the length of ``messages[:-1]``'s tokens.
+
+        Either way the answer is a function of the request alone: the runtime evaluates
+        the prefix as its own batch every time, reused or not. The length is remembered
+        for the last prefix seen (rendering it again costs a template pass).
+        """
+        if not self.prefix_cache:
+            return runtime
+        key = tuple((m.role, m.content) for m in messages[:-1])
+        memo = self._prefix_memo
+        if memo is not None and memo[0] == key:
+            head = memo[1]
+            # The prefix's tokens are still checked against this prompt's.
+            same = len(head) < len(prompt) and tuple(int(t) for t in prompt[: len(head)]) == head
+            n = len(head) if same else 0
+        else:
+            n = fixed_prefix_length(runtime, messages, prompt)
+            self._prefix_memo = (key, tuple(int(t) for t in prompt[:n]))
+        return FixedPrefixRuntime(runtime, n) if n else runtime
+
     def _matcher(self, request: GenerationRequest) -> TokenMatcher | None:
         """The grammar engine for ``request``; ``None`` for the default (XGrammar)."""
         return None
 
     def _decode(self, request: GenerationRequest) -> Iterator[Event]:
         runtime, index, prompt, window = self._prepare(request)
-        matcher = self._matcher(request)
+        matcher = self._matcher(request) if request.grammar is not None else None
         yield from decode(runtime, index, request, prompt, context_window=window, matcher=matcher)
 
     def stream(self, request: GenerationRequest) -> Iterator[Event]:
