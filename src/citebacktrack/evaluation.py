@@ -881,8 +881,9 @@ def evaluate(
 ) -> EvaluationReport:
     """Run every system on every example and score the answers.
 
-    Examples are the outer loop (each example is answered by every system in turn), so
-    drift in the host's speed hits every system alike. A system that raises a
+    Examples are the outer loop (each example is answered by every system in turn, the
+    order rotated by one system per example), so drift in the host's speed and any
+    warm-cache advantage of going first or last hit every system alike. A system that raises a
     :class:`CitebacktrackError` for one example gets an empty answer with the error
     recorded; other exceptions propagate.
 
@@ -893,8 +894,11 @@ def evaluate(
         clock: seconds, for timing each call.
     """
     records: list[AnswerRecord] = []
-    for example in examples:
-        for name, system in systems.items():
+    names = list(systems)
+    for number, example in enumerate(examples):
+        shift = number % len(names) if names else 0
+        for name in names[shift:] + names[:shift]:
+            system = systems[name]
             error: str | None = None
             start = clock()
             try:
