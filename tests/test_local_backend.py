@@ -16,6 +16,7 @@ from citebacktrack import Budgets, Citeformer, Source
 from citebacktrack.backends.base import ChatMessage, GenerationRequest
 from citebacktrack.backends.local import LocalBackend, fixed_prefix_length
 from citebacktrack.backends.mock import ScriptedRuntime, _index_for, toy_vocabulary
+from citebacktrack.decoding.operators import ProbabilityThreshold
 from citebacktrack.decoding.runtime import (
     FixedPrefixRuntime,
     Logits,
@@ -25,7 +26,7 @@ from citebacktrack.decoding.runtime import (
 )
 from citebacktrack.decoding.vocab_index import VocabularyIndex
 from citebacktrack.types import Event
-from helpers import TableScorer, request, table_scorer
+from helpers import request
 
 SCRIPT = "Paris is the capital of France [1]. It has about two million people [2]."
 
@@ -403,16 +404,17 @@ def _check_prefix_reuse_determinism(backend: LocalBackend, runtime: PrefixCachin
     _assert_same_decode(after_other, cold)
 
 
-def _rejecting_scorer(sources: Sequence[Source]) -> TableScorer:
-    """Accept only source 1: any other id the model picks is rejected and rolled back."""
-    return table_scorer(lambda claim, index: index == 1)
-
-
 def _check_rollbacks_reuse_the_prompt(backend: LocalBackend, runtime: PrefixCachingRuntime) -> None:
-    cf = Citeformer(backend, scorer=_rejecting_scorer, budgets=Budgets(max_new_tokens=60))
+    """Rollbacks (here forced by an operator that rolls back 3 tokens after any unlikely
+    token) truncate into the answer, never into the prompt, and never prefill again."""
+    cf = Citeformer(
+        backend,
+        budgets=Budgets(max_new_tokens=40),
+        operators=[ProbabilityThreshold(threshold=0.5, backtrack_count=3)],
+    )
     with logging_runtime(runtime) as log:
         answer = cf.generate(QUESTION_B, SOURCES)
-    assert answer.trace.rejections >= 1
+    assert answer.trace.backtracks >= 1
     assert log.truncates
     assert log.prefills == 1
     assert min(log.truncates) >= log.prompt_len

@@ -251,7 +251,7 @@ class HFRuntime:
         head = tuple(tokens[:n])
         logits: Logits | None = None
         if n and self._holds_prefix(head):
-            self.truncate(n)
+            self._drop_after(n)
             reused = n
             if n == len(tokens) and self._prefix_logits is not None:
                 logits = self._prefix_logits.copy()
@@ -316,6 +316,10 @@ class HFRuntime:
             raise ConfigurationError(
                 f"cannot truncate to {n_tokens} tokens: the cache holds {self._n_tokens}"
             )
+        self._drop_after(n_tokens)
+
+    def _drop_after(self, n_tokens: int) -> None:
+        """:meth:`truncate` without the range check."""
         if n_tokens < len(self._prefix):
             self.forget_prefix()
         drop = self._n_tokens - n_tokens

@@ -182,7 +182,7 @@ class LlamaCppRuntime:
         head = tuple(tokens[:n])
         logits: Logits | None = None
         if n and self._holds_prefix(head):
-            self.truncate(n)
+            self._drop_after(n)
             reused = n
             if n == len(tokens) and self._prefix_logits is not None:
                 logits = self._prefix_logits.copy()
@@ -252,9 +252,13 @@ class LlamaCppRuntime:
             raise ConfigurationError(
                 f"cannot truncate to {n_tokens} tokens: the cache holds {current}"
             )
+        self._drop_after(n_tokens)
+
+    def _drop_after(self, n_tokens: int) -> None:
+        """:meth:`truncate` without the range check."""
         if n_tokens < len(self._prefix):
             self.forget_prefix()
-        if n_tokens == current:
+        if n_tokens == self.n_tokens:
             return
         self._llama.n_tokens = n_tokens
         # Cells [n_tokens, end) of every sequence; -1 for p1 means "to the end".
