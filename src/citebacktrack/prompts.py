@@ -29,32 +29,46 @@ class Demo:
 
 
 DEFAULT_DEMO = Demo(
-    question="When was the Eiffel Tower built?",
+    question="In which city was the author of the novel The Leopard born?",
     sources=(
         Source(
-            title="Eiffel Tower",
+            title="The Leopard",
             text=(
-                "The Eiffel Tower is a wrought-iron lattice tower in Paris. It was built from "
-                "1887 to 1889 as the entrance arch of the 1889 World's Fair."
+                "The Leopard is a novel by Giuseppe Tomasi di Lampedusa, published in 1958 "
+                "after his death. It follows a Sicilian noble family during the unification "
+                "of Italy."
             ),
         ),
-        Source(title="Louvre", text="The Louvre is the world's most-visited art museum, in Paris."),
+        Source(
+            title="Palermo Botanical Garden",
+            text="The Palermo Botanical Garden is a garden in Sicily founded in 1795.",
+        ),
+        Source(
+            title="Giuseppe Tomasi di Lampedusa",
+            text=(
+                "Giuseppe Tomasi di Lampedusa (1896-1957) was an Italian writer and the last "
+                "Prince of Lampedusa. He was born in Palermo, Sicily."
+            ),
+        ),
     ),
     answer=(
-        "The Eiffel Tower was built from 1887 to 1889 [1]. "
-        "It served as the entrance arch of the 1889 World's Fair [1]."
+        "The Leopard was written by Giuseppe Tomasi di Lampedusa [1]. "
+        "Giuseppe Tomasi di Lampedusa was born in Palermo [3]."
     ),
 )
-"""A short built-in demo (our own text) that shows the marker format to small models."""
+"""The built-in demo (our own text): a two-step question over three documents, one of them
+irrelevant, answered in short sentences that each name what they are about and cite the
+document they come from. It shares no topic with the bundled sample documents."""
 
 
 def instruction(policy: Policy) -> str:
     """The system instruction for ``policy``."""
     k = policy.max_citations_per_sentence
     common = (
-        "Answer the question using only the provided documents (some may be irrelevant). "
-        "Cite a document by writing its number in square brackets, like [1]; cite several "
-        f"as [1][2], at most {k} per sentence. Use square brackets only for citations."
+        "Answer the question in one to three short sentences, using only the provided "
+        "documents (some may be irrelevant). Name the people, places and things you write "
+        "about. Cite a document by writing its number in square brackets, like [1]; cite "
+        f"several as [1][2], at most {k} per sentence. Use square brackets only for citations."
     )
     match policy.mode:
         case CitationMode.REQUIRED:

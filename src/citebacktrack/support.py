@@ -50,6 +50,7 @@ from citebacktrack.types import Source
 __all__ = [
     "FunctionSupportScorer",
     "LexicalSupportScorer",
+    "SetSupportScorer",
     "SupportResult",
     "SupportScorer",
 ]
@@ -82,6 +83,26 @@ class SupportScorer(Protocol):
 
         Raises:
             ConfigurationError: ``source_index`` is not a valid source number.
+        """
+        ...
+
+
+@runtime_checkable
+class SetSupportScorer(SupportScorer, Protocol):
+    """A scorer that can also judge several sources together (a claim that needs two).
+
+    The validator uses :meth:`score_set` for the per-sentence rule (ALCE's citation
+    recall: the union of a sentence's cited sources must support it). Scorers without it
+    are judged by their best single source.
+    """
+
+    def score_set(self, claim: str, source_indices: Sequence[int]) -> SupportResult:
+        """Scores ``claim`` against the union of the sources ``source_indices`` (1-based).
+
+        Never lower than the best single source's score.
+
+        Raises:
+            ConfigurationError: an index is not a valid source number.
         """
         ...
 
@@ -513,6 +534,7 @@ class LexicalSupportScorer:
         }
         self._idf_unseen = 1.0 + math.log(count + 1)
         self._cache: _LRU[tuple[str, int], SupportResult] = _LRU(cache_size)
+        self._set_cache: _LRU[tuple[str, tuple[int, ...]], SupportResult] = _LRU(cache_size)
         self._claims: _LRU[str, _Claim] = _LRU(min(cache_size, 64))
 
     @property
@@ -571,6 +593,70 @@ class LexicalSupportScorer:
         self._cache.put(key, result)
         return result
 
+    def score_set(self, claim: str, source_indices: Sequence[int]) -> SupportResult:
+        """Scores ``claim`` against several sources together (1-based indices).
+
+        The whole claim is judged (never only its last clause, which :meth:`score` may
+        fall back on): each claim word counts with the best credit any of the sources
+        gives it (in that source's best window or title), and a number or name is missing
+        only if none of them mentions it. Adding a source never lowers the score.
+
+        Raises:
+            ConfigurationError: an index is not in 1..len(sources).
+        """
+        indices = tuple(sorted(set(source_indices)))
+        for index in indices:
+            _check_index(index, len(self._sources))
+        if not indices:
+            return SupportResult(score=0.0, is_supported=False, evidence="", detail="no source")
+        key = (claim, indices)
+        cached = self._set_cache.get(key)
+        if cached is not None:
+            return cached
+        analysed = self._claim(claim)
+        if len(analysed.whole.words) < self._min_content_words:
+            return self.score(claim, indices[0])
+        singles = [
+            self._score_terms(analysed.whole, self._indexed[i - 1], 1.0) for i in indices
+        ]
+        best = max(singles, key=lambda result: result.score)
+        if len(indices) == 1:
+            self._set_cache.put(key, best)
+            return best
+        matches = [self._match(analysed.whole, self._indexed[i - 1]) for i in indices]
+        weights = matches[0].weights
+        total = sum(weights.values())
+        covered = sum(
+            weight * max(match.credits.get(word, 0.0) for match in matches)
+            for word, weight in weights.items()
+        )
+        coverage = covered / total if total > 0 else 0.0
+        missing_numbers = set.intersection(*(set(m.missing_numbers) for m in matches))
+        missing_names = set.intersection(*(set(m.missing_names) for m in matches))
+        score = (
+            coverage
+            * self._missing_number_factor ** len(missing_numbers)
+            * self._missing_name_factor ** len(missing_names)
+        )
+        score = min(1.0, max(0.0, score))
+        if score <= best.score:
+            result = best
+        else:
+            ids = ", ".join(str(i) for i in indices)
+            detail = f"coverage {coverage:.2f} by sources {ids} together"
+            if missing_numbers:
+                detail += f"; missing number {', '.join(sorted(missing_numbers)[:3])}"
+            if missing_names:
+                detail += f"; missing name {', '.join(sorted(missing_names)[:3])}"
+            result = SupportResult(
+                score=score,
+                is_supported=score >= self._threshold,
+                evidence=" … ".join(m.evidence for m in matches if m.evidence),
+                detail=detail,
+            )
+        self._set_cache.put(key, result)
+        return result
+
     def rank(self, claim: str) -> list[tuple[int, float]]:
         """Returns every ``(source_index, score)`` for ``claim``, best first (ties by index)."""
         scored = [
@@ -599,15 +685,14 @@ class LexicalSupportScorer:
         last = self._score_terms(claim.last, source, self._clause_credit)
         return last if last.score > whole.score else whole
 
-    def _score_terms(self, terms: _Terms, source: _IndexedSource, credit: float) -> SupportResult:
-        """Scores claim terms against one indexed source, scaled by ``credit``."""
+    def _match(self, terms: _Terms, source: _IndexedSource) -> _Match:
+        """Matches claim terms against one indexed source's best window and title."""
         names = {stem for stem, _ in terms.entities}
         names.update(number for number, _ in terms.numbers)
         weights = {
             word: self._idf(word) * (self._name_weight if word in names else 1.0)
             for word in terms.words
         }
-        total = sum(weights.values())
         # Claim words missing from the whole source may still match a longer source word.
         prefixed: dict[str, frozenset[str]] = {}
         for word in terms.words:
@@ -617,24 +702,37 @@ class LexicalSupportScorer:
                     prefixed[word] = matches
         best_covered = -1.0
         best_window = ""
+        best_credits: dict[str, float] = {}
         for window in source.windows or (_Window("", frozenset()),):
             covered = 0.0
+            credits: dict[str, float] = {}
             for word, weight in weights.items():
                 if word in window.stems or word in source.title_stems:
-                    covered += weight
+                    credits[word] = 1.0
                 elif word in prefixed and not prefixed[word].isdisjoint(window.stems):
-                    covered += weight * self._prefix_credit
+                    credits[word] = self._prefix_credit
+                else:
+                    continue
+                covered += weight * credits[word]
             if covered > best_covered:
-                best_covered, best_window = covered, window.text
-        coverage = best_covered / total if total > 0 else 0.0
-        missing_numbers = [
+                best_covered, best_window, best_credits = covered, window.text, credits
+        missing_numbers = tuple(
             surface for number, surface in terms.numbers if number not in source.vocabulary
-        ]
-        missing_names = [
+        )
+        missing_names = tuple(
             surface
             for stem, surface in terms.entities
             if stem not in source.vocabulary and stem not in prefixed
-        ]
+        )
+        return _Match(weights, best_credits, best_window, missing_numbers, missing_names)
+
+    def _score_terms(self, terms: _Terms, source: _IndexedSource, credit: float) -> SupportResult:
+        """Scores claim terms against one indexed source, scaled by ``credit``."""
+        match = self._match(terms, source)
+        total = sum(match.weights.values())
+        covered = sum(match.weights[word] * c for word, c in match.credits.items())
+        coverage = covered / total if total > 0 else 0.0
+        missing_numbers, missing_names = match.missing_numbers, match.missing_names
         score = (
             credit
             * coverage
@@ -652,9 +750,22 @@ class LexicalSupportScorer:
         return SupportResult(
             score=score,
             is_supported=score >= self._threshold,
-            evidence=best_window,
+            evidence=match.evidence,
             detail=detail,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _Match:
+    """How one source's best window covers a claim's terms."""
+
+    weights: dict[str, float]
+    """Weight of each claim word (IDF, names and numbers up-weighted)."""
+    credits: dict[str, float]
+    """Credit (0..1) of each covered claim word in the best window or the title."""
+    evidence: str
+    missing_numbers: tuple[str, ...]
+    missing_names: tuple[str, ...]
 
 
 def _prefix_matches(sorted_vocabulary: tuple[str, ...], prefix: str) -> frozenset[str]:
@@ -704,6 +815,7 @@ class FunctionSupportScorer:
             for source in self._sources
         )
         self._cache: _LRU[tuple[str, int], SupportResult] = _LRU(512)
+        self._set_cache: _LRU[tuple[str, tuple[int, ...]], SupportResult] = _LRU(512)
 
     @property
     def threshold(self) -> float:
@@ -722,19 +834,48 @@ class FunctionSupportScorer:
         cached = self._cache.get(key)
         if cached is not None:
             return cached
-        raw = self._fn(claim, self._texts[source_index - 1])
+        result = self._call(claim, self._texts[source_index - 1], f"source {source_index}")
+        self._cache.put(key, result)
+        return result
+
+    def score_set(self, claim: str, source_indices: Sequence[int]) -> SupportResult:
+        """Calls ``fn(claim, texts)`` with the sources' texts joined by blank lines (the
+        way ALCE judges a sentence's citations together); never below the best single one.
+
+        Raises:
+            ConfigurationError: an index is out of range, or ``fn`` returned something
+                that is not a finite number.
+        """
+        indices = tuple(sorted(set(source_indices)))
+        for index in indices:
+            _check_index(index, len(self._sources))
+        if not indices:
+            return SupportResult(score=0.0, is_supported=False, evidence="", detail="no source")
+        if len(indices) == 1:
+            return self.score(claim, indices[0])
+        key = (claim, indices)
+        cached = self._set_cache.get(key)
+        if cached is not None:
+            return cached
+        best = max((self.score(claim, i) for i in indices), key=lambda r: r.score)
+        joined = "\n\n".join(self._texts[i - 1] for i in indices)
+        result = self._call(claim, joined, f"sources {', '.join(map(str, indices))}")
+        if result.score < best.score:
+            result = best
+        self._set_cache.put(key, result)
+        return result
+
+    def _call(self, claim: str, text: str, what: str) -> SupportResult:
+        raw = self._fn(claim, text)
         value = _real(raw)
         if value is None:
             raise ConfigurationError(
-                f"the support function must return a finite number, got {raw!r} "
-                f"for source {source_index}"
+                f"the support function must return a finite number, got {raw!r} for {what}"
             )
         score = min(1.0, max(0.0, value))
-        result = SupportResult(
+        return SupportResult(
             score=score,
             is_supported=score >= self._threshold,
             evidence="",
             detail=f"function score {value:.3f}, threshold {self._threshold:.2f}",
         )
-        self._cache.put(key, result)
-        return result

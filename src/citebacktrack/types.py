@@ -151,7 +151,10 @@ class StopReason(StrEnum):
     """The wall-clock budget ran out."""
     NO_VALID_CITATION = "no_valid_citation"
     """A sentence (REQUIRED) or a quote (QUOTES_ONLY) that needs a citation could not be
-    given one that passes validation."""
+    given one that passes validation; the answer keeps the supported sentences before it."""
+    NO_SUPPORTED_ANSWER = "no_supported_answer"
+    """Nothing the model wrote could be supported by any source, not even its first
+    sentence: the answer abstains (empty text, ``Answer.abstention`` says why)."""
     DEAD_END = "dead_end"
     """No token was allowed by the grammar and the bans together (a bug or a tiny vocabulary)."""
 
@@ -163,6 +166,10 @@ class RejectionReason(StrEnum):
     DUPLICATE = "duplicate"
     TOO_MANY = "too_many"
     UNSUPPORTED = "unsupported"
+    """The source (with the sentence's other citations) does not support the claim."""
+    REDUNDANT = "redundant"
+    """The sentence is supported without this source, and it does not support it alone:
+    it adds nothing (ALCE's citation precision; stacking ``[1][2][3]`` does not pay)."""
 
 
 class Usage(BaseModel):
@@ -293,3 +300,29 @@ class Answer(BaseModel):
     def is_abstained(self) -> bool:
         """True when no answer text could be produced under the policy."""
         return not self.text.strip()
+
+    @property
+    def abstention(self) -> str | None:
+        """Why there is no answer, in plain words; ``None`` when there is one."""
+        if not self.is_abstained:
+            return None
+        return _ABSTENTIONS.get(
+            self.stop_reason, f"no answer could be produced ({self.stop_reason.value})"
+        )
+
+
+_ABSTENTIONS = {
+    StopReason.NO_SUPPORTED_ANSWER: (
+        "none of the sources supports an answer to this question that the model could "
+        "write; nothing was made up instead"
+    ),
+    StopReason.NO_VALID_CITATION: "the first sentence could not be given a valid citation",
+    StopReason.END: "the model wrote nothing",
+    StopReason.MAX_NEW_TOKENS: "the token budget ran out before a sentence was complete",
+    StopReason.BACKTRACK_BUDGET: "the rollback budget ran out before a sentence was complete",
+    StopReason.ROLLED_BACK_TOKEN_BUDGET: (
+        "the rolled-back-token budget ran out before a sentence was complete"
+    ),
+    StopReason.WALL_TIME: "the time budget ran out before a sentence was complete",
+    StopReason.DEAD_END: "the grammar and the bans left no token to write",
+}

@@ -6,8 +6,10 @@ The decoder asks two questions of a :class:`CitationValidator`:
   :meth:`~CitationValidator.can_open_marker`: which ids may the next marker use at all
   (so the model is never even offered a duplicate or an over-long group); and
 * when a marker closes, :meth:`~CitationValidator.check`: is the id in range, not a
-  duplicate in its sentence, within the per-sentence limit, and does the source support
-  the sentence so far (via a pluggable :class:`~citebacktrack.support.SupportScorer`)?
+  duplicate in its sentence, within the per-sentence limit, and do the sentence's cited
+  sources support it, each adding something (via a pluggable
+  :class:`~citebacktrack.support.SupportScorer`)? The decoder also asks it before the id
+  is sampled, so ids it would refuse are never offered.
 
 Range and count rules are defence in depth: the grammar already makes an out-of-range id
 token-impossible and bounds each group.
@@ -19,7 +21,8 @@ import re
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from citebacktrack.support import SupportScorer
+from citebacktrack.errors import ConfigurationError
+from citebacktrack.support import SetSupportScorer, SupportResult, SupportScorer
 from citebacktrack.types import Policy, RejectionReason
 
 __all__ = ["CitationValidator", "Verdict", "strip_markers"]
@@ -40,6 +43,11 @@ class Verdict:
     reason: RejectionReason | None = None
     score: float | None = None
     detail: str = ""
+    is_complete: bool = True
+    """Accepted and the sentence's citations now support it; False for a partial marker
+    that needs another marker in the same group."""
+    evidence: str = ""
+    """The passage text the support rests on, when the scorer reports it."""
 
 
 ACCEPTED = Verdict(is_accepted=True)
@@ -48,16 +56,45 @@ ACCEPTED = Verdict(is_accepted=True)
 class CitationValidator:
     """Checks citations against the policy and, if a scorer is given, against the sources.
 
+    Support is judged per sentence, the way ALCE defines citation quality:
+
+    * **recall**: the union of a sentence's cited sources must support its claim
+      (:meth:`~citebacktrack.support.SetSupportScorer.score_set`; a scorer without it is
+      judged by its best single source);
+    * **precision**: each cited source must add support the others don't. Once the
+      sentence is supported, another marker is kept only if its source supports the
+      claim on its own (otherwise :attr:`RejectionReason.REDUNDANT`); before that, a
+      marker must raise the union's score by at least ``min_gain``.
+
+    A marker whose source supports only part of the claim (its own score at least
+    ``partial_support``) is kept as *partial* when one more marker could complete the
+    sentence; the decoder then requires that marker before the sentence goes on.
+
     Args:
         n_sources: number of sources; valid ids are ``1..n_sources``.
         policy: the citation policy (per-sentence limit).
         scorer: support scorer; ``None`` checks only the structural rules.
+        min_gain: least rise of the union's score a marker must bring (0..1).
+        partial_support: least score of a source kept as partial support (0..1).
     """
 
-    def __init__(self, *, n_sources: int, policy: Policy, scorer: SupportScorer | None) -> None:
+    def __init__(
+        self,
+        *,
+        n_sources: int,
+        policy: Policy,
+        scorer: SupportScorer | None,
+        min_gain: float = 0.1,
+        partial_support: float = 0.25,
+    ) -> None:
+        for name, value in (("min_gain", min_gain), ("partial_support", partial_support)):
+            if not 0.0 <= value <= 1.0:
+                raise ConfigurationError(f"{name} must be in [0, 1], got {value!r}")
         self.n_sources = n_sources
         self.policy = policy
         self.scorer = scorer
+        self.min_gain = min_gain
+        self.partial_support = partial_support
 
     def forbidden_ids(
         self, sentence_ids: Collection[int], banned: Collection[int]
@@ -76,11 +113,13 @@ class CitationValidator:
 
         Args:
             source_index: the id just written.
-            sentence_ids: ids cited earlier in the same sentence (excluding this one).
+            sentence_ids: ids cited earlier in the same sentence (excluding this one),
+                all of them accepted.
             claim: the sentence so far, markers removed.
 
         Returns:
             A verdict; never raises for a bad id (an out-of-range id is a rejection).
+            ``Verdict.is_complete`` says whether the sentence is now supported.
         """
         if not 1 <= source_index <= self.n_sources:
             return Verdict(
@@ -102,12 +141,80 @@ class CitationValidator:
             )
         if self.scorer is None:
             return ACCEPTED
-        result = self.scorer.score(claim, source_index)
-        if result.is_supported:
-            return Verdict(is_accepted=True, score=result.score, detail=result.detail)
-        return Verdict(
-            is_accepted=False,
-            reason=RejectionReason.UNSUPPORTED,
-            score=result.score,
-            detail=result.detail,
+        if not sentence_ids:
+            # The first citation of a sentence answers for all of it.
+            single = self._union(claim, (source_index,))
+            if single.is_supported:
+                return _accept(single)
+            if self._completable(claim, (source_index,), single.score):
+                return _accept(single, complete=False, note="partial support")
+            return _reject(RejectionReason.UNSUPPORTED, single)
+        single = self.scorer.score(claim, source_index)
+        before = self._union(claim, sentence_ids)
+        if before.is_supported:
+            if single.is_supported:
+                return _accept(single)
+            return _reject(
+                RejectionReason.REDUNDANT,
+                single,
+                "the sentence is supported without it and it does not support it alone",
+            )
+        after = self._union(claim, (*sentence_ids, source_index))
+        gain = after.score - before.score
+        if gain < self.min_gain:
+            return _reject(
+                RejectionReason.REDUNDANT,
+                single,
+                f"adds {gain:.2f} to the support of the sentence's other sources",
+            )
+        ids = (*sentence_ids, source_index)
+        if after.is_supported:
+            return _accept(after, note=f"together with {list(sentence_ids)}")
+        if self._completable(claim, ids, single.score):
+            return _accept(after, complete=False, note="partial support")
+        return _reject(RejectionReason.UNSUPPORTED, after)
+
+    def best_sources(self, claim: str, count: int = 1) -> list[tuple[int, float]]:
+        """The ``count`` sources that support ``claim`` best, as ``(id, score)``."""
+        if self.scorer is None:
+            return []
+        scored = [(i, self.scorer.score(claim, i).score) for i in range(1, self.n_sources + 1)]
+        scored.sort(key=lambda pair: (-pair[1], pair[0]))
+        return scored[:count]
+
+    def _union(self, claim: str, ids: tuple[int, ...]) -> SupportResult:
+        scorer = self.scorer
+        if scorer is None:  # pragma: no cover - callers check
+            raise ConfigurationError("no scorer")
+        if isinstance(scorer, SetSupportScorer):
+            return scorer.score_set(claim, ids)
+        return max((scorer.score(claim, i) for i in ids), key=lambda r: r.score)
+
+    def _completable(self, claim: str, ids: tuple[int, ...], own: float) -> bool:
+        """Whether a partial marker may stand: its source supports part of the claim and
+        one more source, still allowed in this sentence, would complete the support."""
+        if own < self.partial_support:
+            return False
+        if len(ids) >= self.policy.max_citations_per_sentence:
+            return False
+        return any(
+            self._union(claim, (*ids, other)).is_supported
+            for other in range(1, self.n_sources + 1)
+            if other not in ids
         )
+
+
+def _accept(result: SupportResult, *, complete: bool = True, note: str = "") -> Verdict:
+    detail = f"{result.detail}; {note}" if note else result.detail
+    return Verdict(
+        is_accepted=True,
+        score=result.score,
+        detail=detail,
+        is_complete=complete,
+        evidence=result.evidence,
+    )
+
+
+def _reject(reason: RejectionReason, result: SupportResult, note: str = "") -> Verdict:
+    detail = f"{result.detail}; {note}" if note else result.detail
+    return Verdict(is_accepted=False, reason=reason, score=result.score, detail=detail)

@@ -63,7 +63,9 @@ class GenerationRequest:
     """
 
     messages: Sequence[ChatMessage]
-    grammar: Grammar
+    grammar: Grammar | None
+    """The citation grammar; ``None`` decodes unconstrained with no marker checks (the
+    raw-model baseline of ``citebacktrack eval``)."""
     policy: Policy
     n_sources: int
     validator: CitationValidator | None

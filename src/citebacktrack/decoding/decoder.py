@@ -64,6 +64,9 @@ from citebacktrack.validation import CitationValidator, Verdict, strip_markers
 
 __all__ = ["Decoder"]
 
+_MORE_BYTES = 8
+"""After no source supported a claim, bytes the sentence must grow before it cites again."""
+
 _RECENT_LOGITS = 2
 """Steps whose logits are kept besides checkpoints (covers rollback of the current token)."""
 
@@ -102,6 +105,14 @@ class _Run:
     marker_retries: dict[int, int] = field(default_factory=dict)
     sentence_retries: dict[int, int] = field(default_factory=dict)
     no_markers: set[int] = field(default_factory=set)
+    open_blocks: dict[int, int] = field(default_factory=dict)
+    """Sentence start -> answer length before which no marker may open there: no source
+    supported the claim, so the sentence must say more before it cites again."""
+    verdicts: dict[tuple[str, tuple[int, ...]], dict[int, Verdict]] = field(
+        default_factory=dict
+    )
+    """The validator's verdict on every id for (claim, prior ids): the ids it would
+    refuse are masked before the id is sampled."""
     trace: list[TraceEntry] = field(default_factory=list)
     backtracks: int = 0
     rejections: int = 0
@@ -125,6 +136,9 @@ class Decoder:
         budgets: limits that end the loop.
         operators: extra rules that may roll back after any token.
         source_ids: the id of each source, in order (for the emitted citations).
+        constrained: False decodes with no citation rules at all (the matcher should then
+            allow every token): markers are neither filtered, checked nor reported, and the
+            whole text is released (the raw-model baseline).
     """
 
     def __init__(
@@ -139,6 +153,7 @@ class Decoder:
         budgets: Budgets,
         operators: Sequence[Operator] = (),
         source_ids: Sequence[str],
+        constrained: bool = True,
     ) -> None:
         self.runtime = runtime
         self.index = index
@@ -155,7 +170,10 @@ class Decoder:
         # Operators need the masked distribution of every step: no shortcut for them.
         self._shortcut = not self.operators
         self._n_sources = len(source_ids)
-        self.initial_state = TextState(strict=policy.mode is CitationMode.REQUIRED)
+        self.constrained = constrained
+        self.initial_state = TextState(
+            strict=constrained and policy.mode is CitationMode.REQUIRED
+        )
 
     # ------------------------------------------------------------------ driving
 
@@ -195,6 +213,9 @@ class Decoder:
             rng = proposal.rng_state
             yield from self._take(run, proposal.token, rng, None, prompt_len, accepted=True)
             return
+        if run.state.in_marker:
+            favourite = proposal.token if proposal is not None else int(np.argmax(run.logits))
+            yield from self._refused_choice(run, favourite, position)
         allowed = self._allowed(run, position)
         if allowed is None:
             yield from self._dead_end(run, prompt_len)
@@ -242,10 +263,16 @@ class Decoder:
         run.rng = rng_after
         if run.state.sentence_token == position or b"[" in piece:
             step.is_checkpoint = True
-        for marker in closed:
+        for marker in closed if self.constrained else ():
             verdict = self._judge(run, marker)
             if not verdict.is_accepted:
                 yield from self._reject(run, marker, verdict, prompt_len)
+                return
+            if not marker.prior_ids and self._repeats(run, marker):
+                target = self._token_at(run, marker.sentence_start)
+                self._note(run, "fallback", target, "repeated sentence: the answer ends here")
+                self._truncate_to(run, target, prompt_len)
+                run.stop = StopReason.END
                 return
             run.accepted.append(_Accepted(marker, verdict))
         if self.operators and masked is not None:
@@ -277,20 +304,25 @@ class Decoder:
         index, state = self.index, run.state
         if not index.unblocked[token] or token in run.token_bans.get(position, ()):
             return False
+        if not self.constrained:
+            return self.matcher.accept_token(token)
         opens = bool(index.open_pos[token] >= 0)
         forbidden, can_open = self._marker_rules(run)
         candidate = index.is_marker[token] if state.in_marker else opens
+        partial = self._partial_ids(run)
         if (
-            forbidden
+            (forbidden or partial)
             and candidate
-            and not self._marker_ok(state, index.tokens[token], position, forbidden)
+            and not self._marker_ok(state, index.tokens[token], position, forbidden, partial)
         ):
+            return False
+        if not state.in_marker and self._needs_more(run) and index.open_pos[token] != 0:
             return False
         if not state.in_marker:
             if opens and not can_open:
                 return False
             if self.policy.mode is CitationMode.REQUIRED:
-                if not can_open:
+                if not can_open and not self._blocked(run):
                     if state.dangling:
                         return False  # a dead end: the full path escalates it
                     pending = state.pending_boundary
@@ -309,9 +341,14 @@ class Decoder:
         allowed = self.matcher.allowed() & self.index.unblocked
         for token in run.token_bans.get(position, ()):
             allowed[token] = False
+        if not self.constrained:
+            return allowed if allowed.any() else None
         can_open = self._filter_markers(run, allowed, position)
+        if not run.state.in_marker and self._needs_more(run):
+            allowed &= self.index.open_pos == 0
+            return allowed if allowed.any() else None
         if self.policy.mode is CitationMode.REQUIRED and not run.state.in_marker:
-            if not can_open:
+            if not can_open and not self._blocked(run):
                 if run.state.dangling:
                     return None  # the sentence needs a citation that can no longer be given
                 self._filter_dangling(run, allowed)
@@ -324,11 +361,54 @@ class Decoder:
         state = run.state
         banned = run.bans.get(state.sentence_start, set())
         forbidden = self.validator.forbidden_ids(state.sentence_ids, banned)
-        can_open = state.in_marker or (
-            state.sentence_start not in run.no_markers
+        if state.in_marker:
+            unsupported = frozenset(
+                i for i, v in self._verdicts(run).items() if not v.is_accepted
+            )
+            return forbidden | unsupported, True
+        can_open = (
+            # Under REQUIRED a marker cites words: a finished sentence (and the start of the
+            # next) has none left to cite ("claim [1]. [2]" would reopen a released one).
+            (state.dangling or state.in_group or not state.strict)
+            and state.sentence_start not in run.no_markers
+            and state.length >= run.open_blocks.get(state.sentence_start, 0)
             and self.validator.can_open_marker(state.sentence_ids, banned)
         )
         return forbidden, can_open
+
+    def _blocked(self, run: _Run) -> bool:
+        """A marker may not open yet: no source supported the claim a moment ago, so the
+        sentence must say more first (it may still cite later)."""
+        state = run.state
+        return state.length < run.open_blocks.get(state.sentence_start, 0)
+
+    def _verdicts(self, run: _Run) -> dict[int, Verdict]:
+        """The validator's verdict for every id at the open marker (cached per claim)."""
+        state = run.state
+        claim = self._claim(run, state.sentence_start, state.marker_start)
+        key = (claim, state.sentence_ids)
+        verdicts = run.verdicts.get(key)
+        if verdicts is None:
+            if self.validator.scorer is None:
+                verdicts = {}
+            else:
+                verdicts = {
+                    i: self.validator.check(
+                        source_index=i, sentence_ids=state.sentence_ids, claim=claim
+                    )
+                    for i in range(1, self._n_sources + 1)
+                    if i not in state.sentence_ids
+                }
+            run.verdicts[key] = verdicts
+        return verdicts
+
+    def _needs_more(self, run: _Run) -> bool:
+        """Right after a partial marker: the group must go on with another marker."""
+        state = run.state
+        if not state.in_group or not run.accepted:
+            return False
+        last = run.accepted[-1]
+        return last.marker.end == state.length and not last.verdict.is_complete
 
     def _ramble_room(self, run: _Run) -> int | None:
         """Bytes of prose left before ``max_uncited_chars``, or None while no token is long
@@ -347,19 +427,38 @@ class Decoder:
             candidates = self.index.open_ids
         else:
             candidates = self.index.marker_ids
-        if forbidden:
+        partial = self._partial_ids(run)
+        if forbidden or partial:
             for token in candidates[allowed[candidates]]:
-                if not self._marker_ok(state, self.index.tokens[token], position, forbidden):
+                piece = self.index.tokens[token]
+                if not self._marker_ok(state, piece, position, forbidden, partial):
                     allowed[token] = False
         return can_open
 
+    def _partial_ids(self, run: _Run) -> frozenset[int]:
+        """Ids the open marker may take only if another marker follows in the group."""
+        if not run.state.in_marker:
+            return frozenset()
+        return frozenset(
+            i for i, v in self._verdicts(run).items() if v.is_accepted and not v.is_complete
+        )
+
     def _marker_ok(
-        self, state: TextState, piece: bytes, position: int, forbidden: frozenset[int]
+        self,
+        state: TextState,
+        piece: bytes,
+        position: int,
+        forbidden: frozenset[int],
+        partial: frozenset[int] = frozenset(),
     ) -> bool:
-        """Whether ``piece`` keeps every marker it touches completable with a permitted id."""
+        """Whether ``piece`` keeps every marker it touches completable with a permitted id
+        (and does not end a group right after a ``partial`` id)."""
         after, closed = advance(state, piece, position)
         for marker in closed:
             if marker.source_index in forbidden or marker.source_index in marker.prior_ids:
+                return False
+        if closed and closed[-1].source_index in partial:
+            if not (after.in_group or after.in_marker):
                 return False
         if after.in_marker:
             taken = forbidden | frozenset(after.sentence_ids)
@@ -403,12 +502,76 @@ class Decoder:
 
     # ------------------------------------------------------------------ validation
 
-    def _judge(self, run: _Run, marker: ClosedMarker) -> Verdict:
-        claim = strip_markers(
-            run.out[marker.sentence_start : marker.start].decode("utf-8", "replace")
+    def _repeats(self, run: _Run, marker: ClosedMarker) -> bool:
+        """Whether the sentence of ``marker`` (its first) says what an earlier one said."""
+        said = _normalized(self._claim(run, marker.sentence_start, marker.start))
+        earlier = {
+            _normalized(self._claim(run, a.marker.sentence_start, a.marker.start))
+            for a in run.accepted
+            if not a.marker.prior_ids and a.marker.sentence_start < marker.sentence_start
+        }
+        return bool(said) and said in earlier
+
+    def _token_at(self, run: _Run, byte_offset: int) -> int:
+        """Index of the generated token holding ``byte_offset``."""
+        lo, hi = 0, len(run.steps)
+        while lo < hi:  # the first step whose text starts after byte_offset, minus one
+            mid = (lo + hi) // 2
+            if run.steps[mid].state.length <= byte_offset:
+                lo = mid + 1
+            else:
+                hi = mid
+        return max(0, lo - 1)
+
+    def _refused_choice(self, run: _Run, token: int, position: int) -> Iterator[Event]:
+        """Report the model's own choice of id when the validator masked it: the same
+        rejection a rollback would have reported, without the rollback."""
+        state = run.state
+        after, closed = advance(state, self.index.tokens[token], position)
+        verdicts = self._verdicts(run)
+        if closed:
+            wanted = closed[0].source_index
+        elif after.in_marker and after.partial_id.isdigit():
+            # A digit the model wanted ("1" of "[1]"), refused because only refused ids
+            # begin with it.
+            wanted = int(after.partial_id)
+            if any(
+                str(i).startswith(after.partial_id) and v.is_accepted
+                for i, v in verdicts.items()
+            ):
+                return
+        else:
+            return
+        verdict = verdicts.get(wanted)
+        if verdict is None or verdict.is_accepted:
+            return
+        reason = verdict.reason or RejectionReason.UNSUPPORTED
+        run.rejections += 1
+        offset = self._char_offset(run, state.marker_start)
+        run.trace.append(
+            TraceEntry(
+                kind="rejection",
+                token_position=state.marker_token,
+                char_offset=offset,
+                source_index=wanted,
+                reason=reason.value,
+                score=verdict.score,
+                detail=f"masked before sampling: {verdict.detail}",
+            )
         )
+        yield CitationRejected(
+            source_index=wanted, reason=reason, score=verdict.score, char_offset=offset
+        )
+
+    def _claim(self, run: _Run, sentence_start: int, marker_start: int) -> str:
+        """The sentence before a marker, markers removed: what the marker must support."""
+        text = run.out[sentence_start:marker_start].decode("utf-8", "replace")
+        return strip_markers(text).strip()
+
+    def _judge(self, run: _Run, marker: ClosedMarker) -> Verdict:
+        claim = self._claim(run, marker.sentence_start, marker.start)
         return self.validator.check(
-            source_index=marker.source_index, sentence_ids=marker.prior_ids, claim=claim.strip()
+            source_index=marker.source_index, sentence_ids=marker.prior_ids, claim=claim
         )
 
     def _reject(
@@ -450,6 +613,9 @@ class Decoder:
         run.sentence_retries[sentence] = redone
         if redone <= self.budgets.sentence_retries and sentence_token < len(run.steps):
             run.marker_retries[sentence] = 0
+            # Retries never repeat themselves: the regenerated sentence starts differently.
+            first = run.steps[sentence_token].token
+            run.token_bans.setdefault(sentence_token, set()).add(first)
             yield from self._rollback(run, sentence_token, prompt_len, "regenerate sentence")
             return
         if self.policy.mode is CitationMode.AUTO and marker_token is not None:
@@ -459,17 +625,71 @@ class Decoder:
             return
         self._note(run, "fallback", sentence_token, "no valid citation for this sentence")
         self._truncate_to(run, sentence_token, prompt_len)
-        is_auto = self.policy.mode is CitationMode.AUTO
-        run.stop = StopReason.DEAD_END if is_auto else StopReason.NO_VALID_CITATION
+        if self.policy.mode is CitationMode.AUTO:
+            run.stop = StopReason.DEAD_END
+        elif run.accepted or self.validator.scorer is None:
+            run.stop = StopReason.NO_VALID_CITATION
+        else:
+            run.stop = StopReason.NO_SUPPORTED_ANSWER
 
     def _dead_end(self, run: _Run, prompt_len: int) -> Iterator[Event]:
         """Nothing may be sampled here: treat it as this sentence failing to find a citation."""
         if not run.steps:
             run.stop = StopReason.DEAD_END
             return
+        state = run.state
+        if state.in_marker and self.validator.scorer is not None:
+            yield from self._unsupported_claim(run, prompt_len)
+            return
+        if not state.in_marker and self._needs_more(run):
+            # A partial marker whose completion was made impossible: reject it.
+            last = run.accepted[-1]
+            verdict = Verdict(
+                is_accepted=False,
+                reason=RejectionReason.UNSUPPORTED,
+                score=last.verdict.score,
+                detail="partial support that no further citation could complete",
+            )
+            yield from self._reject(run, last.marker, verdict, prompt_len)
+            return
         self._note(run, "fallback", len(run.steps), "no token allowed (bans, bound and grammar)")
-        marker_token = run.state.marker_token if run.state.in_marker else None
+        marker_token = state.marker_token if state.in_marker else None
         yield from self._escalate(run, prompt_len, marker_token=marker_token)
+
+    def _unsupported_claim(self, run: _Run, prompt_len: int) -> Iterator[Event]:
+        """No source supports the sentence so far: take the marker back and make the
+        sentence say more before it may cite again (or escalate when retries run out)."""
+        state = run.state
+        sentence, marker_token = state.sentence_start, state.marker_token
+        claim = self._claim(run, sentence, state.marker_start)
+        best = self.validator.best_sources(claim)
+        best_id, best_score = best[0] if best else (0, 0.0)
+        run.rejections += 1
+        offset = self._char_offset(run, state.marker_start)
+        run.trace.append(
+            TraceEntry(
+                kind="rejection",
+                token_position=marker_token,
+                char_offset=offset,
+                source_index=best_id or None,
+                reason=RejectionReason.UNSUPPORTED.value,
+                score=best_score,
+                detail=f"no source supports {claim[-80:]!r}; best [{best_id}] {best_score:.2f}",
+            )
+        )
+        yield CitationRejected(
+            source_index=best_id,
+            reason=RejectionReason.UNSUPPORTED,
+            score=best_score,
+            char_offset=offset,
+        )
+        retries = run.marker_retries.get(sentence, 0) + 1
+        run.marker_retries[sentence] = retries
+        if retries > self.budgets.retries_per_checkpoint:
+            yield from self._escalate(run, prompt_len, marker_token=marker_token)
+            return
+        run.open_blocks[sentence] = state.marker_start + _MORE_BYTES
+        yield from self._rollback(run, marker_token, prompt_len, "no supported id")
 
     def _note(self, run: _Run, kind: str, position: int, detail: str) -> None:
         offset = run.steps[position].state.length if position < len(run.steps) else len(run.out)
@@ -568,6 +788,8 @@ class Decoder:
         sentence = step.state.sentence_start
         for key in [k for k in run.bans if k > sentence]:
             del run.bans[key]
+        for key in [k for k in run.open_blocks if k > sentence]:
+            del run.open_blocks[key]
         for key in [k for k in run.token_bans if k > target]:
             del run.token_bans[key]
 
@@ -579,7 +801,7 @@ class Decoder:
         )
 
     def _safe_offset(self, run: _Run, *, final: bool) -> int:
-        if final and run.stop is StopReason.END:
+        if final and (run.stop is StopReason.END or not self.constrained):
             return len(run.out)
         sentence_token = run.state.sentence_token
         safe = (
@@ -656,3 +878,8 @@ def _kept_tokens(run: _Run) -> int:
         if step.state.length >= run.released:
             return i
     return len(run.steps)
+
+
+def _normalized(text: str) -> str:
+    """Lower-case words only: how repeated sentences are recognised."""
+    return " ".join("".join(c if c.isalnum() else " " for c in text.lower()).split())

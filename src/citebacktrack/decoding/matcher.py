@@ -20,7 +20,7 @@ from citebacktrack.decoding.vocab_index import import_xgrammar
 if TYPE_CHECKING:
     import xgrammar as xgr
 
-__all__ = ["TokenMatcher", "XGrammarMatcher"]
+__all__ = ["FreeMatcher", "TokenMatcher", "XGrammarMatcher"]
 
 
 class TokenMatcher(Protocol):
@@ -65,3 +65,23 @@ class XGrammarMatcher:
 
     def rollback(self, n_tokens: int) -> None:
         self._matcher.rollback(n_tokens)
+
+
+class FreeMatcher:
+    """:class:`TokenMatcher` of no grammar: every token is allowed (unconstrained decoding).
+
+    Used for a request whose ``grammar`` is ``None``, such as the raw-model baseline of
+    ``citebacktrack eval``.
+    """
+
+    def __init__(self, vocab_size: int) -> None:
+        self._size = vocab_size
+
+    def allowed(self) -> npt.NDArray[np.bool_]:
+        return np.ones(self._size, dtype=bool)
+
+    def accept_token(self, token: int) -> bool:
+        return True
+
+    def rollback(self, n_tokens: int) -> None:
+        return None
