@@ -1,7 +1,8 @@
 """BM25 retrieval over a folder of text documents, for the command line.
 
 Documents (``.txt``, ``.md``, ``.markdown``, ``.rst``) are split into passages of whole
-paragraphs (long paragraphs are split at sentence ends) of about ``passage_words`` words;
+paragraphs (long paragraphs are split at sentence ends, by
+:func:`citebacktrack.syntax.split_sentences`) of about ``passage_words`` words;
 each passage becomes a :class:`~citebacktrack.types.Source` whose id is
 ``"<file>#<n>"``. Scoring uses the maintained ``bm25s`` library.
 """
@@ -15,12 +16,12 @@ from importlib import resources
 from pathlib import Path
 
 from citebacktrack.errors import ConfigurationError, MissingDependencyError
+from citebacktrack.syntax import split_sentences
 from citebacktrack.types import Source
 
 __all__ = ["Passage", "PassageIndex", "chunk_text", "load_passages", "sample_docs_path"]
 
 SUFFIXES = frozenset({".txt", ".md", ".markdown", ".rst"})
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 def sample_docs_path() -> Path:
@@ -58,7 +59,7 @@ def chunk_text(text: str, *, passage_words: int = 80) -> list[str]:
             pieces.append(" ".join(words))
             continue
         current: list[str] = []
-        for sentence in _SENTENCE_END.split(" ".join(words)):
+        for sentence in split_sentences(" ".join(words)):
             if current and len(" ".join(current).split()) + len(sentence.split()) > passage_words:
                 pieces.append(" ".join(current))
                 current = []

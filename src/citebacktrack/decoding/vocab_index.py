@@ -16,6 +16,7 @@ from citebacktrack.decoding.runtime import Vocabulary
 from citebacktrack.errors import MissingDependencyError
 from citebacktrack.grammar.emit import Dialect, emit
 from citebacktrack.grammar.ir import Grammar
+from citebacktrack.syntax import CLOSERS, MARKER_CLOSE, MARKER_OPEN, TERMINATORS, WHITESPACE
 
 if TYPE_CHECKING:
     import xgrammar as xgr
@@ -74,7 +75,7 @@ class VocabularyIndex:
         self.lengths: npt.NDArray[np.int32] = np.fromiter((len(t) for t in tokens), np.int32, size)
         self.max_length = int(self.lengths.max(initial=1))
         self.open_pos: npt.NDArray[np.int32] = np.fromiter(
-            (t.find(b"[") for t in tokens), np.int32, size
+            (t.find(_OPEN) for t in tokens), np.int32, size
         )
         unblocked = np.ones(size, dtype=bool)
         unblocked[sorted(blocked)] = False
@@ -85,7 +86,7 @@ class VocabularyIndex:
             (
                 i
                 for i, t in enumerate(tokens)
-                if t[:1] in (b"]", *(bytes([d]) for d in _DIGITS)) and t
+                if t[:1] in (_CLOSE, *(bytes([d]) for d in _DIGITS)) and t
             ),
             np.intp,
         )
@@ -95,7 +96,7 @@ class VocabularyIndex:
         self.prose, self.newline_first, self.ends_first, self.space_first = flags.T.copy()
         self.closing: tuple[npt.NDArray[np.bool_], ...] = tuple(
             np.fromiter((bool(t) and set(t) <= alphabet for t in tokens), bool, size)
-            for alphabet in (frozenset(b" \t\r\n."), frozenset(_DIGITS))
+            for alphabet in (frozenset(WHITESPACE.encode() + b"."), frozenset(_DIGITS))
         )
         # Stop tokens need a non-empty spelling for XGrammar; they are matched by id anyway.
         encoded = [t if t or i not in self.stop_ids else b"</s>" for i, t in enumerate(tokens)]
@@ -111,9 +112,11 @@ class VocabularyIndex:
         return compiled
 
 
-_NEUTRAL_SPACE = frozenset(b" \t\r")
-_NEUTRAL_END = frozenset(b".!?")
-_NEUTRAL_CLOSE = frozenset(b")\"'")
+_OPEN = MARKER_OPEN.encode()
+_CLOSE = MARKER_CLOSE.encode()
+_NEUTRAL_SPACE = frozenset(WHITESPACE.replace("\n", "").encode())
+_NEUTRAL_END = frozenset(TERMINATORS.encode())
+_NEUTRAL_CLOSE = frozenset(CLOSERS.encode("ascii", "ignore"))  # as the tracker's closers
 
 
 def _lead_flags(token: bytes) -> tuple[bool, bool, bool, bool]:
@@ -127,7 +130,7 @@ def _lead_flags(token: bytes) -> tuple[bool, bool, bool, bool]:
             ended = ended or terminated
         elif byte in _NEUTRAL_END:
             terminated = True
-        elif byte in _NEUTRAL_CLOSE or byte == 91:  # "[" is handled by the marker filter
+        elif byte in _NEUTRAL_CLOSE or byte == _OPEN[0]:  # "[": the marker filter's business
             continue
         else:
             return True, newline, ended, spaced

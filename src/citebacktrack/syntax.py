@@ -1,0 +1,148 @@
+"""Sentence and marker syntax, defined once for the grammar, the tracker and the splitters.
+
+The citation grammar (:mod:`citebacktrack.grammar.citations`), the decoder's sentence
+tracker (:mod:`citebacktrack.decoding.tracker`), the vocabulary flags
+(:mod:`citebacktrack.decoding.vocab_index`), the support scorer's passage windows and the
+retrieval chunker all take their characters and rules from here, so that they agree on
+where a sentence ends (``tests/test_syntax.py`` checks that they do).
+
+A sentence ends at a terminator (``.``, ``!`` or ``?``), optionally followed by closing
+quotes or parentheses, then whitespace. A period does not end a sentence when it is
+*absorbed* (:func:`period_is_absorbed`): it closes
+
+* an ellipsis ``...`` (only one: ``......`` is not grammatical),
+* two dotted capitals ``U.S.``, ``A.D.``, ``J.K.``,
+* a single capital initial (``J. K. Rowling``) or one of :data:`ABBREVIATIONS` (``e.g.``,
+  ``Dr.``) at the start of a sentence or after one of :data:`ABBREVIATION_LEADS`.
+
+Decimal points (``3.5``) and periods inside URLs are never followed by whitespace, so they
+never end a sentence either.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = [
+    "ABBREVIATIONS",
+    "ABBREVIATION_LEADS",
+    "CLOSERS",
+    "ELLIPSIS",
+    "MARKER_CLOSE",
+    "MARKER_OPEN",
+    "MARKER_RE",
+    "RESERVED",
+    "SENTENCE_END_RE",
+    "TERMINATORS",
+    "WHITESPACE",
+    "period_is_absorbed",
+    "split_sentences",
+    "strip_markers",
+]
+
+TERMINATORS = ".!?"
+"""Characters that end a sentence (when followed by whitespace, or by a citation group)."""
+
+CLOSERS = ")\"'\u201d\u2019"
+"""Closing parentheses and quotes that may follow a terminator (or a marker group)."""
+
+WHITESPACE = " \t\n\r"
+"""Whitespace between sentences and blocks."""
+
+MARKER_OPEN = "["
+MARKER_CLOSE = "]"
+RESERVED = MARKER_OPEN + MARKER_CLOSE
+"""Characters that belong to citation markers only; prose cannot contain them."""
+
+MARKER_RE = re.compile(r"\[([0-9]+)\]")
+"""One citation marker ``[N]``; group 1 is the id."""
+
+ELLIPSIS = "..."
+"""The one run of periods allowed inside a sentence (followed by a non-period)."""
+
+ABBREVIATIONS = ("e.g.", "i.e.", "a.m.", "p.m.", "vs.", "Mr.", "Mrs.", "Ms.", "Dr.", "Prof.")
+"""Dotted abbreviations whose final period never ends a sentence.
+
+Only words that cannot end a sentence in ordinary prose: ``etc.``, ``Inc.``, ``Jr.``,
+``St.`` or ``No.`` often do, and a small model uses any such way to continue past a
+period as an escape from citing. Each must start a sentence or follow one of
+:data:`ABBREVIATION_LEADS` (``the cause.g.`` is not ``e.g.``). Two dotted capitals
+(``U.S.``) and single capital initials are covered by their own rules, not listed here.
+"""
+
+ABBREVIATION_LEADS = " ("
+"""What comes before an abbreviation or an initial inside a sentence."""
+
+SENTENCE_END_RE = re.compile(rf"[{re.escape(TERMINATORS)}]+[{re.escape(CLOSERS)}]*\s+")
+"""A candidate sentence end: terminators, closers, whitespace (check the period with
+:func:`period_is_absorbed`)."""
+
+_STRIP_RE = re.compile(r"\s*\[[0-9]*\]")
+_UPPER = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+# Bytes after which an abbreviation counts as starting a word: the leads, plus what can
+# come before a sentence's first word (whitespace, a marker group's "]", nothing at all).
+_WORD_START = frozenset((WHITESPACE + ABBREVIATION_LEADS + MARKER_CLOSE).encode())
+_ABBREVIATION_BYTES = tuple(a.encode() for a in ABBREVIATIONS)
+LONGEST_ABBREVIATION = max(len(a) for a in _ABBREVIATION_BYTES)
+"""Bytes of context :func:`period_is_absorbed` needs before the period, plus one."""
+
+
+def _starts_word(before: bytes, start: int) -> bool:
+    return start <= 0 or before[start - 1] in _WORD_START
+
+
+def period_is_absorbed(before: bytes) -> bool:
+    """Whether the period that ends ``before`` belongs to the sentence, not ends it.
+
+    ``before`` is the text up to and including the period (only its last
+    ``LONGEST_ABBREVIATION + 1`` bytes matter). True for the last period of ``...``, of
+    two dotted capitals (``U.S.``), of a capital initial (``J.``) and of a listed
+    abbreviation at a word start (see the module docstring).
+    """
+    n = len(before)
+    if n == 0 or before[-1] != 0x2E:  # "."
+        return False
+    if before.endswith(b"..."):
+        return True
+    if n >= 2 and before[-2] in _UPPER:
+        if n >= 4 and before[-3] == 0x2E and before[-4] in _UPPER:
+            return True  # U.S.
+        if _starts_word(before, n - 2):
+            return True  # J.
+    return any(
+        before.endswith(abbreviation) and _starts_word(before, n - len(abbreviation))
+        for abbreviation in _ABBREVIATION_BYTES
+    )
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split passage text into sentences by the same rules as the citation grammar.
+
+    A sentence ends at terminators and closers followed by whitespace, unless the last
+    terminator is an absorbed period (:func:`period_is_absorbed`: ``U.S.``, ``Dr.``,
+    ``J. R. Tolkien``, an ellipsis). A line break inside a passage is whitespace (unlike
+    in an answer, where the tracker ends a sentence at every newline), but a terminator
+    followed by a line break always ends the sentence, as in the tracker.
+    """
+    sentences: list[str] = []
+    start = 0
+    for match in SENTENCE_END_RE.finditer(text):
+        gap = match.group()
+        last = match.start() + len(gap.rstrip().rstrip(CLOSERS)) - 1  # the last terminator
+        before = text[max(0, last - LONGEST_ABBREVIATION) : last + 1].encode()
+        if "\n" not in gap and period_is_absorbed(before):
+            continue
+        sentence = text[start : match.end()].strip()
+        if sentence:
+            sentences.append(sentence)
+        start = match.end()
+    tail = text[start:].strip()
+    if tail:
+        sentences.append(tail)
+    return sentences
+
+
+def strip_markers(text: str) -> str:
+    """``text`` without ``[N]`` markers and the whitespace before them (as
+    :func:`citebacktrack.validation.strip_markers`)."""
+    return _STRIP_RE.sub("", text)
