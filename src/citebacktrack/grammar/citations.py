@@ -1,21 +1,30 @@
 """The citation grammar: prose with ``[N]`` markers for ``n`` sources under a :class:`Policy`.
 
 Shape under REQUIRED (ADR 0002 records why: each run of prose is one negated character
-class under one unbounded repeat, which keeps XGrammar's masks at ~16 µs/token on a 49k
-vocabulary; a bounded class repeat made every token context-dependent, ~7 ms/token)::
+class under one unbounded repeat, and prose never resumes one or two characters before the
+end of a rule; XGrammar's masks then cost ~45 µs/token on SmolLM2's 49k vocabulary, where a
+state such as "after ``J.`` of a leading initial, before its space" cost 60-200 ms)::
 
     root      ::= ws* block (ws+ block)* ws*
     block     ::= heading* bullet? sentence
     heading   ::= bullet? body ":" [ \\t]* "\\n" ws*       # a list intro needs no citation
     bullet    ::= ([-*•] | [0-9]{1,3} ".") " "
-    sentence  ::= (body group){1,k} [)"'”’]{0,2} [.!?]?
-    body      ::= ([A-Z] ". "){0,3} seg (break seg)*         # leading initials: "J. K. Rowling"
-    seg       ::= [^[]\\n\\r.!?]*
-    break     ::= [0-9] "." [0-9] | "://" [^ \\t\\n\\r[]]*
-                | [a-z] "." [a-z] ". " | [A-Z] "." [A-Z] "." | " " [A-Z] "." | "..."
+    sentence  ::= (body group){0,k-1} body ending
+    ending    ::= group closer{0,2} [.!?]?                 # "claim [1]."
+                | [.!?] closer{0,2} " "? group             # "claim. [1]", "claim.[1]"
+    closer    ::= [)"'”’]
+    body      ::= abbrev? seg (break seg | "..." seg1)*
+    seg       ::= [^[]\\n\\r.!?]*        seg1 ::= [^[]\\n\\r.!?]+
+    break     ::= [0-9] "." [0-9] | "://" [^ \\t\\n\\r[]]* | [A-Z] "." [A-Z] "." | [ (] abbrev
+    abbrev    ::= [A-Z] "." | "e.g." | "i.e." | "a.m." | "p.m." | "vs." | "Mr." | "Mrs."
+                | "Ms." | "Dr." | "Prof."
     group     ::= cite{1,k}
     cite      ::= "[" source-id "]"
     source-id ::= "1" | "2" | ... | "n"
+
+(``ending`` is written inline in ``sentence``.) The characters and the abbreviation list
+come from :mod:`citebacktrack.syntax`, which the decoder's sentence tracker and the
+passage splitter share, so all three agree on where a sentence ends.
 
 What the prose may contain:
 
@@ -24,18 +33,21 @@ What the prose may contain:
   parentheses). ``[0]``, ``[01]``, ``[n+1]``, ``[1, 2]`` and ``[1-3]`` cannot be written;
   several sources are ``[1][2]``.
 * Under REQUIRED a sentence ends at ``.``, ``!`` or ``?`` followed by whitespace, or at the
-  end of a line, and must carry a citation before it ends; its period comes after the
-  citation (``... in 1889 [1].``). These do not end a sentence: a decimal point between
-  digits (``3.5``, ``12.34.56``; not two points one digit apart, as in ``1.2.3``, because
-  each point takes the digits on both sides of it), a URL with a scheme
-  (``https://example.com/a?b=c``, which runs from ``://`` to the next whitespace), a
-  two-letter dotted abbreviation (``e.g.``, ``i.e.``, ``a.m.``, ``U.S.``, ``A.D.``), a
-  single capital initial after a space or at the start (``J. K. Rowling``), and an
-  ellipsis. Any other period and space ends the sentence,
-  so ``Dr. Smith`` or ``etc. and`` need a citation before the period. (A small model given
-  a lower-case escape hatch used it to avoid citing, run-on after run-on; for the same
-  reason ``energy.chlorophyll`` and bare domains like ``example.com`` are not allowed, and a
-  literal alternative such as ``"www."`` made masks 15x slower.)
+  end of a line, and must carry a citation: either before its terminator
+  (``... in 1889 [1].``) or right after it, with at most one space (``... in 1889. [1]``,
+  ``... in 1889.[1]``, ``... he said." [2]``), the way small models and Wikipedia write it.
+  These do not end a sentence: a decimal point between digits (``3.5``, ``12.34.56``; not
+  two points one digit apart, as in ``1.2.3``, because each point takes the digits on both
+  sides of it), a URL with a scheme (``https://example.com/a?b=c``, which runs from ``://``
+  to the next whitespace), two dotted capitals (``U.S.``, ``A.D.``, ``J.K.``), a single
+  capital initial (``J. K. Rowling``) or a listed abbreviation (``e.g.``, ``Dr.``) at the
+  start of a sentence or after a space or ``(``, and one ellipsis ``...`` with prose after
+  it. Any other period and space ends the sentence, so ``etc. and`` or ``No. 5`` need a
+  citation before the period. Small models use every escape hatch to avoid citing: a
+  generic lower-case ``x.y.`` break gave ``Affairs.s. The``, so the abbreviations are a
+  short literal list and must start a word (``cause.g.`` is refused); ellipsis chains
+  (``City.........``) are refused; ``energy.chlorophyll`` and bare domains like
+  ``example.com`` are not allowed.
 * A line ending in ``:`` introduces a list and needs no citation.
 * The ramble bound (``policy.max_uncited_chars``) is enforced by the decoder's token filter
   on token-level backends. ``bounded=True`` also writes it into the grammar, for engines we
@@ -58,6 +70,15 @@ from citebacktrack.grammar.ir import (
     repeat,
     seq,
 )
+from citebacktrack.syntax import (
+    ABBREVIATION_LEADS,
+    ABBREVIATIONS,
+    CLOSERS,
+    ELLIPSIS,
+    RESERVED,
+    TERMINATORS,
+    WHITESPACE,
+)
 from citebacktrack.types import CitationMode, Policy
 
 __all__ = ["MAX_SENTENCE_BREAKS", "MAX_SOURCES", "citation_grammar"]
@@ -67,10 +88,6 @@ MAX_SOURCES = 500
 
 MAX_SENTENCE_BREAKS = 8
 """Most sentence-internal breaks in one sentence when the bound is in the grammar."""
-
-_WS = " \t\n\r"
-_TERMINATORS = ".!?"
-_BRACKETS = "[]"
 
 
 def _id_rule(n_sources: int) -> Node:
@@ -93,12 +110,22 @@ def _prose(policy: Policy, bounded: bool, exclude: str, *, min_chars: int = 0) -
 
 def _required(policy: Policy, bounded: bool) -> list[tuple[str, Node]]:
     k = policy.max_citations_per_sentence
-    ws = char_class(_WS)
-    seg = _prose(policy, bounded, _BRACKETS + "\n\r" + _TERMINATORS)
-    lower = char_class(ranges=(("a", "z"),))
+    ws = char_class(WHITESPACE)
+    seg = _prose(policy, bounded, RESERVED + "\n\r" + TERMINATORS)
+    # After an ellipsis at least one character of prose: "......" is not an ellipsis.
+    after_ellipsis = _prose(policy, bounded, RESERVED + "\n\r" + TERMINATORS, min_chars=1)
     upper = char_class(ranges=(("A", "Z"),))
     digit = char_class(ranges=(("0", "9"),))
-    url = repeat(char_class(_WS + _BRACKETS, negated=True))
+    url = repeat(char_class(WHITESPACE + RESERVED, negated=True))
+    closers = repeat(char_class(CLOSERS), 0, 2)
+    terminator = char_class(TERMINATORS)
+    # The end of a sentence: its last group then closers and a terminator ("claim [1]."),
+    # or a terminator and closers then the group ("claim. [1]", "claim.[1]", 'a." [2]').
+    ending = choice(
+        seq(ref("group"), closers, repeat(terminator, 0, 1)),
+        seq(terminator, closers, repeat(lit(" "), 0, 1), ref("group")),
+    )
+    pairs = [repeat(seq(ref("body"), ref("group")), 0, k - 1)] if k > 1 else []
     return [
         (
             "root",
@@ -118,27 +145,19 @@ def _required(policy: Policy, bounded: bool) -> list[tuple[str, Node]]:
         ),
         (
             "bullet",
-            seq(
-                choice(
-                    char_class("-*•"), seq(repeat(char_class(ranges=(("0", "9"),)), 1, 3), lit("."))
-                ),
-                lit(" "),
-            ),
+            seq(choice(char_class("-*\u2022"), seq(repeat(digit, 1, 3), lit("."))), lit(" ")),
         ),
-        (
-            "sentence",
-            seq(
-                repeat(seq(ref("body"), ref("group")), 1, k),
-                repeat(char_class(")\"'”’"), 0, 2),
-                repeat(char_class(_TERMINATORS), 0, 1),
-            ),
-        ),
+        ("sentence", seq(*pairs, ref("body"), ending)),
         (
             "body",
             seq(
-                repeat(seq(char_class(ranges=(("A", "Z"),)), lit(". ")), 0, 3),
+                repeat(ref("abbrev"), 0, 1),
                 seg,
-                repeat(seq(ref("break"), seg), 0, MAX_SENTENCE_BREAKS if bounded else None),
+                repeat(
+                    choice(seq(ref("break"), seg), seq(lit(ELLIPSIS), after_ellipsis)),
+                    0,
+                    MAX_SENTENCE_BREAKS if bounded else None,
+                ),
             ),
         ),
         (
@@ -146,23 +165,22 @@ def _required(policy: Policy, bounded: bool) -> list[tuple[str, Node]]:
             choice(
                 seq(digit, lit("."), digit),
                 seq(lit("://"), url),
-                seq(lower, lit("."), lower, lit(". ")),
                 seq(upper, lit("."), upper, lit(".")),
-                seq(lit(" "), char_class(ranges=(("A", "Z"),)), lit(".")),
-                lit("..."),
+                seq(char_class(ABBREVIATION_LEADS), ref("abbrev")),
             ),
         ),
+        ("abbrev", choice(seq(upper, lit(".")), *(lit(a) for a in ABBREVIATIONS))),
     ]
 
 
 def _auto() -> list[tuple[str, Node]]:
-    text = repeat(char_class(_BRACKETS, negated=True))
+    text = repeat(char_class(RESERVED, negated=True))
     return [
         (
             "root",
             seq(
-                repeat(char_class(_WS)),
-                choice(char_class(_BRACKETS + _WS, negated=True), ref("group")),
+                repeat(char_class(WHITESPACE)),
+                choice(char_class(RESERVED + WHITESPACE, negated=True), ref("group")),
                 ref("text"),
                 repeat(seq(ref("group"), ref("text"))),
             ),
@@ -173,19 +191,21 @@ def _auto() -> list[tuple[str, Node]]:
 
 def _quotes_only(policy: Policy, bounded: bool) -> list[tuple[str, Node]]:
     quoted = ref("quoted")
-    straight = seq(lit('"'), _prose(policy, bounded, _BRACKETS + '"\n', min_chars=1), lit('"'))
-    curly = seq(lit("“"), _prose(policy, bounded, _BRACKETS + "”\n", min_chars=1), lit("”"))
+    straight = seq(lit('"'), _prose(policy, bounded, RESERVED + '"\n', min_chars=1), lit('"'))
+    curly = seq(lit("“"), _prose(policy, bounded, RESERVED + "”\n", min_chars=1), lit("”"))
     return [
         (
             "root",
             seq(
-                repeat(char_class(_WS)),
-                choice(char_class(_BRACKETS + _WS + '"“”', negated=True), quoted, ref("group")),
+                repeat(char_class(WHITESPACE)),
+                choice(
+                    char_class(RESERVED + WHITESPACE + '"“”', negated=True), quoted, ref("group")
+                ),
                 ref("text"),
                 repeat(seq(choice(quoted, ref("group")), ref("text"))),
             ),
         ),
-        ("text", repeat(char_class(_BRACKETS + '"“”', negated=True))),
+        ("text", repeat(char_class(RESERVED + '"“”', negated=True))),
         ("quoted", seq(choice(straight, curly), repeat(lit(" "), 0, 1), ref("group"))),
     ]
 
