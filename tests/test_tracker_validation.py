@@ -141,3 +141,72 @@ def test_forbidden_and_can_open() -> None:
 
 def test_strip_markers() -> None:
     assert strip_markers("Paris [1][2] is big [3].") == "Paris is big."
+
+
+def feed_pieces(pieces: list[bytes], *, strict: bool = True) -> tuple[TextState, list]:
+    state, closed = TextState(strict=strict), []
+    for token_index, piece in enumerate(pieces):
+        state, found = advance(state, piece, token_index)
+        closed.extend(found)
+    return state, closed
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        # The splits SmolLM2's tokenizer makes of "... lost. [2]" and "... lost.[2]".
+        [b"He", b" won", b".", b" [", b"1", b"]", b" She", b" lost", b".", b" [", b"2", b"]"],
+        [b"He", b" won", b".[", b"1", b"]", b" She", b" lost", b".[", b"2", b"]"],
+        [b"He", b" won", b".", b"[", b"1", b"]", b" She", b" lost", b". ", b"[", b"2", b"]"],
+        [b"He won. [1] She lost. [2]"],
+        [b"He won [1]", b". She", b" lost [2", b"]."],
+    ],
+)
+def test_marker_after_the_period_cites_the_sentence_it_closes(pieces: list[bytes]) -> None:
+    """``claim. [1]`` and ``claim.[1]`` cite ``claim``, however the tokens split them."""
+    text = b"".join(pieces)
+    for strict in (True, False):
+        state, closed = feed_pieces(pieces, strict=strict)
+        assert [m.source_index for m in closed] == [1, 2]
+        assert [m.prior_ids for m in closed] == [(), ()]
+        assert [m.sentence_start for m in closed] == [0, text.index(b"She")]
+        ends = [len(b"".join(pieces[: i + 1])) for i in range(len(pieces))]
+        assert closed[1].token_index == next(i for i, e in enumerate(ends) if e > text.rindex(b"["))
+        assert state.sentence_ids == (2,)
+
+
+def test_a_late_group_ends_the_sentence_at_the_next_word() -> None:
+    state, _ = feed("He won. [1][2]", chunk=3)
+    assert (state.pending_boundary, state.dangling, state.sentence_ids) == (1, False, (1, 2))
+    state, _ = feed("He won. [1][2] ")
+    assert state.pending_boundary == 2
+    state, _ = feed("He won. [1] Then")
+    assert (state.sentence_start, state.sentence_ids) == (len("He won. [1] "), ())
+
+
+@pytest.mark.parametrize(
+    ("text", "starts"),
+    [
+        ("He won. [1] She lost.[2] Done! [3]", ["He won. ", "She lost", "Done! [3"]),
+        ('He said "no." [1] Then [2].', ["He said ", "Then [2]"]),
+        # After an absorbed period a late group does not end the sentence (as in the grammar,
+        # where "U.S" + "." + " [1]" and "U.S." + " [1]" both parse, the tracker keeps one).
+        ("It is in the U.S. [1] and more [2].", ["It is in"]),
+        ("Ask Dr. Smith [1]. Next [2].", ["Ask Dr. ", "Next [2]"]),
+        ("Wait... there is more [1]. Next [2].", ["Wait... ", "Next [2]"]),
+        ("Some cause.g. heat [1]. Next [2].", ["Some cau", "heat [1]", "Next [2]"]),
+        ("Mr. Smith came [1]. J. K. Rowling too [2].", ["Mr. Smit", "J. K. Ro"]),
+    ],
+)
+def test_sentence_boundaries_with_late_markers(text: str, starts: list[str]) -> None:
+    assert sentence_starts(text) == starts
+
+
+def test_fake_abbreviations_end_the_sentence_outside_required() -> None:
+    # "cause.g." is not "e.g." (no word start) and "Affairs.s." is no abbreviation at all.
+    data = "Some cause.g. Heat. Affairs.s. Role."
+    state, starts = TextState(), set()
+    for i, byte in enumerate(data.encode()):
+        state, _ = advance(state, bytes([byte]), i)
+        starts.add(state.sentence_start)
+    assert [data[s:][:4] for s in sorted(starts)] == ["Some", "Heat", "Affa", "Role"]

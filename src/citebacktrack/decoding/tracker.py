@@ -5,29 +5,42 @@ every step, so restoring it after a rollback is one assignment. It works on byte
 marker syntax and sentence terminators are ASCII, and UTF-8 never puts an ASCII byte
 inside a multi-byte character, so a token that splits a character cannot confuse it.
 
-Sentence boundaries follow the citation grammar: a ``.``, ``!`` or ``?`` (optionally
-followed by closing quotes or parentheses) then whitespace ends a sentence, unless the
-period closes a dotted abbreviation (``e.g.``) or a single capital initial (``J. K.
-Rowling``), or the next visible character is ``[`` (``632 A.D. [1]``: the citation still
-belongs to the sentence). A newline always ends a sentence. The boundary is confirmed at
-the first visible character after it.
+Sentence boundaries follow the citation grammar, with the characters and rules of
+:mod:`citebacktrack.syntax`: a ``.``, ``!`` or ``?`` (optionally followed by closing quotes
+or parentheses) then whitespace ends a sentence, unless the period is absorbed
+(:func:`~citebacktrack.syntax.period_is_absorbed`: an ellipsis, ``U.S.``, an initial as in
+``J. K. Rowling``, a listed abbreviation such as ``e.g.``). A citation group right after a
+sentence's terminator (``claim. [1]``, ``claim.[1]``) still belongs to that sentence, which
+then ends at the whitespace after the group; after an absorbed period (``632 A.D. [1]``) the
+sentence goes on. A newline always ends a sentence. The boundary is confirmed at the first
+visible character after it. Only the ASCII closers are recognised byte by byte: a curly
+``”`` or ``’`` after a terminator or a group, which the grammar allows, counts as a word.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from citebacktrack.syntax import (
+    CLOSERS,
+    LONGEST_ABBREVIATION,
+    MARKER_CLOSE,
+    MARKER_OPEN,
+    TERMINATORS,
+    WHITESPACE,
+    period_is_absorbed,
+)
+
 __all__ = ["ClosedMarker", "TextState", "advance"]
 
-_TERMINATORS = frozenset(b".!?")
-_CLOSERS = frozenset(b")\"'")
-_SPACE = frozenset(b" \t\r")
-_LOWER = frozenset(b"abcdefghijklmnopqrstuvwxyz")
+_TERMINATORS = frozenset(TERMINATORS.encode())
+_CLOSERS = frozenset(CLOSERS.encode("ascii", "ignore"))  # see the module docstring
+_SPACE = frozenset(WHITESPACE.replace("\n", "").encode())
 _DIGITS = frozenset(b"0123456789")
-_OPEN = ord("[")
-_CLOSE = ord("]")
+_OPEN = ord(MARKER_OPEN)
+_CLOSE = ord(MARKER_CLOSE)
 _NEWLINE = ord("\n")
-_UPPER = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_PERIOD = ord(".")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,10 +93,12 @@ class TextState:
     """0: none; 1: a terminator (and closers) was seen; 2: then whitespace: a boundary
     that the next visible byte confirms or cancels."""
     initial_period: bool = False
-    """The pending terminator closes an initial or a dotted abbreviation (no boundary)."""
-    prev: int = 0
-    prev2: int = 0
-    prev3: int = 0
+    """The pending terminator is an absorbed period (an initial, ``e.g.``: no boundary)."""
+    group_after_end: bool = False
+    """The current marker group follows the sentence's terminator (``claim. [1]``): the
+    sentence ends at the whitespace after the group."""
+    tail: bytes = b""
+    """The last bytes written (enough to recognise an abbreviation)."""
 
     @property
     def in_marker(self) -> bool:
@@ -101,10 +116,9 @@ def advance(
     sentence_ids, group_ids, in_group = s.sentence_ids, s.group_ids, s.in_group
     marker_start, marker_token, partial = s.marker_start, s.marker_token, s.partial_id
     run, pending, initial = s.uncited_run, s.pending_boundary, s.initial_period
-    dangling = s.dangling
-    prev, prev2, prev3 = s.prev, s.prev2, s.prev3
+    dangling, after_end = s.dangling, s.group_after_end
     closed: list[ClosedMarker] = []
-    for byte in piece:
+    for i, byte in enumerate(piece):
         if marker_start >= 0:
             if byte == _CLOSE:
                 source_index = int(partial) if partial else 0
@@ -122,14 +136,16 @@ def advance(
                 group_ids = (*group_ids, source_index)
                 marker_start, marker_token, partial = -1, -1, ""
                 in_group, run, dangling = True, 0, False
+                if after_end:  # "claim. [1]": the group closes the sentence
+                    pending, initial = 1, False
             elif byte in _DIGITS:
                 partial += chr(byte)
         elif byte == _OPEN:
-            if pending == 2:
-                # "... A.D. [1]": a citation right after a period belongs to this sentence.
-                pending = 0
+            # A citation right after a terminator belongs to the sentence before it.
             if not in_group:
                 group_ids = ()
+                after_end = pending != 0 and not initial
+            pending = 0
             marker_start, marker_token, partial = length, token_index, ""
         else:
             in_group = False
@@ -142,14 +158,10 @@ def advance(
             elif byte in _TERMINATORS:
                 if pending != 2:
                     pending = 1
-                    # "J. K. Rowling" and "e.g.": no boundary after an initial or x.y.
-                    period = byte == ord(".")
-                    initial = period and (
-                        (prev in _UPPER and prev2 in _SPACE)
-                        or (prev in _LOWER and prev2 == ord(".") and prev3 in _LOWER)
-                    )
-            elif byte in _CLOSERS and (pending == 1 or not dangling):
-                pass
+                    # "J. K. Rowling", "e.g.", "U.S.", "...": no boundary after them.
+                    initial = byte == _PERIOD and period_is_absorbed(s.tail + piece[: i + 1])
+            elif byte in _CLOSERS and (pending == 1 or (pending == 0 and not dangling)):
+                pass  # closes the sentence; after whitespace a quote opens the next one
             else:
                 if (
                     pending == 2
@@ -160,7 +172,6 @@ def advance(
                     sentence_ids, group_ids = (), ()
                 pending, initial, dangling = 0, False, True
             run += 1
-        prev3, prev2, prev = prev2, prev, byte
         length += 1
     new = TextState(  # not dataclasses.replace: that introspects the fields on every call
         length=length,
@@ -177,8 +188,7 @@ def advance(
         dangling=dangling,
         pending_boundary=pending,
         initial_period=initial,
-        prev=prev,
-        prev2=prev2,
-        prev3=prev3,
+        group_after_end=after_end,
+        tail=(s.tail + piece)[-LONGEST_ABBREVIATION:],
     )
     return new, tuple(closed)
