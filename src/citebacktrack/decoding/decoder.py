@@ -319,10 +319,10 @@ class Decoder:
         if not state.in_marker and self._needs_more(run) and index.open_pos[token] != 0:
             return False
         if not state.in_marker:
-            if opens and not can_open:
+            if opens and (not can_open or self._not_yet(run)):
                 return False
             if self.policy.mode is CitationMode.REQUIRED:
-                if not can_open and not self._blocked(run):
+                if not can_open:
                     if state.dangling:
                         return False  # a dead end: the full path escalates it
                     pending = state.pending_boundary
@@ -348,7 +348,7 @@ class Decoder:
             allowed &= self.index.open_pos == 0
             return allowed if allowed.any() else None
         if self.policy.mode is CitationMode.REQUIRED and not run.state.in_marker:
-            if not can_open and not self._blocked(run):
+            if not can_open:
                 if run.state.dangling:
                     return None  # the sentence needs a citation that can no longer be given
                 self._filter_dangling(run, allowed)
@@ -366,20 +366,19 @@ class Decoder:
                 i for i, v in self._verdicts(run).items() if not v.is_accepted
             )
             return forbidden | unsupported, True
-        can_open = (
-            # Under REQUIRED a marker cites words: a finished sentence (and the start of the
-            # next) has none left to cite ("claim [1]. [2]" would reopen a released one).
-            (state.dangling or state.in_group or not state.strict)
-            and state.sentence_start not in run.no_markers
-            and state.length >= run.open_blocks.get(state.sentence_start, 0)
-            and self.validator.can_open_marker(state.sentence_ids, banned)
+        can_open = state.sentence_start not in run.no_markers and self.validator.can_open_marker(
+            state.sentence_ids, banned
         )
         return forbidden, can_open
 
-    def _blocked(self, run: _Run) -> bool:
-        """A marker may not open yet: no source supported the claim a moment ago, so the
-        sentence must say more first (it may still cite later)."""
+    def _not_yet(self, run: _Run) -> bool:
+        """A marker may not open here, though the sentence may still cite later: under
+        REQUIRED there are no words to cite yet (a finished sentence has none left, and
+        ``claim [1]. [2]`` would reopen one already released), or no source supported the
+        claim a moment ago and the sentence must say more first."""
         state = run.state
+        if state.strict and not (state.dangling or state.in_group):
+            return True
         return state.length < run.open_blocks.get(state.sentence_start, 0)
 
     def _verdicts(self, run: _Run) -> dict[int, Verdict]:
@@ -421,9 +420,9 @@ class Decoder:
         state = run.state
         forbidden, can_open = self._marker_rules(run)
         if not state.in_marker:
-            if not can_open:
+            if not can_open or self._not_yet(run):
                 allowed[self.index.open_ids] = False
-                return False
+                return can_open
             candidates = self.index.open_ids
         else:
             candidates = self.index.marker_ids
