@@ -90,6 +90,15 @@ class Policy(BaseModel):
         ),
     )
     marker_style: MarkerStyle = Field(default=MarkerStyle.BRACKET, description="Marker syntax.")
+    fallback: Literal["quote", "abstain"] = Field(
+        default="quote",
+        description=(
+            "REQUIRED: what to do when no sentence the model writes can be supported and "
+            "nothing has been accepted yet: 'quote' writes the best-supported source's "
+            "evidence sentence verbatim with its citation (checked like any other); "
+            "'abstain' ends with stop reason no_supported_answer and an empty text."
+        ),
+    )
     max_uncited_chars: int = Field(
         default=300,
         ge=20,

@@ -182,6 +182,12 @@ class CitationValidator:
         scored.sort(key=lambda pair: (-pair[1], pair[0]))
         return scored[:count]
 
+    def evidence(self, claim: str, source_index: int) -> str:
+        """The passage of ``source_index`` that best supports ``claim`` ("" if unknown)."""
+        if self.scorer is None:
+            return ""
+        return self.scorer.score(claim, source_index).evidence
+
     def _union(self, claim: str, ids: tuple[int, ...]) -> SupportResult:
         scorer = self.scorer
         if scorer is None:  # pragma: no cover - callers check

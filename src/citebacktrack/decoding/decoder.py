@@ -44,6 +44,7 @@ from citebacktrack.decoding.runtime import Logits, TokenRuntime
 from citebacktrack.decoding.sampling import SamplingConfig, propose, sample, sample_masked
 from citebacktrack.decoding.tracker import ClosedMarker, TextState, advance
 from citebacktrack.decoding.vocab_index import VocabularyIndex
+from citebacktrack.syntax import split_sentences
 from citebacktrack.types import (
     Citation,
     CitationAccepted,
@@ -108,6 +109,8 @@ class _Run:
     open_blocks: dict[int, int] = field(default_factory=dict)
     """Sentence start -> answer length before which no marker may open there: no source
     supported the claim, so the sentence must say more before it cites again."""
+    best_refused: tuple[float, int, str] = (0.0, 0, "")
+    """The best-supported claim refused so far: (score, source, claim), for the quote."""
     verdicts: dict[tuple[str, tuple[int, ...]], dict[int, Verdict]] = field(
         default_factory=dict
     )
@@ -622,14 +625,69 @@ class Decoder:
             self._note(run, "fallback", marker_token, "dropped marker: no valid citation")
             yield from self._rollback(run, marker_token, prompt_len, "drop marker")
             return
+        end = state.marker_start if state.in_marker else len(run.out)
+        claim = self._claim(run, sentence, max(sentence, end))
         self._note(run, "fallback", sentence_token, "no valid citation for this sentence")
         self._truncate_to(run, sentence_token, prompt_len)
         if self.policy.mode is CitationMode.AUTO:
             run.stop = StopReason.DEAD_END
         elif run.accepted or self.validator.scorer is None:
             run.stop = StopReason.NO_VALID_CITATION
+        elif (
+            self.policy.mode is CitationMode.REQUIRED
+            and self.policy.fallback == "quote"
+            and self._quote(run, claim, prompt_len)
+        ):
+            run.stop = StopReason.END
         else:
             run.stop = StopReason.NO_SUPPORTED_ANSWER
+
+    def _quote(self, run: _Run, claim: str, prompt_len: int) -> bool:
+        """Write the evidence sentence of the source that best supports ``claim``, verbatim,
+        with its citation: a sentence constrained to what that source says. It goes
+        through the grammar and the validator like any other; False if either refuses it
+        (nothing is then changed)."""
+        best = self.validator.best_sources(claim)
+        score, source = (best[0][1], best[0][0]) if best else (0.0, 0)
+        if run.best_refused[0] > score:
+            score, source, claim = run.best_refused
+        if score <= 0.0:
+            return False
+        text = _quotable(self.validator.evidence(claim, source))
+        if not text:
+            return False
+        lead = b"" if not run.out or run.out[-1:].isspace() else b" "
+        tokens = self.index.encode(lead + text.encode("utf-8") + f" [{source}].".encode())
+        if tokens is None:
+            return False
+        start = len(run.steps)
+        for token in tokens:
+            if not self.matcher.accept_token(token):
+                self._truncate_to(run, start, prompt_len)  # undoes the tokens taken so far
+                return False
+            position = len(run.steps)
+            step = _Step(
+                token=token,
+                rng=run.rng,
+                state=run.state,
+                logits=run.logits if position == start else None,
+                is_checkpoint=position == start,
+            )
+            run.state, closed = advance(run.state, self.index.tokens[token], position)
+            run.steps.append(step)
+            run.out += self.index.tokens[token]
+            run.generated += 1
+            for marker in closed:
+                verdict = self._judge(run, marker)
+                if not verdict.is_accepted:
+                    self._truncate_to(run, start, prompt_len)
+                    return False
+                run.accepted.append(_Accepted(marker, verdict))
+        run.logits = self.runtime.forward(tokens)
+        run.kv_steps = len(run.steps)
+        run.forward_passes += 1
+        self._note(run, "fallback", start, f"quoted the evidence of source [{source}]")
+        return True
 
     def _dead_end(self, run: _Run, prompt_len: int) -> Iterator[Event]:
         """Nothing may be sampled here: treat it as this sentence failing to find a citation."""
@@ -663,6 +721,8 @@ class Decoder:
         claim = self._claim(run, sentence, state.marker_start)
         best = self.validator.best_sources(claim)
         best_id, best_score = best[0] if best else (0, 0.0)
+        if best_score > run.best_refused[0]:
+            run.best_refused = (best_score, best_id, claim)
         run.rejections += 1
         offset = self._char_offset(run, state.marker_start)
         run.trace.append(
@@ -882,3 +942,17 @@ def _kept_tokens(run: _Run) -> int:
 def _normalized(text: str) -> str:
     """Lower-case words only: how repeated sentences are recognised."""
     return " ".join("".join(c if c.isalnum() else " " for c in text.lower()).split())
+
+
+def _quotable(evidence: str) -> str:
+    """The first sentence of ``evidence`` as prose the grammar takes: brackets shown as
+    parentheses, whitespace collapsed, the final terminator dropped (the citation and a
+    period follow)."""
+    sentences = split_sentences(evidence)
+    if not sentences:
+        return ""
+    text = " ".join(sentences[0].translate(_PARENTHESES).split())
+    return text.rstrip(".!?").rstrip()
+
+
+_PARENTHESES = str.maketrans({"[": "(", "]": ")"})

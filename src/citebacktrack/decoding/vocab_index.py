@@ -71,6 +71,7 @@ class VocabularyIndex:
             for i in range(size)
         ]
         self.tokens = tokens
+        self._by_bytes: dict[bytes, int] | None = None
         self.stop_ids = frozenset(vocabulary.stop_ids)
         self.lengths: npt.NDArray[np.int32] = np.fromiter((len(t) for t in tokens), np.int32, size)
         self.max_length = int(self.lengths.max(initial=1))
@@ -105,6 +106,29 @@ class VocabularyIndex:
             encoded, xgr.VocabType.RAW, vocab_size=size, stop_token_ids=sorted(self.stop_ids)
         )
         self.compiler = xgr.GrammarCompiler(self.tokenizer_info, max_threads=1, cache_enabled=True)
+
+    def encode(self, text: bytes) -> list[int] | None:
+        """Greedy longest-match tokens spelling ``text`` exactly (for text the decoder
+        writes itself, such as a quoted fallback sentence); ``None`` if some byte has no
+        token. Not the model's own tokenization, but every token is a real one."""
+        if self._by_bytes is None:
+            self._by_bytes = {}
+            for token, piece in enumerate(self.tokens):
+                if piece and self.unblocked[token]:
+                    self._by_bytes.setdefault(piece, token)
+        table, longest = self._by_bytes, self.max_length
+        out: list[int] = []
+        position = 0
+        while position < len(text):
+            for size in range(min(longest, len(text) - position), 0, -1):
+                token = table.get(text[position : position + size])
+                if token is not None:
+                    out.append(token)
+                    position += size
+                    break
+            else:
+                return None
+        return out
 
     def compile(self, grammar: Grammar) -> xgr.CompiledGrammar:
         """Compile ``grammar`` for this vocabulary (cached by grammar text)."""
