@@ -45,6 +45,8 @@ from numbers import Real
 from typing import Generic, Protocol, TypeVar, runtime_checkable
 
 from citebacktrack.errors import ConfigurationError, InvalidSourcesError
+from citebacktrack.syntax import SENTENCE_END_RE as _SENTENCE_END_RE
+from citebacktrack.syntax import split_sentences as _split_sentences
 from citebacktrack.types import Source
 
 __all__ = [
@@ -152,8 +154,6 @@ _APOSTROPHES = str.maketrans(
 )
 _COMBINING_RE = re.compile(r"[\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f]")
 _CLAUSE_BREAK_RE = re.compile(r"[,;:()\u2013\u2014]|\s-\s")
-_SENTENCE_END_RE = re.compile(r"[.!?]+[\"'\u201d\u2019)\]]*\s+")
-_ABBREVIATION_RE = re.compile(r"(?:^|\W)(?:[A-Za-z]|Mr|Mrs|Ms|Dr|St|Jr|Sr|vs|etc|Inc|Ltd|Co)\.$")
 
 
 def _fold(text: str) -> str:
@@ -315,25 +315,6 @@ def _terms(tokens: Sequence[_Token]) -> _Terms:
 def _content_stems(text: str) -> frozenset[str]:
     """Returns the set of content stems (numbers included) of ``text``."""
     return frozenset(token.stem for token in _tokens(text))
-
-
-def _split_sentences(text: str) -> list[str]:
-    """Splits passage text into sentences, not breaking after initials or abbreviations."""
-    sentences: list[str] = []
-    start = 0
-    for match in _SENTENCE_END_RE.finditer(text):
-        # Only the last few characters can hold an initial or abbreviation ("U.S.", "Dr.").
-        head = text[max(start, match.start() - 6) : match.start() + 1]
-        if _ABBREVIATION_RE.search(head):
-            continue
-        sentence = text[start : match.end()].strip()
-        if sentence:
-            sentences.append(sentence)
-        start = match.end()
-    tail = text[start:].strip()
-    if tail:
-        sentences.append(tail)
-    return sentences
 
 
 # --- caching ---------------------------------------------------------------------------------
