@@ -7,9 +7,11 @@ explicit abstention, and no repetition loop.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-from citebacktrack import Citeformer, MockBackend, Source
+from citebacktrack import Answer, Citeformer, MockBackend, Source
 from citebacktrack.support import LexicalSupportScorer
 from citebacktrack.types import CitationMode, Policy, RejectionReason, StopReason
 from citebacktrack.validation import CitationValidator
@@ -18,8 +20,7 @@ BRIDGE = [
     Source(
         title="Maximum Overdrive",
         text=(
-            "Maximum Overdrive is a 1986 American horror film written and directed by "
-            "Stephen King."
+            "Maximum Overdrive is a 1986 American horror film written and directed by Stephen King."
         ),
     ),
     Source(
@@ -35,8 +36,8 @@ BOTH = [
 ]
 
 
-def answer(script: str, sources: list[Source], **policy: object) -> object:
-    cf = Citeformer(MockBackend([script]), policy=Policy(**policy))  # type: ignore[arg-type]
+def answer(script: str, sources: list[Source], **policy: Any) -> Answer:
+    cf = Citeformer(MockBackend([script]), policy=Policy(**policy))
     return cf.generate("question", sources)
 
 
@@ -45,10 +46,12 @@ def answer(script: str, sources: list[Source], **policy: object) -> object:
 
 @pytest.mark.parametrize("gap", ["", " "])
 def test_a_marker_after_the_period_cites_that_sentence(gap: str) -> None:
-    script = f"Maximum Overdrive was directed by Stephen King.{gap}[1] It was shot in Leland.{gap}[2]"
+    script = (
+        f"Maximum Overdrive was directed by Stephen King.{gap}[1] It was shot in Leland.{gap}[2]"
+    )
     result = answer(script, BRIDGE)
-    assert result.text == script  # type: ignore[attr-defined]
-    citations = result.citations  # type: ignore[attr-defined]
+    assert result.text == script
+    citations = result.citations
     assert [c.source_index for c in citations] == [1, 2]
     # Each marker was checked against the sentence its period closed.
     assert citations[1].sentence_start == script.index("It was")
@@ -59,20 +62,18 @@ def test_a_marker_after_the_period_cites_that_sentence(gap: str) -> None:
 
 
 def test_a_two_source_claim_is_accepted_with_both_markers() -> None:
-    validator = CitationValidator(
-        n_sources=3, policy=Policy(), scorer=LexicalSupportScorer(BOTH)
-    )
+    validator = CitationValidator(n_sources=3, policy=Policy(), scorer=LexicalSupportScorer(BOTH))
     claim = "Christopher Nolan and Sathish Kalathil are both film directors"
     first = validator.check(source_index=1, sentence_ids=(), claim=claim)
-    assert first.is_accepted and not first.is_complete  # partial: one of two names
+    assert first.is_accepted  # partial: one of two names
+    assert not first.is_complete
     second = validator.check(source_index=2, sentence_ids=(1,), claim=claim)
-    assert second.is_accepted and second.is_complete
+    assert second.is_accepted
+    assert second.is_complete
 
 
 def test_a_two_source_claim_refuses_an_irrelevant_second_marker() -> None:
-    validator = CitationValidator(
-        n_sources=3, policy=Policy(), scorer=LexicalSupportScorer(BOTH)
-    )
+    validator = CitationValidator(n_sources=3, policy=Policy(), scorer=LexicalSupportScorer(BOTH))
     claim = "Christopher Nolan and Sathish Kalathil are both film directors"
     third = validator.check(source_index=3, sentence_ids=(1,), claim=claim)
     assert not third.is_accepted
@@ -83,8 +84,8 @@ def test_the_decoder_completes_a_partial_marker_in_the_same_group() -> None:
     # The model wants to stop after [1]; a partial citation must be completed first.
     script = "Christopher Nolan and Sathish Kalathil are both film directors [1]."
     result = answer(script, BOTH)
-    text = result.text  # type: ignore[attr-defined]
-    ids = [c.source_index for c in result.citations]  # type: ignore[attr-defined]
+    text = result.text
+    ids = [c.source_index for c in result.citations]
     assert ids == [1, 2], text
     assert text.rstrip(".").endswith("[1][2]")
 
@@ -92,12 +93,8 @@ def test_the_decoder_completes_a_partial_marker_in_the_same_group() -> None:
 def test_stacking_does_not_pay() -> None:
     script = "Christopher Nolan is an English film director [1][2][3]."
     result = answer(script, BOTH)
-    assert [c.source_index for c in result.citations] == [1]  # type: ignore[attr-defined]
-    rejected = {
-        e.source_index: e.reason
-        for e in result.trace.entries  # type: ignore[attr-defined]
-        if e.kind == "rejection"
-    }
+    assert [c.source_index for c in result.citations] == [1]
+    rejected = {e.source_index: e.reason for e in result.trace.entries if e.kind == "rejection"}
     # [2] shares words with the claim but adds nothing [1] did not already support.
     assert rejected[2] == RejectionReason.REDUNDANT.value
 
@@ -108,34 +105,34 @@ def test_stacking_does_not_pay() -> None:
 def test_an_unsupportable_answer_quotes_the_best_supported_source() -> None:
     script = "Stephen King loved purple elephants dancing in Paris [3]."
     result = answer(script, BRIDGE)
-    text = result.text  # type: ignore[attr-defined]
-    assert result.stop_reason is StopReason.END  # type: ignore[attr-defined]
+    text = result.text
+    assert result.stop_reason is StopReason.END
     assert text == (
-        "Maximum Overdrive is a 1986 American horror film written and directed by "
-        "Stephen King [1]."
+        "Maximum Overdrive is a 1986 American horror film written and directed by Stephen King [1]."
     )
-    assert any("quoted the evidence" in e.detail for e in result.trace.entries)  # type: ignore[attr-defined]
+    assert any("quoted the evidence" in e.detail for e in result.trace.entries)
 
 
 def test_nothing_supportable_is_an_explicit_abstention() -> None:
     result = answer("Bananas are blue and grow on Mars [1].", BRIDGE)
-    assert result.text == ""  # type: ignore[attr-defined]
-    assert result.stop_reason is StopReason.NO_SUPPORTED_ANSWER  # type: ignore[attr-defined]
-    assert result.abstention and "none of the sources" in result.abstention  # type: ignore[attr-defined]
+    assert result.text == ""
+    assert result.stop_reason is StopReason.NO_SUPPORTED_ANSWER
+    assert result.abstention is not None
+    assert "none of the sources" in result.abstention
 
 
 def test_abstain_policy_never_quotes() -> None:
     script = "Stephen King loved purple elephants dancing in Paris [3]."
     result = answer(script, BRIDGE, fallback="abstain")
-    assert result.text == ""  # type: ignore[attr-defined]
-    assert result.stop_reason is StopReason.NO_SUPPORTED_ANSWER  # type: ignore[attr-defined]
+    assert result.text == ""
+    assert result.stop_reason is StopReason.NO_SUPPORTED_ANSWER
 
 
 def test_supported_sentences_are_kept_when_a_later_one_fails() -> None:
     script = "Maximum Overdrive was directed by Stephen King [1]. Bananas are blue on Mars [2]."
     result = answer(script, BRIDGE)
-    assert result.text.startswith("Maximum Overdrive was directed by Stephen King [1].")  # type: ignore[attr-defined]
-    assert "Bananas" not in result.text  # type: ignore[attr-defined]
+    assert result.text.startswith("Maximum Overdrive was directed by Stephen King [1].")
+    assert "Bananas" not in result.text
 
 
 # ------------------------------------------------------------------ no degenerate output
@@ -144,15 +141,15 @@ def test_supported_sentences_are_kept_when_a_later_one_fails() -> None:
 def test_a_repeated_sentence_ends_the_answer() -> None:
     sentence = "Maximum Overdrive was directed by Stephen King [1]. "
     result = answer(sentence * 4, BRIDGE)
-    assert result.text == sentence.strip()  # type: ignore[attr-defined]
-    assert result.stop_reason is StopReason.END  # type: ignore[attr-defined]
+    assert result.text == sentence.strip()
+    assert result.stop_reason is StopReason.END
 
 
 def test_ellipsis_chains_cannot_carry_a_sentence() -> None:
     result = answer("Maximum Overdrive was directed by Stephen King........ [1]", BRIDGE)
-    assert "...." not in result.text  # type: ignore[attr-defined]
+    assert "...." not in result.text
 
 
 def test_auto_policy_is_unchanged_by_the_quote_fallback() -> None:
     result = answer("Bananas are blue [1].", BRIDGE, mode=CitationMode.AUTO)
-    assert "[" not in result.text  # type: ignore[attr-defined]
+    assert "[" not in result.text

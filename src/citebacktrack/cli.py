@@ -126,7 +126,8 @@ def ask(
 def _print_answer(console: Console, answer: Answer, sources: list[Source]) -> None:
     if answer.is_abstained:
         console.print(
-            f"[bold yellow]No answer[/]: {answer.stop_reason.value} (see the trace below)"
+            f"[bold yellow]No answer[/]: {escape(answer.abstention or '')} "
+            f"[dim](stop: {answer.stop_reason.value}; see the trace below)[/]"
         )
     else:
         console.print(escape(renumbered_text(answer)), highlight=False)

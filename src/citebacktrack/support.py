@@ -597,9 +597,7 @@ class LexicalSupportScorer:
         analysed = self._claim(claim)
         if len(analysed.whole.words) < self._min_content_words:
             return self.score(claim, indices[0])
-        singles = [
-            self._score_terms(analysed.whole, self._indexed[i - 1], 1.0) for i in indices
-        ]
+        singles = [self._score_terms(analysed.whole, self._indexed[i - 1], 1.0) for i in indices]
         best = max(singles, key=lambda result: result.score)
         if len(indices) == 1:
             self._set_cache.put(key, best)
@@ -686,17 +684,17 @@ class LexicalSupportScorer:
         best_credits: dict[str, float] = {}
         for window in source.windows or (_Window("", frozenset()),):
             covered = 0.0
-            credits: dict[str, float] = {}
+            credit_of: dict[str, float] = {}
             for word, weight in weights.items():
                 if word in window.stems or word in source.title_stems:
-                    credits[word] = 1.0
+                    credit_of[word] = 1.0
                 elif word in prefixed and not prefixed[word].isdisjoint(window.stems):
-                    credits[word] = self._prefix_credit
+                    credit_of[word] = self._prefix_credit
                 else:
                     continue
-                covered += weight * credits[word]
+                covered += weight * credit_of[word]
             if covered > best_covered:
-                best_covered, best_window, best_credits = covered, window.text, credits
+                best_covered, best_window, best_credits = covered, window.text, credit_of
         missing_numbers = tuple(
             surface for number, surface in terms.numbers if number not in source.vocabulary
         )

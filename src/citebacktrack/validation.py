@@ -17,22 +17,15 @@ token-impossible and bounds each group.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Collection
 from dataclasses import dataclass
 
 from citebacktrack.errors import ConfigurationError
 from citebacktrack.support import SetSupportScorer, SupportResult, SupportScorer
+from citebacktrack.syntax import strip_markers
 from citebacktrack.types import Policy, RejectionReason
 
 __all__ = ["CitationValidator", "Verdict", "strip_markers"]
-
-_MARKER = re.compile(r"\s*\[\d*\]")
-
-
-def strip_markers(text: str) -> str:
-    """``text`` without ``[N]`` markers (and the spaces before them)."""
-    return _MARKER.sub("", text)
 
 
 @dataclass(frozen=True, slots=True)

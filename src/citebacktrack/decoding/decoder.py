@@ -111,9 +111,7 @@ class _Run:
     supported the claim, so the sentence must say more before it cites again."""
     best_refused: tuple[float, int, str] = (0.0, 0, "")
     """The best-supported claim refused so far: (score, source, claim), for the quote."""
-    verdicts: dict[tuple[str, tuple[int, ...]], dict[int, Verdict]] = field(
-        default_factory=dict
-    )
+    verdicts: dict[tuple[str, tuple[int, ...]], dict[int, Verdict]] = field(default_factory=dict)
     """The validator's verdict on every id for (claim, prior ids): the ids it would
     refuse are masked before the id is sampled."""
     trace: list[TraceEntry] = field(default_factory=list)
@@ -174,9 +172,7 @@ class Decoder:
         self._shortcut = not self.operators
         self._n_sources = len(source_ids)
         self.constrained = constrained
-        self.initial_state = TextState(
-            strict=constrained and policy.mode is CitationMode.REQUIRED
-        )
+        self.initial_state = TextState(strict=constrained and policy.mode is CitationMode.REQUIRED)
 
     # ------------------------------------------------------------------ driving
 
@@ -365,9 +361,7 @@ class Decoder:
         banned = run.bans.get(state.sentence_start, set())
         forbidden = self.validator.forbidden_ids(state.sentence_ids, banned)
         if state.in_marker:
-            unsupported = frozenset(
-                i for i, v in self._verdicts(run).items() if not v.is_accepted
-            )
+            unsupported = frozenset(i for i, v in self._verdicts(run).items() if not v.is_accepted)
             return forbidden | unsupported, True
         can_open = state.sentence_start not in run.no_markers and self.validator.can_open_marker(
             state.sentence_ids, banned
@@ -459,9 +453,9 @@ class Decoder:
         for marker in closed:
             if marker.source_index in forbidden or marker.source_index in marker.prior_ids:
                 return False
-        if closed and closed[-1].source_index in partial:
-            if not (after.in_group or after.in_marker):
-                return False
+        ends_group = not (after.in_group or after.in_marker)
+        if closed and closed[-1].source_index in partial and ends_group:
+            return False
         if after.in_marker:
             taken = forbidden | frozenset(after.sentence_ids)
             prefix = after.partial_id
@@ -538,8 +532,7 @@ class Decoder:
             # begin with it.
             wanted = int(after.partial_id)
             if any(
-                str(i).startswith(after.partial_id) and v.is_accepted
-                for i, v in verdicts.items()
+                str(i).startswith(after.partial_id) and v.is_accepted for i, v in verdicts.items()
             ):
                 return
         else:

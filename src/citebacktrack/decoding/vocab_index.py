@@ -121,9 +121,9 @@ class VocabularyIndex:
         position = 0
         while position < len(text):
             for size in range(min(longest, len(text) - position), 0, -1):
-                token = table.get(text[position : position + size])
-                if token is not None:
-                    out.append(token)
+                found = table.get(text[position : position + size])
+                if found is not None:
+                    out.append(found)
                     position += size
                     break
             else:
