@@ -345,6 +345,13 @@ def test_a_reused_prefix_gives_bit_identical_answers(runtime: ChatRuntime) -> No
     assert runtime.last_prefill == PrefillStats(len(b), n, 0, len(b))
     assert_same_run(after_c, first)
 
+    if isinstance(runtime, LlamaCppRuntime):
+        # The very same prompt again (another system on the same question): nothing is
+        # evaluated, the cached prompt and its logits are reused, the run is identical.
+        again = decode_with_prefix(runtime, b, n)
+        assert runtime.last_prefill == PrefillStats(len(b), n, len(b), 0)
+        assert_same_run(again, first)
+
     # Truncating into the prefix forgets it; a prompt that is all prefix reuses its logits.
     runtime.truncate(n - 1)
     assert_same_run(decode_with_prefix(runtime, b, n), first)

@@ -177,7 +177,8 @@ def _eval_backend(name: BackendName, model: Path | None) -> Backend:
         return HFBackend.from_gguf(model)
     from citebacktrack.backends.llamacpp import LlamaCppBackend
 
-    return LlamaCppBackend(model, n_ctx=EVAL_N_CTX)
+    # Every core: an eval run has the machine to itself (llama.cpp's default is half).
+    return LlamaCppBackend(model, n_ctx=EVAL_N_CTX, n_threads=os.cpu_count())
 
 
 def _eval_system_names(

@@ -93,6 +93,10 @@ class LlamaCppRuntime:
         # the cache, the logits after it, and the cache length this runtime last left.
         self._prefix: tuple[int, ...] = ()
         self._prefix_logits: Logits | None = None
+        self._prompt: tuple[int, ...] = ()
+        self._prompt_logits: Logits = np.zeros(0, dtype=np.float32)
+        """The last prefix prefill's whole prompt and its logits, reused by a request
+        with the very same prompt while the cache still holds it."""
         self._owned_n = int(llama.n_tokens)
         self._last_prefill: PrefillStats | None = None
 
@@ -181,6 +185,18 @@ class LlamaCppRuntime:
             )
         head = tuple(tokens[:n])
         logits: Logits | None = None
+        whole = tuple(tokens)
+        if n and whole == self._prompt and self._holds_prefix(head) and self._holds(whole):
+            # The same request again (another system on the same question, a retry): the
+            # cache still holds this prompt as the same two eval calls computed it.
+            self._drop_after(len(whole))
+            self._last_prefill = PrefillStats(
+                prompt_tokens=len(whole),
+                fixed_prefix=n,
+                reused_tokens=len(whole),
+                evaluated_tokens=0,
+            )
+            return self._prompt_logits.copy()
         if n and self._holds_prefix(head):
             self._drop_after(n)
             reused = n
@@ -196,6 +212,8 @@ class LlamaCppRuntime:
             logits = self._eval(tokens[n:])
         if logits is None:  # pragma: no cover - n == len(tokens) always sets it above
             raise BackendError("prefill produced no logits")
+        if n:
+            self._prompt, self._prompt_logits = whole, logits.copy()
         self._last_prefill = PrefillStats(
             prompt_tokens=len(tokens),
             fixed_prefix=n,
@@ -207,6 +225,14 @@ class LlamaCppRuntime:
     def forget_prefix(self) -> None:
         """Drop the cached prefix: the next prefill evaluates its prompt from scratch."""
         self._prefix, self._prefix_logits = (), None
+        self._prompt, self._prompt_logits = (), np.zeros(0, dtype=np.float32)
+
+    def _holds(self, tokens: tuple[int, ...]) -> bool:
+        """Whether the cache's first ``len(tokens)`` cells hold exactly ``tokens``."""
+        if int(self._llama.n_tokens) < len(tokens):
+            return False
+        cached = self._llama.input_ids[: len(tokens)]
+        return bool(np.array_equal(cached, np.asarray(tokens, dtype=cached.dtype)))
 
     def _holds_prefix(self, head: tuple[int, ...]) -> bool:
         """Whether the cache holds ``head`` as evaluated by a prefix prefill of this runtime."""
@@ -258,6 +284,8 @@ class LlamaCppRuntime:
         """:meth:`truncate` without the range check."""
         if n_tokens < len(self._prefix):
             self.forget_prefix()
+        elif n_tokens < len(self._prompt):
+            self._prompt = ()
         if n_tokens == self.n_tokens:
             return
         self._llama.n_tokens = n_tokens
