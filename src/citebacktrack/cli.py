@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from datetime import UTC, datetime
@@ -312,10 +313,19 @@ def eval_command(
         ) as progress:
             task = progress.add_task("evaluating", total=len(examples) * len(runners))
 
+            out.mkdir(parents=True, exist_ok=True)
+            partial = (out / "records.jsonl").open("w", encoding="utf-8")
+
             def advance(record: AnswerRecord) -> None:
+                # Each answer as it comes, so a long run that is cut off loses nothing.
+                partial.write(json.dumps(dataclasses.asdict(record), default=str) + "\n")
+                partial.flush()
                 progress.update(task, advance=1, description=f"{record.system:>10} {record.id}")
 
-            report = evaluate(examples, runners, on_record=advance)
+            try:
+                report = evaluate(examples, runners, on_record=advance)
+            finally:
+                partial.close()
     except (CitebacktrackError, ValueError) as exc:
         _fail(exc)
     finally:
