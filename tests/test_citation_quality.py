@@ -145,6 +145,15 @@ def test_a_repeated_sentence_ends_the_answer() -> None:
     assert result.stop_reason is StopReason.END
 
 
+def test_a_sentence_repeating_part_of_an_earlier_one_ends_the_answer() -> None:
+    script = (
+        "The film Maximum Overdrive was directed by Stephen King [1]. "
+        "Maximum Overdrive was directed by Stephen King [1]. It was shot in Leland [2]."
+    )
+    result = answer(script, BRIDGE)
+    assert result.text == "The film Maximum Overdrive was directed by Stephen King [1]."
+
+
 def test_ellipsis_chains_cannot_carry_a_sentence() -> None:
     result = answer("Maximum Overdrive was directed by Stephen King........ [1]", BRIDGE)
     assert "...." not in result.text

@@ -499,14 +499,17 @@ class Decoder:
     # ------------------------------------------------------------------ validation
 
     def _repeats(self, run: _Run, marker: ClosedMarker) -> bool:
-        """Whether the sentence of ``marker`` (its first) says what an earlier one said."""
+        """Whether the sentence of ``marker`` (its first) says nothing an earlier one did
+        not: the same words, or a run of an earlier sentence's words."""
         said = _normalized(self._claim(run, marker.sentence_start, marker.start))
         earlier = {
             _normalized(self._claim(run, a.marker.sentence_start, a.marker.start))
             for a in run.accepted
             if not a.marker.prior_ids and a.marker.sentence_start < marker.sentence_start
         }
-        return bool(said) and said in earlier
+        # A sentence that only says again what one earlier sentence said (or a part of it).
+        padded = f" {said} "
+        return bool(said) and any(padded in f" {e} " for e in earlier)
 
     def _token_at(self, run: _Run, byte_offset: int) -> int:
         """Index of the generated token holding ``byte_offset``."""
