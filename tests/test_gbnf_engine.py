@@ -16,6 +16,7 @@ from citebacktrack.decoding.sampling import SamplingConfig
 from citebacktrack.decoding.vocab_index import VocabularyIndex
 from citebacktrack.errors import ConfigurationError, GrammarError
 from citebacktrack.grammar.citations import citation_grammar
+from citebacktrack.support import LexicalSupportScorer
 from citebacktrack.types import CitationMode, Policy
 
 pytestmark = pytest.mark.skipif(
@@ -117,8 +118,11 @@ def test_both_engines_give_the_same_answer(
     answers = [
         Citeformer(
             LlamaCppBackend(runtime=runtime, grammar_engine=engine),
+            # A strict scorer: ids are refused (masked) and claims rolled back, so the
+            # rejection and rollback paths run under both engines.
+            scorer=lambda sources: LexicalSupportScorer(sources, threshold=0.9),
             sampling=sampling,
-            budgets=Budgets(max_new_tokens=64),
+            budgets=Budgets(max_new_tokens=96),
         ).generate("When was the Eiffel Tower built, and what is the Louvre?", SOURCES)
         for engine in ("xgrammar", "gbnf")
     ]

@@ -679,9 +679,13 @@ class Decoder:
                     self._truncate_to(run, start, prompt_len)
                     return False
                 run.accepted.append(_Accepted(marker, verdict))
-        run.logits = self.runtime.forward(tokens)
+        # One token per forward pass, like every other kept token: the KV cache then holds
+        # exactly what decoding these tokens would have left (a batched eval differs by
+        # llama.cpp's batch rounding).
+        for token in tokens:
+            run.logits = self.runtime.forward([token])
+            run.forward_passes += 1
         run.kv_steps = len(run.steps)
-        run.forward_passes += 1
         self._note(run, "fallback", start, f"quoted the evidence of source [{source}]")
         return True
 
