@@ -543,22 +543,43 @@ class Decoder:
         verdict = verdicts.get(wanted)
         if verdict is None or verdict.is_accepted:
             return
-        reason = verdict.reason or RejectionReason.UNSUPPORTED
+        yield self._rejection(
+            run,
+            token_position=state.marker_token,
+            byte_offset=state.marker_start,
+            source_index=wanted,
+            reason=verdict.reason or RejectionReason.UNSUPPORTED,
+            score=verdict.score,
+            detail=f"masked before sampling: {verdict.detail}",
+        )
+
+    def _rejection(
+        self,
+        run: _Run,
+        *,
+        token_position: int,
+        byte_offset: int,
+        source_index: int,
+        reason: RejectionReason,
+        score: float | None,
+        detail: str,
+    ) -> CitationRejected:
+        """Count a rejection and trace it; the event to yield for it."""
         run.rejections += 1
-        offset = self._char_offset(run, state.marker_start)
+        offset = self._char_offset(run, byte_offset)
         run.trace.append(
             TraceEntry(
                 kind="rejection",
-                token_position=state.marker_token,
+                token_position=token_position,
                 char_offset=offset,
-                source_index=wanted,
+                source_index=source_index or None,
                 reason=reason.value,
-                score=verdict.score,
-                detail=f"masked before sampling: {verdict.detail}",
+                score=score,
+                detail=detail,
             )
         )
-        yield CitationRejected(
-            source_index=wanted, reason=reason, score=verdict.score, char_offset=offset
+        return CitationRejected(
+            source_index=source_index, reason=reason, score=score, char_offset=offset
         )
 
     def _claim(self, run: _Run, sentence_start: int, marker_start: int) -> str:
@@ -576,22 +597,14 @@ class Decoder:
         self, run: _Run, marker: ClosedMarker, verdict: Verdict, prompt_len: int
     ) -> Iterator[Event]:
         sentence = marker.sentence_start
-        reason = verdict.reason or RejectionReason.UNSUPPORTED
-        run.rejections += 1
-        offset = self._char_offset(run, marker.start)
-        run.trace.append(
-            TraceEntry(
-                kind="rejection",
-                token_position=marker.token_index,
-                char_offset=offset,
-                source_index=marker.source_index,
-                reason=reason.value,
-                score=verdict.score,
-                detail=verdict.detail,
-            )
-        )
-        yield CitationRejected(
-            source_index=marker.source_index, reason=reason, score=verdict.score, char_offset=offset
+        yield self._rejection(
+            run,
+            token_position=marker.token_index,
+            byte_offset=marker.start,
+            source_index=marker.source_index,
+            reason=verdict.reason or RejectionReason.UNSUPPORTED,
+            score=verdict.score,
+            detail=verdict.detail,
         )
         run.bans.setdefault(sentence, set()).add(marker.source_index)
         retries = run.marker_retries.get(sentence, 0) + 1
@@ -723,24 +736,14 @@ class Decoder:
         best_id, best_score = best[0] if best else (0, 0.0)
         if best_score > run.best_refused[0]:
             run.best_refused = (best_score, best_id, claim)
-        run.rejections += 1
-        offset = self._char_offset(run, state.marker_start)
-        run.trace.append(
-            TraceEntry(
-                kind="rejection",
-                token_position=marker_token,
-                char_offset=offset,
-                source_index=best_id or None,
-                reason=RejectionReason.UNSUPPORTED.value,
-                score=best_score,
-                detail=f"no source supports {claim[-80:]!r}; best [{best_id}] {best_score:.2f}",
-            )
-        )
-        yield CitationRejected(
+        yield self._rejection(
+            run,
+            token_position=marker_token,
+            byte_offset=state.marker_start,
             source_index=best_id,
             reason=RejectionReason.UNSUPPORTED,
             score=best_score,
-            char_offset=offset,
+            detail=f"no source supports {claim[-80:]!r}; best [{best_id}] {best_score:.2f}",
         )
         retries = run.marker_retries.get(sentence, 0) + 1
         run.marker_retries[sentence] = retries
