@@ -22,11 +22,11 @@ from citebacktrack.support import (
     SupportResult,
     SupportScorer,
     _normalise_number,
-    _split_sentences,
     _stem,
     _tokens,
 )
-from citebacktrack.types import Source
+from citebacktrack.syntax import split_sentences
+from citebacktrack.types import Evidence, Source
 
 MAWSYNRAM = Source(
     title="Mawsynram",
@@ -133,7 +133,7 @@ def test_clauses_are_numbered_at_commas_and_semicolons() -> None:
 
 def test_passage_sentences_split_but_not_at_initials_or_abbreviations() -> None:
     text = 'The U.S. Navy sailed. Dr. Who came in 1961. He met J. R. Tolkien. "Done." end'
-    assert _split_sentences(text) == [
+    assert split_sentences(text) == [
         "The U.S. Navy sailed.",
         "Dr. Who came in 1961.",
         "He met J. R. Tolkien.",
@@ -212,6 +212,161 @@ def test_prefix_of_a_longer_source_word_earns_partial_credit() -> None:
     prefix = scorer.score("Mawsynram has the heaviest rain", 1).score
     assert exact == pytest.approx(1.0)
     assert 0.6 < prefix < 1.0
+
+
+# --- evidence spans ------------------------------------------------------------------------------
+
+
+def check_spans(result: SupportResult, sources: tuple[Source, ...] | list[Source]) -> None:
+    """Every span quotes its source exactly, one per source, in source order."""
+    indices = [span.source_index for span in result.spans]
+    assert indices == sorted(set(indices))
+    for span in result.spans:
+        assert 1 <= span.source_index <= len(sources)
+        assert span.text == sources[span.source_index - 1].text[span.start : span.end]
+        assert 0 <= span.start <= span.end
+
+
+def test_the_span_is_the_sentence_holding_the_matched_words() -> None:
+    text = "Rain fell in Paris.\n\n  Mawsynram is the  wettest place on Earth.\tIt is in India."
+    scorer = LexicalSupportScorer([Source(text=text), MAWSYNRAM])
+    result = scorer.score("Mawsynram is the wettest place on Earth", 1)
+    start = text.index("Mawsynram")
+    assert result.spans == (
+        Evidence(
+            source_index=1,
+            start=start,
+            end=text.index("\tIt"),
+            text="Mawsynram is the  wettest place on Earth.",
+        ),
+    )
+    assert result.evidence == result.spans[0].text
+    assert scorer.score("Rainfall in Mawsynram", 2).spans[0].source_index == 2
+
+
+def test_a_two_sentence_window_spans_the_source_text_between_them() -> None:
+    text = "Ove Johansson kicked a field goal.\n It went 69 yards in 1976. Rain fell."
+    result = LexicalSupportScorer([Source(text=text)]).score(
+        "Ove Johansson kicked a 69 yard field goal in 1976", 1
+    )
+    assert result.evidence == "Ove Johansson kicked a field goal. It went 69 yards in 1976."
+    (span,) = result.spans
+    assert (span.start, span.end) == (0, text.index(" Rain"))
+    assert span.text == "Ove Johansson kicked a field goal.\n It went 69 yards in 1976."
+
+
+def test_among_windows_equal_by_the_title_the_one_with_the_words_wins() -> None:
+    source = Source(title="Mawsynram", text="Rain fell. Mawsynram is a village. Sun shone.")
+    result = LexicalSupportScorer([source]).score("Mawsynram", 1)
+    assert result.score == pytest.approx(1.0)
+    assert [span.text for span in result.spans] == ["Mawsynram is a village."]
+
+
+def test_no_span_without_a_matched_window() -> None:
+    scorer = LexicalSupportScorer(
+        [Source(title="Mawsynram", text="Rain fell. Sun shone."), Source(text=""), MAWSYNRAM]
+    )
+    title_only = scorer.score("Mawsynram", 1)
+    assert title_only.is_supported
+    assert title_only.spans == ()
+    assert scorer.score("Mawsynram", 2).spans == ()  # no text, no window
+    assert scorer.score("Purple elephants dance", 3).spans == ()  # nothing matched
+    assert scorer.score("It is.", 3).spans == ()  # nothing to check
+    assert scorer.score_set("It is.", [1, 3]).spans == ()
+
+
+def test_a_last_clause_fallback_spans_the_window_of_that_clause() -> None:
+    source = Source(text="Stephen Morris is a novel. Rain fell. Lonely Road is another one.")
+    result = LexicalSupportScorer([source]).score("Purple elephants, Lonely Road", 1)
+    assert "of the last" in result.detail
+    assert [span.text for span in result.spans] == ["Lonely Road is another one."]
+
+
+def test_a_union_spans_every_source_that_matched_in_index_order(
+    scorer: LexicalSupportScorer,
+) -> None:
+    claim = "Mawsynram gets 11,872 mm while Cherrapunji had the most rain in July 1861"
+    union = scorer.score_set(claim, [2, 1])
+    assert "together" in union.detail
+    assert [span.source_index for span in union.spans] == [1, 2]
+    assert union.spans[0] == scorer.score_set(claim, [1]).spans[0]
+    assert "11,872 mm" in union.spans[0].text
+    assert "1861" in union.spans[1].text
+    check_spans(union, SOURCES)
+    # Where one source alone scores best, the result is that source's, its span alone.
+    alone = scorer.score_set("Cherrapunji had the most rain in July 1861", [1, 2])
+    assert alone == scorer.score_set("Cherrapunji had the most rain in July 1861", [2])
+    assert [span.source_index for span in alone.spans] == [2]
+
+
+def test_function_scorer_spans_the_whole_text_of_each_source_judged() -> None:
+    untitled = Source(text="Plain text.")
+    scorer = FunctionSupportScorer(
+        [MAWSYNRAM, untitled, FIELD_GOAL], RecordingFn(0.7), threshold=0.5
+    )
+    whole = [
+        Evidence(source_index=i, start=0, end=len(source.text), text=source.text)
+        for i, source in enumerate((MAWSYNRAM, untitled, FIELD_GOAL), 1)
+    ]
+    assert scorer.score("claim", 1).spans == (whole[0],)  # the title is not part of it
+    assert scorer.score("claim", 2).spans == (whole[1],)
+    assert scorer.score_set("claim", [3, 1]).spans == (whole[0], whole[2])
+    weak_union = FunctionSupportScorer(
+        [MAWSYNRAM, untitled], lambda claim, text: 0.2 if "\n\n" in text else 0.9, threshold=0.5
+    )
+    assert weak_union.score_set("claim", [1, 2]).spans == (whole[0],)
+
+
+def test_cached_results_carry_their_spans(scorer: LexicalSupportScorer) -> None:
+    claim = "Mawsynram gets 11,872 mm while Cherrapunji had the most rain in July 1861"
+    uncached = LexicalSupportScorer(SOURCES, cache_size=0)
+    first, union = scorer.score(claim, 1), scorer.score_set(claim, [1, 2])
+    assert first.spans
+    assert len(union.spans) == 2
+    assert scorer.score(claim, 1) is first
+    assert scorer.score_set(claim, [2, 1]) is union
+    assert uncached.score(claim, 1) == first
+    assert uncached.score_set(claim, [1, 2]) == union
+
+
+# Words (some accented or not Latin) run together with terminators, closers, odd
+# whitespace and Unicode punctuation: sentences of every shape, as pieces of text.
+_SPAN_WORDS = "Mawsynram rain Paris 1861 11,872 U.S. Dr. J. e.g. film Lloró Ünïcode 日本"
+_SPAN_PIECES = [
+    *_SPAN_WORDS.split(),
+    *'.!?;,)"\u201c\u201d\u2019\u2026\u2014',
+    *" \n\t\u00a0\u2003\u2028\x0b",
+    "  ",
+    "\n\n",
+    "\r\n",
+]
+_SPAN_TEXT = st.lists(st.sampled_from(_SPAN_PIECES), max_size=40).map("".join)
+_SPAN_CLAIM = _SPAN_TEXT | st.lists(st.sampled_from(_SPAN_WORDS.split()), max_size=8).map(" ".join)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    texts=st.lists(_SPAN_TEXT, min_size=1, max_size=4),
+    claim=_SPAN_CLAIM,
+    data=st.data(),
+)
+def test_every_span_quotes_its_source_exactly(
+    texts: list[str], claim: str, data: st.DataObject
+) -> None:
+    sources = [Source(text=text, title=text[:10]) for text in texts]
+    indices = data.draw(st.lists(st.integers(1, len(sources)), min_size=1, max_size=4))
+    lexical = LexicalSupportScorer(sources)
+    function = FunctionSupportScorer(sources, lambda claim, text: len(text) % 7 / 6, threshold=0.5)
+    for scorer in (lexical, function):
+        for index in range(1, len(sources) + 1):
+            check_spans(scorer.score(claim, index), sources)
+        union = scorer.score_set(claim, indices)
+        check_spans(union, sources)
+        assert {span.source_index for span in union.spans} <= set(indices)
+    for index in range(1, len(sources) + 1):
+        spans = lexical.score(claim, index).spans
+        assert len(spans) <= 1
+        assert all(span.text.strip() == span.text != "" for span in spans)
 
 
 # --- number and name guard ------------------------------------------------------------------------

@@ -16,7 +16,11 @@ from citebacktrack.grammar.emit import Dialect, emit
 from citebacktrack.retrieval import chunk_text
 from citebacktrack.syntax import (
     ABBREVIATIONS,
+    CLOSERS,
+    LONGEST_ABBREVIATION,
+    SENTENCE_END_RE,
     period_is_absorbed,
+    sentence_spans,
     split_sentences,
     strip_markers,
 )
@@ -124,3 +128,61 @@ def test_tracker_sentences_are_grammar_sentences(text: str) -> None:
         return
     for sentence in tracker_sentences(text, strict=True):
         assert xgrammar_accepts(_required_sentence(2), sentence), (text, sentence)
+
+
+# --- sentence spans -------------------------------------------------------------------------------
+
+
+def reference_split(text: str) -> list[str]:
+    """``split_sentences`` as it was before spans: stripped slices between sentence ends."""
+    sentences: list[str] = []
+    start = 0
+    for match in SENTENCE_END_RE.finditer(text):
+        gap = match.group()
+        last = match.start() + len(gap.rstrip().rstrip(CLOSERS)) - 1
+        before = text[max(0, last - LONGEST_ABBREVIATION) : last + 1].encode()
+        if "\n" not in gap and period_is_absorbed(before):
+            continue
+        sentence = text[start : match.end()].strip()
+        if sentence:
+            sentences.append(sentence)
+        start = match.end()
+    tail = text[start:].strip()
+    if tail:
+        sentences.append(tail)
+    return sentences
+
+
+# Prose with the characters that decide sentence ends, odd whitespace (Unicode spaces that
+# str.strip removes but the sentence-end pattern's ``\s`` also matches) and non-ASCII letters.
+PROSE = st.text(
+    alphabet="ab AUJ.!?)\"'[]1e.g\n\t\r"
+    "\u00a0\u2003\u3000\u2028\x0b\u00e9\u00df\u00dc\u65e5\u201d\u2026",
+    max_size=80,
+)
+
+
+def test_sentence_spans_locate_the_split_sentences() -> None:
+    text = '  The U.S. Navy sailed.\n\nDr. Who came in 1961.\t He met J. R. Tolkien. "Done."  end '
+    spans = sentence_spans(text)
+    assert [text[a:b] for a, b in spans] == split_sentences(text)
+    assert spans[0] == (2, 2 + len("The U.S. Navy sailed."))
+    assert spans[-1] == (len(text) - 4, len(text) - 1)
+    assert sentence_spans("") == sentence_spans(" \n\t") == []
+
+
+@settings(max_examples=400, deadline=None)
+@given(PROSE)
+def test_sentence_spans_are_exactly_the_split_sentences(text: str) -> None:
+    """The spans' slices are the sentences (as split before spans existed), in order,
+    stripped, and what lies between them is whitespace only."""
+    spans = sentence_spans(text)
+    assert [text[a:b] for a, b in spans] == split_sentences(text) == reference_split(text)
+    bounds = [0, *itertools.chain.from_iterable(spans), len(text)]
+    for start, end in itertools.pairwise(bounds):
+        assert start <= end
+    for start, end in spans:
+        assert start < end
+        assert text[start:end] == text[start:end].strip()
+    gaps = zip(bounds[::2], bounds[1::2], strict=True)  # before, between and after spans
+    assert all(text[a:b].strip() == "" for a, b in gaps)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from citebacktrack.decoding.tracker import TextState, advance
-from citebacktrack.types import Policy, RejectionReason
+from citebacktrack.support import LexicalSupportScorer, SupportResult
+from citebacktrack.types import Evidence, Policy, RejectionReason, Source
 from citebacktrack.validation import CitationValidator, strip_markers
 from helpers import table_scorer
 
@@ -129,6 +133,99 @@ def test_support_rule_and_scores() -> None:
         0.1,
     )
     assert (accepted.is_accepted, accepted.score) == (True, 0.9)
+
+
+BRIDGE = [
+    Source(
+        title="Maximum Overdrive",
+        text="Maximum Overdrive is a 1986 American horror film directed by Stephen King.",
+    ),
+    Source(
+        title="Leland, North Carolina",
+        text="Leland is a town in Brunswick County, North Carolina.\n\nThe film was shot there.",
+    ),
+    Source(title="Myrtle Beach", text="Myrtle Beach is a city on the coast of South Carolina."),
+]
+
+
+def lexical_validator(partial_support: float = 0.25) -> CitationValidator:
+    return CitationValidator(
+        n_sources=len(BRIDGE),
+        policy=Policy(),
+        scorer=LexicalSupportScorer(BRIDGE),
+        partial_support=partial_support,
+    )
+
+
+def test_an_accepted_verdict_carries_the_span_it_rests_on() -> None:
+    verdict = lexical_validator().check(
+        source_index=1, sentence_ids=(), claim="Stephen King directed the 1986 horror film"
+    )
+    assert verdict.is_accepted
+    assert verdict.spans == (
+        Evidence(source_index=1, start=0, end=len(BRIDGE[0].text), text=BRIDGE[0].text),
+    )
+
+
+def test_a_union_verdict_spans_each_contributing_source() -> None:
+    v = lexical_validator(partial_support=0.15)
+    claim = "The horror film directed by Stephen King was shot in Leland, North Carolina"
+    partial = v.check(source_index=1, sentence_ids=(), claim=claim)
+    assert partial.is_accepted
+    assert not partial.is_complete
+    assert [span.source_index for span in partial.spans] == [1]
+    together = v.check(source_index=2, sentence_ids=(1,), claim=claim)
+    assert together.is_accepted
+    assert together.is_complete
+    assert [span.source_index for span in together.spans] == [1, 2]
+    for span in together.spans:
+        assert span.text == BRIDGE[span.source_index - 1].text[span.start : span.end]
+    assert together.spans[1].text == BRIDGE[1].text  # both sentences, the blank line kept
+
+
+def test_rejections_and_structural_verdicts_carry_no_span() -> None:
+    v = lexical_validator()
+    claim = "Stephen King directed the 1986 horror film"
+    assert v.check(source_index=3, sentence_ids=(), claim=claim).spans == ()
+    assert v.check(source_index=1, sentence_ids=(1,), claim=claim).spans == ()
+    assert validator().check(source_index=1, sentence_ids=(), claim=claim).spans == ()
+
+
+def test_evidence_span_is_the_best_span_in_one_source() -> None:
+    v = lexical_validator()
+    claim = "Leland is a town in North Carolina"
+    span = v.evidence_span(claim, 2)
+    assert span is not None
+    assert span.text == "Leland is a town in Brunswick County, North Carolina."
+    assert v.evidence_span("Purple elephants", 1) is None
+    assert validator().evidence_span(claim, 2) is None
+    assert validator(rule=lambda claim, i: True).evidence_span(claim, 2) is None
+
+
+@dataclass
+class LopsidedScorer:
+    """A set scorer whose unions rest on the first source alone, spanning only it."""
+
+    def score(self, claim: str, source_index: int) -> SupportResult:
+        return self._result(0.2, (source_index,))
+
+    def score_set(self, claim: str, source_indices: Sequence[int]) -> SupportResult:
+        ids = sorted(source_indices)
+        return self._result(0.2 if len(ids) == 1 else 0.9, ids[:1])
+
+    @staticmethod
+    def _result(score: float, ids: Sequence[int]) -> SupportResult:
+        spans = tuple(Evidence(source_index=i, start=0, end=1, text=str(i)) for i in ids)
+        return SupportResult(
+            score=score, is_supported=score >= 0.5, evidence="", detail="", spans=spans
+        )
+
+
+def test_a_union_verdict_always_spans_the_marker_s_own_source() -> None:
+    v = CitationValidator(n_sources=3, policy=Policy(), scorer=LopsidedScorer())
+    verdict = v.check(source_index=3, sentence_ids=(1,), claim="claim")
+    assert verdict.is_accepted
+    assert [(span.source_index, span.text) for span in verdict.spans] == [(1, "1"), (3, "3")]
 
 
 def test_forbidden_and_can_open() -> None:

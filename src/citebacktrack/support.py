@@ -14,6 +14,9 @@ Two scorers ship here:
 * :class:`FunctionSupportScorer` wraps any ``(claim, source_text) -> float`` callable,
   such as an embedding similarity or an NLI entailment probability.
 
+Each result also says where in the sources it rests (:attr:`SupportResult.spans`: offsets
+into ``Source.text`` and the quoted text), so that a citation can point at its passage.
+
 Thresholds. A claim is supported when ``score >= threshold``. The lexical default, 0.4,
 reads "at least ~40% of what the sentence says, weighted toward rare words, names and
 numbers, is found in one place of the source, and nothing it names is missing". It was
@@ -46,8 +49,8 @@ from typing import Generic, Protocol, TypeVar, runtime_checkable
 
 from citebacktrack.errors import ConfigurationError, InvalidSourcesError
 from citebacktrack.syntax import SENTENCE_END_RE as _SENTENCE_END_RE
-from citebacktrack.syntax import split_sentences as _split_sentences
-from citebacktrack.types import Source
+from citebacktrack.syntax import sentence_spans as _sentence_spans
+from citebacktrack.types import Evidence, Source
 
 __all__ = [
     "FunctionSupportScorer",
@@ -70,6 +73,10 @@ class SupportResult:
     """The best-matching passage sentence(s), for traces; may be empty."""
     detail: str
     """A short human-readable reason, e.g. ``"coverage 0.62; missing number 1861"``."""
+    spans: tuple[Evidence, ...] = ()
+    """The source passages the score rests on, one per source that contributed, in source
+    order; each span's ``text`` is ``source.text[start:end]``. Empty when the score rests
+    on no passage (nothing to check, nothing matched, or a match in the title only)."""
 
 
 @runtime_checkable
@@ -399,6 +406,10 @@ class _Window:
 
     text: str
     stems: frozenset[str]
+    start: int
+    """Offset in the source text of the first sentence's first character."""
+    end: int
+    """Offset in the source text just past the last sentence."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -414,6 +425,10 @@ class _Claim:
 class _IndexedSource:
     """A source tokenised once: its windows, title stems, whole vocabulary sorted."""
 
+    source_index: int
+    """1-based number of the source."""
+    text: str
+    """The source's text, which window offsets index."""
     windows: tuple[_Window, ...]
     title_stems: frozenset[str]
     vocabulary: frozenset[str]
@@ -502,7 +517,9 @@ class LexicalSupportScorer:
         self._clause_fallback = bool(clause_fallback)
         self._clause_credit = _check_unit("clause_credit", clause_credit)
         self._name_weight = weight
-        self._indexed = tuple(self._index(source) for source in self._sources)
+        self._indexed = tuple(
+            self._index(number, source) for number, source in enumerate(self._sources, 1)
+        )
         document_frequency: dict[str, int] = {}
         for indexed in self._indexed:
             for stem in indexed.vocabulary:
@@ -524,18 +541,36 @@ class LexicalSupportScorer:
         return self._threshold
 
     @staticmethod
-    def _index(source: Source) -> _IndexedSource:
+    def _index(source_index: int, source: Source) -> _IndexedSource:
         """Tokenises one source into windows of one and two adjacent sentences."""
-        sentences = _split_sentences(source.text)
+        spans = _sentence_spans(source.text)
+        sentences = [source.text[start:end] for start, end in spans]
         stems = [_content_stems(sentence) for sentence in sentences]
-        windows = [_Window(text, words) for text, words in zip(sentences, stems, strict=True)]
+        windows = [
+            _Window(text, words, start, end)
+            for text, words, (start, end) in zip(sentences, stems, spans, strict=True)
+        ]
+        # A pair's evidence joins its sentences by one space; its span covers the source's
+        # own text between them, whatever whitespace that is.
         windows.extend(
-            _Window(f"{sentences[i]} {sentences[i + 1]}", stems[i] | stems[i + 1])
+            _Window(
+                f"{sentences[i]} {sentences[i + 1]}",
+                stems[i] | stems[i + 1],
+                spans[i][0],
+                spans[i + 1][1],
+            )
             for i in range(len(sentences) - 1)
         )
         title_stems = _content_stems(source.title)
         vocabulary = title_stems.union(*stems)
-        return _IndexedSource(tuple(windows), title_stems, vocabulary, tuple(sorted(vocabulary)))
+        return _IndexedSource(
+            source_index,
+            source.text,
+            tuple(windows),
+            title_stems,
+            vocabulary,
+            tuple(sorted(vocabulary)),
+        )
 
     def _idf(self, stem: str) -> float:
         """Smoothed inverse document frequency of ``stem`` across this scorer's sources."""
@@ -560,7 +595,10 @@ class LexicalSupportScorer:
     def score(self, claim: str, source_index: int) -> SupportResult:
         """Scores ``claim`` against source ``source_index`` (1-based).
 
-        Stray ``[N]`` markers in ``claim`` are ignored.
+        Stray ``[N]`` markers in ``claim`` are ignored. ``spans`` holds the best window
+        (of the last clause, when the score falls back on it) if any claim word matched
+        in it; a claim matched only by the title, or not at all, gets no span, and so does
+        one with nothing to check.
 
         Raises:
             ConfigurationError: ``source_index`` is not in 1..len(sources).
@@ -580,7 +618,10 @@ class LexicalSupportScorer:
         The whole claim is judged (never only its last clause, which :meth:`score` may
         fall back on): each claim word counts with the best credit any of the sources
         gives it (in that source's best window or title), and a number or name is missing
-        only if none of them mentions it. Adding a source never lowers the score.
+        only if none of them mentions it. Adding a source never lowers the score. When
+        the union scores higher than the best single source, ``spans`` holds the best
+        window of every source in which a claim word matched, in index order; otherwise
+        the result is the best single source's, spans included.
 
         Raises:
             ConfigurationError: an index is not in 1..len(sources).
@@ -597,12 +638,16 @@ class LexicalSupportScorer:
         analysed = self._claim(claim)
         if len(analysed.whole.words) < self._min_content_words:
             return self.score(claim, indices[0])
-        singles = [self._score_terms(analysed.whole, self._indexed[i - 1], 1.0) for i in indices]
+        sources = [self._indexed[i - 1] for i in indices]
+        matches = [self._match(analysed.whole, source) for source in sources]
+        singles = [
+            self._result(analysed.whole, source, match, 1.0)
+            for source, match in zip(sources, matches, strict=True)
+        ]
         best = max(singles, key=lambda result: result.score)
         if len(indices) == 1:
             self._set_cache.put(key, best)
             return best
-        matches = [self._match(analysed.whole, self._indexed[i - 1]) for i in indices]
         weights = matches[0].weights
         total = sum(weights.values())
         covered = sum(
@@ -632,6 +677,11 @@ class LexicalSupportScorer:
                 is_supported=score >= self._threshold,
                 evidence=" … ".join(m.evidence for m in matches if m.evidence),
                 detail=detail,
+                spans=tuple(
+                    span
+                    for source, match in zip(sources, matches, strict=True)
+                    for span in _spans(source, match)
+                ),
             )
         self._set_cache.put(key, result)
         return result
@@ -665,7 +715,12 @@ class LexicalSupportScorer:
         return last if last.score > whole.score else whole
 
     def _match(self, terms: _Terms, source: _IndexedSource) -> _Match:
-        """Matches claim terms against one indexed source's best window and title."""
+        """Matches claim terms against one indexed source's best window and title.
+
+        The best window covers the most claim weight, title included; among equals, the
+        one whose own words cover the most, then the first (single sentences come before
+        pairs, so the shortest passage wins).
+        """
         names = {stem for stem, _ in terms.entities}
         names.update(number for number, _ in terms.numbers)
         weights = {
@@ -679,22 +734,28 @@ class LexicalSupportScorer:
                 matches = _prefix_matches(source.sorted_vocabulary, word)
                 if matches:
                     prefixed[word] = matches
-        best_covered = -1.0
+        best = (-1.0, -1.0)
         best_window = ""
+        best_span: tuple[int, int] | None = None
         best_credits: dict[str, float] = {}
-        for window in source.windows or (_Window("", frozenset()),):
-            covered = 0.0
+        for window in source.windows or (_Window("", frozenset(), 0, 0),):
+            covered = own = 0.0  # all credit, and the credit of the window's own words
             credit_of: dict[str, float] = {}
             for word, weight in weights.items():
-                if word in window.stems or word in source.title_stems:
+                if word in window.stems:
+                    credit_of[word] = 1.0
+                    own += weight
+                elif word in source.title_stems:
                     credit_of[word] = 1.0
                 elif word in prefixed and not prefixed[word].isdisjoint(window.stems):
                     credit_of[word] = self._prefix_credit
+                    own += weight * self._prefix_credit
                 else:
                     continue
                 covered += weight * credit_of[word]
-            if covered > best_covered:
-                best_covered, best_window, best_credits = covered, window.text, credit_of
+            if (covered, own) > best:
+                best, best_window, best_credits = (covered, own), window.text, credit_of
+                best_span = (window.start, window.end) if own > 0 else None
         missing_numbers = tuple(
             surface for number, surface in terms.numbers if number not in source.vocabulary
         )
@@ -703,11 +764,16 @@ class LexicalSupportScorer:
             for stem, surface in terms.entities
             if stem not in source.vocabulary and stem not in prefixed
         )
-        return _Match(weights, best_credits, best_window, missing_numbers, missing_names)
+        return _Match(weights, best_credits, best_window, best_span, missing_numbers, missing_names)
 
     def _score_terms(self, terms: _Terms, source: _IndexedSource, credit: float) -> SupportResult:
         """Scores claim terms against one indexed source, scaled by ``credit``."""
-        match = self._match(terms, source)
+        return self._result(terms, source, self._match(terms, source), credit)
+
+    def _result(
+        self, terms: _Terms, source: _IndexedSource, match: _Match, credit: float
+    ) -> SupportResult:
+        """The result of ``match`` (of ``terms`` in ``source``), scaled by ``credit``."""
         total = sum(match.weights.values())
         covered = sum(match.weights[word] * c for word, c in match.credits.items())
         coverage = covered / total if total > 0 else 0.0
@@ -731,6 +797,7 @@ class LexicalSupportScorer:
             is_supported=score >= self._threshold,
             evidence=match.evidence,
             detail=detail,
+            spans=_spans(source, match),
         )
 
 
@@ -743,8 +810,22 @@ class _Match:
     credits: dict[str, float]
     """Credit (0..1) of each covered claim word in the best window or the title."""
     evidence: str
+    span: tuple[int, int] | None
+    """The best window's offsets in the source text; None if none of its words matched."""
     missing_numbers: tuple[str, ...]
     missing_names: tuple[str, ...]
+
+
+def _spans(source: _IndexedSource, match: _Match) -> tuple[Evidence, ...]:
+    """The evidence span of ``match`` in ``source``: one, or none without a matched window."""
+    if match.span is None:
+        return ()
+    start, end = match.span
+    return (
+        Evidence(
+            source_index=source.source_index, start=start, end=end, text=source.text[start:end]
+        ),
+    )
 
 
 def _prefix_matches(sorted_vocabulary: tuple[str, ...], prefix: str) -> frozenset[str]:
@@ -769,6 +850,9 @@ class FunctionSupportScorer:
     clamped into [0, 1]; a claim is supported when ``score >= threshold``. Results are
     cached per (claim, source), so ``fn`` runs once per pair even across rollbacks.
     Exceptions raised by ``fn`` propagate unchanged.
+
+    ``fn`` judges whole texts, so a result's ``spans`` are the whole text
+    ``(0, len(source.text))`` of each source judged (never the title prepended to it).
     """
 
     def __init__(
@@ -793,6 +877,10 @@ class FunctionSupportScorer:
             f"{source.title}\n{source.text}" if source.title else source.text
             for source in self._sources
         )
+        self._spans = tuple(
+            Evidence(source_index=number, start=0, end=len(source.text), text=source.text)
+            for number, source in enumerate(self._sources, 1)
+        )
         self._cache: _LRU[tuple[str, int], SupportResult] = _LRU(512)
         self._set_cache: _LRU[tuple[str, tuple[int, ...]], SupportResult] = _LRU(512)
 
@@ -813,13 +901,20 @@ class FunctionSupportScorer:
         cached = self._cache.get(key)
         if cached is not None:
             return cached
-        result = self._call(claim, self._texts[source_index - 1], f"source {source_index}")
+        result = self._call(
+            claim,
+            self._texts[source_index - 1],
+            f"source {source_index}",
+            (self._spans[source_index - 1],),
+        )
         self._cache.put(key, result)
         return result
 
     def score_set(self, claim: str, source_indices: Sequence[int]) -> SupportResult:
         """Calls ``fn(claim, texts)`` with the sources' texts joined by blank lines (the
         way ALCE judges a sentence's citations together); never below the best single one.
+        The joined judgement's ``spans`` are the whole text of every source; when the best
+        single source scores higher, its result is returned as is.
 
         Raises:
             ConfigurationError: an index is out of range, or ``fn`` returned something
@@ -838,13 +933,19 @@ class FunctionSupportScorer:
             return cached
         best = max((self.score(claim, i) for i in indices), key=lambda r: r.score)
         joined = "\n\n".join(self._texts[i - 1] for i in indices)
-        result = self._call(claim, joined, f"sources {', '.join(map(str, indices))}")
+        result = self._call(
+            claim,
+            joined,
+            f"sources {', '.join(map(str, indices))}",
+            tuple(self._spans[i - 1] for i in indices),
+        )
         if result.score < best.score:
             result = best
         self._set_cache.put(key, result)
         return result
 
-    def _call(self, claim: str, text: str, what: str) -> SupportResult:
+    def _call(self, claim: str, text: str, what: str, spans: tuple[Evidence, ...]) -> SupportResult:
+        """Calls ``fn`` on ``text`` (the sources ``what`` names, whose spans are ``spans``)."""
         raw = self._fn(claim, text)
         value = _real(raw)
         if value is None:
@@ -857,4 +958,5 @@ class FunctionSupportScorer:
             is_supported=score >= self._threshold,
             evidence="",
             detail=f"function score {value:.3f}, threshold {self._threshold:.2f}",
+            spans=spans,
         )

@@ -36,6 +36,7 @@ __all__ = [
     "TERMINATORS",
     "WHITESPACE",
     "period_is_absorbed",
+    "sentence_spans",
     "split_sentences",
     "strip_markers",
 ]
@@ -115,16 +116,19 @@ def period_is_absorbed(before: bytes) -> bool:
     )
 
 
-def split_sentences(text: str) -> list[str]:
-    """Split passage text into sentences by the same rules as the citation grammar.
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """Where each sentence of passage text lies: ``(start, end)`` offsets into ``text``.
 
-    A sentence ends at terminators and closers followed by whitespace, unless the last
-    terminator is an absorbed period (:func:`period_is_absorbed`: ``U.S.``, ``Dr.``,
-    ``J. R. Tolkien``, an ellipsis). A line break inside a passage is whitespace (unlike
-    in an answer, where the tracker ends a sentence at every newline), but a terminator
-    followed by a line break always ends the sentence, as in the tracker.
+    The one definition of a passage sentence (:func:`split_sentences` returns
+    ``text[start:end]`` of each span). A sentence ends at terminators and closers followed
+    by whitespace, unless the last terminator is an absorbed period
+    (:func:`period_is_absorbed`: ``U.S.``, ``Dr.``, ``J. R. Tolkien``, an ellipsis). A line
+    break inside a passage is whitespace (unlike in an answer, where the tracker ends a
+    sentence at every newline), but a terminator followed by a line break always ends the
+    sentence, as in the tracker. Spans exclude the whitespace around a sentence (as
+    ``str.strip`` removes it); whitespace-only stretches give no span.
     """
-    sentences: list[str] = []
+    spans: list[tuple[int, int]] = []
     start = 0
     for match in SENTENCE_END_RE.finditer(text):
         gap = match.group()
@@ -132,14 +136,28 @@ def split_sentences(text: str) -> list[str]:
         before = text[max(0, last - LONGEST_ABBREVIATION) : last + 1].encode()
         if "\n" not in gap and period_is_absorbed(before):
             continue
-        sentence = text[start : match.end()].strip()
-        if sentence:
-            sentences.append(sentence)
+        _add_stripped(spans, text, start, match.end())
         start = match.end()
-    tail = text[start:].strip()
-    if tail:
-        sentences.append(tail)
-    return sentences
+    _add_stripped(spans, text, start, len(text))
+    return spans
+
+
+def _add_stripped(spans: list[tuple[int, int]], text: str, start: int, end: int) -> None:
+    """Appends the span of ``text[start:end].strip()`` to ``spans`` unless it is empty."""
+    piece = text[start:end]
+    kept = piece.lstrip()
+    if kept:
+        first = start + len(piece) - len(kept)
+        spans.append((first, first + len(kept.rstrip())))
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split passage text into sentences by the same rules as the citation grammar.
+
+    The sentences are ``text[start:end]`` for each span of :func:`sentence_spans`, which
+    states the rules; each is stripped of surrounding whitespace and none is empty.
+    """
+    return [text[start:end] for start, end in sentence_spans(text)]
 
 
 def strip_markers(text: str) -> str:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from citebacktrack.errors import ConfigurationError
 from citebacktrack.support import SetSupportScorer, SupportResult, SupportScorer
 from citebacktrack.syntax import strip_markers
-from citebacktrack.types import Policy, RejectionReason
+from citebacktrack.types import Evidence, Policy, RejectionReason
 
 __all__ = ["CitationValidator", "Verdict", "strip_markers"]
 
@@ -41,6 +41,10 @@ class Verdict:
     that needs another marker in the same group."""
     evidence: str = ""
     """The passage text the support rests on, when the scorer reports it."""
+    spans: tuple[Evidence, ...] = ()
+    """Where in the sources an accepted marker's support rests, in source order: the
+    support result's spans, plus the marker's own source's span when a union's result
+    left it out and the scorer gives one. Empty for rejections and without a scorer."""
 
 
 ACCEPTED = Verdict(is_accepted=True)
@@ -162,9 +166,9 @@ class CitationValidator:
             )
         ids = (*sentence_ids, source_index)
         if after.is_supported:
-            return _accept(after, note=f"together with {list(sentence_ids)}")
+            return _accept(after, note=f"together with {list(sentence_ids)}", own=single)
         if self._completable(claim, ids, single.score):
-            return _accept(after, complete=False, note="partial support")
+            return _accept(after, complete=False, note="partial support", own=single)
         return _reject(RejectionReason.UNSUPPORTED, after)
 
     def best_sources(self, claim: str, count: int = 1) -> list[tuple[int, float]]:
@@ -180,6 +184,17 @@ class CitationValidator:
         if self.scorer is None:
             return ""
         return self.scorer.score(claim, source_index).evidence
+
+    def evidence_span(self, claim: str, source_index: int) -> Evidence | None:
+        """Where in source ``source_index`` the scorer finds ``claim`` best supported.
+
+        None without a scorer, or when the scorer gives no span in that source (nothing
+        matched, nothing to check, or a scorer that reports no spans).
+        """
+        if self.scorer is None:
+            return None
+        spans = self.scorer.score(claim, source_index).spans
+        return next((span for span in spans if span.source_index == source_index), None)
 
     def _union(self, claim: str, ids: tuple[int, ...]) -> SupportResult:
         scorer = self.scorer
@@ -203,14 +218,28 @@ class CitationValidator:
         )
 
 
-def _accept(result: SupportResult, *, complete: bool = True, note: str = "") -> Verdict:
-    detail = f"{result.detail}; {note}" if note else result.detail
+def _accept(
+    result: SupportResult,
+    *,
+    complete: bool = True,
+    note: str = "",
+    own: SupportResult | None = None,
+) -> Verdict:
+    """Accepts a marker on ``result``; ``own`` (the marker's source alone) adds its span
+    when a union's result, resting on the other sources, left that source out."""
+    spans = result.spans
+    if own is not None:
+        present = {span.source_index for span in spans}
+        extra = tuple(span for span in own.spans if span.source_index not in present)
+        if extra:
+            spans = tuple(sorted((*spans, *extra), key=lambda span: span.source_index))
     return Verdict(
         is_accepted=True,
         score=result.score,
-        detail=detail,
+        detail=f"{result.detail}; {note}" if note else result.detail,
         is_complete=complete,
         evidence=result.evidence,
+        spans=spans,
     )
 
 
