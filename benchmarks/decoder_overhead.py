@@ -28,17 +28,17 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from citebacktrack.backends.base import ChatMessage, GenerationRequest
 from citebacktrack.backends.local import decode
-from citebacktrack.backends.mock import ScriptedRuntime
 from citebacktrack.decoding import decoder as decoder_module
 from citebacktrack.decoding.budgets import Budgets
 from citebacktrack.decoding.runtime import Logits, Vocabulary
 from citebacktrack.decoding.sampling import SamplingConfig
 from citebacktrack.decoding.vocab_index import VocabularyIndex
 from citebacktrack.grammar.citations import citation_grammar
+from citebacktrack.request import DecodingOptions, GenerationRequest
 from citebacktrack.support import SupportResult
-from citebacktrack.types import Done, Policy
+from citebacktrack.testing import ScriptedRuntime
+from citebacktrack.types import ChatMessage, Done, Policy, Source
 from citebacktrack.validation import CitationValidator
 
 ANSWER = (
@@ -138,12 +138,12 @@ def make_request(
     policy = Policy()
     return GenerationRequest(
         messages=[ChatMessage("user", "q")],
+        sources=[Source(text=f"Source {i}.") for i in range(1, n_sources + 1)],
         grammar=citation_grammar(n_sources, policy),
         policy=policy,
-        n_sources=n_sources,
         validator=CitationValidator(n_sources=n_sources, policy=policy, scorer=scorer),
-        sampling=sampling or SamplingConfig(),
         budgets=Budgets(max_new_tokens=512),
+        decoding=DecodingOptions(sampling=sampling or SamplingConfig()),
     )
 
 

@@ -47,8 +47,8 @@ from typing import Any
 import numpy as np
 
 from citebacktrack import Budgets, Citeformer, Source
-from citebacktrack.backends.base import GenerationRequest
 from citebacktrack.backends.local import LocalBackend, fixed_prefix_length
+from citebacktrack.request import GenerationRequest
 
 DEFAULT_DATA = Path("/work/shared/data/multihop/hotpotqa_dev186.json")
 N_CTX = 4096
@@ -267,7 +267,7 @@ def measure(
     for reuse, backend in backends.items():
         cf = Citeformer(backend, budgets=budgets)
         cf_plain = Citeformer(backend, scorer=None, budgets=budgets)
-        reqs = [cf.build_request(it["question"], it["sources"])[0] for it in items]
+        reqs = [cf.build_request(it["question"], it["sources"]) for it in items]
 
         def citeformer(q: int, b: LocalBackend = backend, c: Citeformer = cf) -> Sample:
             return run_citeformer(CITEFORMER, name, b, c, q, items[q])

@@ -46,10 +46,11 @@ from typing import Any
 
 import numpy as np
 
-from citebacktrack import Budgets, Citeformer, GenerationRequest, Source
+from citebacktrack import Budgets, Citeformer, Source
 from citebacktrack.backends.local import LocalBackend
 from citebacktrack.decoding.sampling import SamplingConfig
 from citebacktrack.models import default_model_path
+from citebacktrack.request import DecodingOptions, GenerationRequest
 from citebacktrack.retrieval import PassageIndex, load_passages, sample_docs_path
 from citebacktrack.support import LexicalSupportScorer
 
@@ -300,7 +301,7 @@ def requests(
         scorer=LexicalSupportScorer if validate else None,
         budgets=Budgets(max_new_tokens=max_new),
     )
-    return [cf.build_request(item.question, item.sources)[0] for item in items]
+    return [cf.build_request(item.question, item.sources) for item in items]
 
 
 def measure_backend(
@@ -333,7 +334,8 @@ def measure_backend(
         gbnf = LlamaCppBackend(runtime=runtime, grammar_engine="gbnf")
         modes[CONSTRAINED_GBNF] = lambda i: run_decoder(gbnf, runtime, constrained[i])
         sampled = [
-            replace(r, sampling=replace(SAMPLING, seed=i)) for i, r in enumerate(constrained)
+            replace(r, decoding=DecodingOptions(sampling=replace(SAMPLING, seed=i)))
+            for i, r in enumerate(constrained)
         ]
         modes[SAMPLED] = lambda i: run_decoder(backend, runtime, sampled[i])
         modes[NATIVE] = lambda i: run_native(runtime.llama, prompts[i], max_new)

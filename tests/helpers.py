@@ -8,19 +8,21 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from citebacktrack.backends.base import ChatMessage, GenerationRequest
 from citebacktrack.decoding.budgets import Budgets
 from citebacktrack.decoding.operators import Operator
 from citebacktrack.decoding.sampling import SamplingConfig
 from citebacktrack.grammar.citations import citation_grammar
+from citebacktrack.request import DecodingOptions, GenerationRequest
 from citebacktrack.support import SupportResult
 from citebacktrack.types import (
+    ChatMessage,
     CitationAccepted,
     CitationMode,
     CitationRejected,
     Done,
     Event,
     Policy,
+    Source,
     TextDelta,
 )
 from citebacktrack.validation import CitationValidator
@@ -63,14 +65,18 @@ def request(
     )
     return GenerationRequest(
         messages=[ChatMessage("user", "question")],
+        sources=placeholder_sources(n_sources),
         grammar=citation_grammar(n_sources, policy),
         policy=policy,
-        n_sources=n_sources,
         validator=CitationValidator(n_sources=n_sources, policy=policy, scorer=scorer),
-        sampling=sampling or SamplingConfig(),
         budgets=budgets or Budgets(),
-        operators=tuple(operators),
+        decoding=DecodingOptions(sampling=sampling or SamplingConfig(), operators=tuple(operators)),
     )
+
+
+def placeholder_sources(n: int) -> tuple[Source, ...]:
+    """``n`` sources with ids ``"1".."n"`` (for requests whose scorer ignores the text)."""
+    return tuple(Source(text=f"Placeholder source number {i}.", id=str(i)) for i in range(1, n + 1))
 
 
 def text_of(events: Iterable[Event]) -> str:

@@ -28,7 +28,6 @@ import pytest
 from typer.testing import CliRunner
 
 from citebacktrack import Answer, Citeformer, Source
-from citebacktrack.backends.base import GenerationRequest
 from citebacktrack.backends.llamacpp_runtime import LlamaCppRuntime
 from citebacktrack.backends.local import LocalBackend
 from citebacktrack.cli import app
@@ -39,6 +38,7 @@ from citebacktrack.decoding.vocab_index import VocabularyIndex
 from citebacktrack.errors import ContextOverflowError, ModelLoadError
 from citebacktrack.grammar.citations import citation_grammar
 from citebacktrack.grammar.emit import Dialect, emit
+from citebacktrack.request import GenerationRequest
 from citebacktrack.support import LexicalSupportScorer
 from citebacktrack.types import CitationMode, Policy, StopReason
 from citebacktrack.validation import strip_markers
@@ -149,7 +149,8 @@ class RecordingBackend(LocalBackend):
 def llama_backend():  # type: ignore[no-untyped-def]
     from citebacktrack.backends.llamacpp import LlamaCppBackend
 
-    return LlamaCppBackend(n_ctx=2048)
+    with LlamaCppBackend(n_ctx=2048) as backend:
+        yield backend
 
 
 @pytest.fixture(scope="module")
@@ -373,10 +374,10 @@ def test_astream_yields_the_same_events_as_stream(llama_backend) -> None:  # typ
 def test_transformers_backend_rejects_distractors_too(eiffel_sources: list[Source]) -> None:
     from citebacktrack.backends.hf import HFBackend
 
-    backend = HFBackend.from_gguf()
-    answer = Citeformer(backend, budgets=Budgets(max_new_tokens=96)).generate(
-        EIFFEL_QUESTION, eiffel_sources
-    )
+    with HFBackend.from_gguf() as backend:
+        answer = Citeformer(backend, budgets=Budgets(max_new_tokens=96)).generate(
+            EIFFEL_QUESTION, eiffel_sources
+        )
     assert_markers_are_real(answer, len(eiffel_sources))
     assert answer.citations
     scorer = LexicalSupportScorer(eiffel_sources)
@@ -390,14 +391,14 @@ def test_transformers_backend_rejects_distractors_too(eiffel_sources: list[Sourc
 def test_transformers_backend_samples_only_real_ids() -> None:
     from citebacktrack.backends.hf import HFBackend
 
-    backend = HFBackend.from_gguf()
-    for seed in range(3):
-        cf = Citeformer(
-            backend,
-            sampling=SamplingConfig(temperature=1.0, seed=seed),
-            budgets=Budgets(max_new_tokens=48),
-        )
-        assert_markers_are_real(cf.generate("What is in Paris?", SOURCES), len(SOURCES))
+    with HFBackend.from_gguf() as backend:
+        for seed in range(3):
+            cf = Citeformer(
+                backend,
+                sampling=SamplingConfig(temperature=1.0, seed=seed),
+                budgets=Budgets(max_new_tokens=48),
+            )
+            assert_markers_are_real(cf.generate("What is in Paris?", SOURCES), len(SOURCES))
 
 
 # --------------------------------------------------------------------------- CLI

@@ -12,20 +12,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from citebacktrack.backends.base import GenerationRequest
 from citebacktrack.backends.local import decode
-from citebacktrack.backends.mock import (
-    MockBackend,
-    PrefixHashRuntime,
-    ScriptedRuntime,
-    toy_vocabulary,
-)
+from citebacktrack.backends.mock import MockBackend
 from citebacktrack.decoding.budgets import Budgets
 from citebacktrack.decoding.decoder import Decoder, _Run
 from citebacktrack.decoding.matcher import XGrammarMatcher
 from citebacktrack.decoding.operators import Repetition
 from citebacktrack.decoding.sampling import SamplingConfig
 from citebacktrack.decoding.vocab_index import VocabularyIndex
+from citebacktrack.request import DecodingOptions, GenerationRequest
+from citebacktrack.testing import PrefixHashRuntime, ScriptedRuntime, toy_vocabulary
 from citebacktrack.types import (
     CitationAccepted,
     CitationMode,
@@ -423,7 +419,14 @@ def test_greedy_fast_path_equals_argmax_of_the_masked_logits(
 
     def tokens(operators: tuple[_NoOp, ...]) -> tuple[tuple[int, ...], str, str]:
         runtime, req = _filter_run(seed, mode, max_uncited, max_per_sentence, rejected)
-        events = list(decode(runtime, INDEX, replace(req, operators=operators), [1, 2, 3]))
+        events = list(
+            decode(
+                runtime,
+                INDEX,
+                replace(req, decoding=DecodingOptions(operators=operators)),
+                [1, 2, 3],
+            )
+        )
         return tuple(runtime._tokens), text_of(events), done(events).trace.stop_reason.value
 
     assert tokens(()) == tokens((_NoOp(),))
@@ -460,7 +463,11 @@ def test_sampled_shortcut_takes_only_tokens_of_the_masked_sample_set(
         patch.object(Decoder, "_step", checking_step),
         patch.object(Decoder, "_take", recording_take),
     ):
-        list(decode(runtime, INDEX, replace(req, sampling=config), [1, 2, 3]))
+        list(
+            decode(
+                runtime, INDEX, replace(req, decoding=DecodingOptions(sampling=config)), [1, 2, 3]
+            )
+        )
     assert taken
 
 
@@ -522,7 +529,7 @@ def test_the_decoders_first_token_has_the_masked_distribution(config: SamplingCo
     n = 3000
     for seed in range(n):
         runtime = PrefixHashRuntime(VOCAB, bias=bias)
-        sampled = replace(req, sampling=replace(config, seed=seed))
+        sampled = replace(req, decoding=DecodingOptions(sampling=replace(config, seed=seed)))
         list(decode(runtime, INDEX, sampled, [1, 2, 3]))
         token = runtime._tokens[3]
         counts[token] = counts.get(token, 0) + 1

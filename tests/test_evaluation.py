@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from citebacktrack import cli
-from citebacktrack.backends.base import Backend, GenerationRequest
+from citebacktrack.backends.base import Backend
 from citebacktrack.backends.mock import FunctionBackend
 from citebacktrack.errors import BackendError, ConfigurationError, DatasetError
 from citebacktrack.evaluation import (
@@ -35,6 +35,7 @@ from citebacktrack.evaluation import (
     standard_systems,
     strip_markers,
 )
+from citebacktrack.request import GenerationRequest
 from citebacktrack.types import Source, StopReason, Trace
 
 DATA = Path(__file__).parent / "data" / "eval"
@@ -509,7 +510,7 @@ def test_render_prompt_fallback_keeps_every_message() -> None:
     backend = _scripted(SCRIPTS)
     from citebacktrack.orchestrator import Citeformer
 
-    request, _ = Citeformer(backend).build_request("Why?", ["Because."])
+    request = Citeformer(backend).build_request("Why?", ["Because."])
     prompt = render_prompt(backend, request.messages)
     assert all(m.content in prompt for m in request.messages)
     assert prompt.endswith("assistant: ")

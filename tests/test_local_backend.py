@@ -13,9 +13,7 @@ import numpy as np
 import pytest
 
 from citebacktrack import Budgets, Citeformer, Source
-from citebacktrack.backends.base import ChatMessage, GenerationRequest
 from citebacktrack.backends.local import LocalBackend, fixed_prefix_length
-from citebacktrack.backends.mock import ScriptedRuntime, _index_for, toy_vocabulary
 from citebacktrack.decoding.operators import ProbabilityThreshold
 from citebacktrack.decoding.runtime import (
     FixedPrefixRuntime,
@@ -25,7 +23,9 @@ from citebacktrack.decoding.runtime import (
     TokenRuntime,
 )
 from citebacktrack.decoding.vocab_index import VocabularyIndex
-from citebacktrack.types import Event
+from citebacktrack.request import GenerationRequest
+from citebacktrack.testing import ScriptedRuntime, index_for, toy_vocabulary
+from citebacktrack.types import ChatMessage, Event
 from helpers import request
 
 SCRIPT = "Paris is the capital of France [1]. It has about two million people [2]."
@@ -56,7 +56,7 @@ class SharedModelBackend(LocalBackend):
     def _prepare(
         self, request: GenerationRequest
     ) -> tuple[TokenRuntime, VocabularyIndex, list[int], int | None]:
-        return self.runtime, _index_for(self.runtime.vocabulary), [0], None
+        return self.runtime, index_for(self.runtime.vocabulary), [0], None
 
     def _decode(self, request: GenerationRequest) -> Iterator[Event]:
         with self._count_lock:
@@ -220,7 +220,7 @@ class PrefixBackend(LocalBackend):
     ) -> tuple[TokenRuntime, VocabularyIndex, list[int], int | None]:
         prompt = self.runtime.encode_chat(request.messages)
         runtime = self._reuse_prefix(self.runtime, request.messages, prompt)
-        return runtime, _index_for(self.runtime.vocabulary), prompt, None
+        return runtime, index_for(self.runtime.vocabulary), prompt, None
 
 
 def _chat_request(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
@@ -14,6 +15,7 @@ from citebacktrack import (
     Citeformer,
     ConfigurationError,
     Done,
+    Event,
     FunctionBackend,
     InvalidQuestionError,
     InvalidSourcesError,
@@ -22,13 +24,14 @@ from citebacktrack import (
     Policy,
     Source,
     TextDelta,
-    render_markdown,
+    render,
 )
-from citebacktrack.backends.base import Completion, GenerationRequest, collect
+from citebacktrack.answer import collect
 from citebacktrack.errors import BackendError, MissingDependencyError
 from citebacktrack.grammar.citations import MAX_SOURCES
 from citebacktrack.prompts import format_sources
 from citebacktrack.render import renumbered_text
+from citebacktrack.request import GenerationRequest
 from helpers import text_of
 
 SOURCES = [
@@ -65,7 +68,7 @@ def test_generate_returns_a_validated_answer_with_references() -> None:
         (1, 2, "eiffel")
     ]
     assert renumbered_text(answer) == "The Eiffel Tower was built from 1887 to 1889 [1]."
-    assert "[1] Eiffel Tower (id eiffel)" in render_markdown(answer)
+    assert "[1] Eiffel Tower (id eiffel)" in render(answer, "text")
 
 
 def test_a_distractor_citation_is_replaced_by_the_supporting_source() -> None:
@@ -231,23 +234,23 @@ def test_leading_whitespace_is_dropped_and_offsets_follow() -> None:
     assert answer.text[rejection.char_offset :].startswith("[")
 
 
-def test_agenerate_uses_the_backends_agenerate() -> None:
+def test_agenerate_uses_the_backends_native_astream() -> None:
     calls: list[str] = []
 
     class Recording(MockBackend):
-        async def agenerate(self, request: GenerationRequest) -> Completion:
-            calls.append("agenerate")
-            return await super().agenerate(request)
+        def astream(self, request: GenerationRequest) -> AsyncIterator[Event]:
+            calls.append("astream")
+            return super().astream(request)
 
     backend = Recording(["The Eiffel Tower was built from 1887 to 1889 [2]."])
     answer = anyio.run(Citeformer(backend).agenerate, QUESTION, SOURCES)
-    assert calls == ["agenerate"]
+    assert calls == ["astream"]
     assert [c.source_index for c in answer.citations] == [2]
 
 
 def test_a_stream_without_done_is_a_backend_error() -> None:
     with pytest.raises(BackendError, match="must yield Done last"):
-        collect(iter([TextDelta(text="hi")]))
+        collect(iter([TextDelta(text="hi")]), SOURCES)
 
 
 def test_missing_core_dependency_names_the_module_not_an_extra() -> None:

@@ -13,8 +13,13 @@ import citebacktrack
 from citebacktrack.errors import MissingDependencyError
 
 
-def test_all_is_sorted_and_complete() -> None:
-    assert citebacktrack.__all__ == sorted(citebacktrack.__all__)
+def isort_order(names: list[str]) -> list[str]:
+    """The order ruff's RUF022 keeps ``__all__`` in: CONSTANTS, then Classes, then the rest."""
+    return sorted(names, key=lambda n: (0 if n.isupper() else 1 if n[0].isupper() else 2, n))
+
+
+def test_top_level_all_is_sorted_and_complete() -> None:
+    assert citebacktrack.__all__ == isort_order(citebacktrack.__all__)
     public = {
         n
         for n in dir(citebacktrack)
@@ -33,7 +38,8 @@ def test_core_imports_without_heavy_engines() -> None:
         for name in ("torch", "transformers", "vllm", "llama_cpp", "xgrammar", "triton"):
             sys.modules[name] = None  # any import of them now raises ImportError
         import citebacktrack
-        from citebacktrack import Citeformer, MockBackend, Source, citation_grammar, emit
+        from citebacktrack import Citeformer, MockBackend, Source
+        from citebacktrack.grammar import citation_grammar, emit
         print(emit(citation_grammar(2), "gbnf").splitlines()[0])
         try:
             Citeformer(MockBackend(["x [1]."])).generate("q", [Source(text="t")])
@@ -60,3 +66,109 @@ def test_missing_dependency_message_names_the_extra() -> None:
 )
 def test_backend_modules_import(module: str) -> None:
     __import__(module)
+
+
+RAG_ESSENTIALS = {
+    # the orchestrator, its input and its output
+    "Citeformer",
+    "Source",
+    "Policy",
+    "CitationMode",
+    "MarkerStyle",
+    "Budgets",
+    "SamplingConfig",
+    "Answer",
+    "Citation",
+    "Evidence",
+    "Reference",
+    "Usage",
+    "Trace",
+    "TraceEntry",
+    "StopReason",
+    "RejectionReason",
+    "render",
+    # stream events
+    "Event",
+    "TextDelta",
+    "CitationAccepted",
+    "CitationRejected",
+    "Rollback",
+    "Done",
+    # backends a RAG app or its tests construct
+    "Backend",
+    "MockBackend",
+    "FunctionBackend",
+}
+
+PUBLIC_MODULES = [
+    "citebacktrack",
+    "citebacktrack.answer",
+    "citebacktrack.backends",
+    "citebacktrack.backends.base",
+    "citebacktrack.backends.hf",
+    "citebacktrack.backends.llamacpp",
+    "citebacktrack.backends.local",
+    "citebacktrack.backends.mock",
+    "citebacktrack.decoding",
+    "citebacktrack.decoding.budgets",
+    "citebacktrack.decoding.operators",
+    "citebacktrack.decoding.sampling",
+    "citebacktrack.errors",
+    "citebacktrack.grammar",
+    "citebacktrack.orchestrator",
+    "citebacktrack.render",
+    "citebacktrack.request",
+    "citebacktrack.support",
+    "citebacktrack.syntax",
+    "citebacktrack.testing",
+    "citebacktrack.types",
+    "citebacktrack.validation",
+]
+
+
+def test_top_level_is_the_rag_essentials_and_every_error() -> None:
+    import citebacktrack.errors as errors
+
+    assert set(citebacktrack.__all__) == RAG_ESSENTIALS | set(errors.__all__)
+
+
+@pytest.mark.parametrize("name", PUBLIC_MODULES)
+def test_every_public_module_lists_its_names_sorted_and_complete(name: str) -> None:
+    import importlib
+
+    module = importlib.import_module(name)
+    exported = module.__all__
+    assert exported == isort_order(exported), f"{name}.__all__ is not sorted"
+    for item in exported:
+        assert getattr(module, item) is not None
+    is_package = hasattr(module, "__path__")
+    # Everything defined here (classes, functions) and not private must be exported; a
+    # package exports what it imports for its users.
+    defined = {
+        n
+        for n, v in vars(module).items()
+        if not n.startswith("_")
+        and getattr(v, "__module__", None) == name
+        and (isinstance(v, type) or callable(v))
+    }
+    assert defined <= set(exported), f"{name} defines {defined - set(exported)} unexported"
+    if is_package:
+        public = {
+            n
+            for n, v in vars(module).items()
+            if not n.startswith("_")
+            and n != "annotations"
+            and not isinstance(v, types.ModuleType)
+            and n not in {"TYPE_CHECKING", "Any"}
+        }
+        assert public <= set(exported), f"{name} holds {public - set(exported)} unexported"
+
+
+def test_engines_import_from_the_backends_package() -> None:
+    from citebacktrack.backends import HFBackend, LlamaCppBackend
+    from citebacktrack.backends.hf import HFBackend as Hf
+    from citebacktrack.backends.llamacpp import LlamaCppBackend as Llama
+
+    assert (HFBackend, LlamaCppBackend) == (Hf, Llama)
+    with pytest.raises(AttributeError, match="no attribute 'VLLMBackend'"):
+        citebacktrack.backends.VLLMBackend  # noqa: B018

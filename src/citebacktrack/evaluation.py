@@ -460,10 +460,10 @@ def raw_system(cf: Citeformer) -> System:
     """The model unconstrained on ``cf``'s prompt: no grammar, no marker checks."""
 
     def run(example: Example) -> SystemOutput:
-        request, _ = cf.build_request(example.question, example.sources)
+        request = cf.build_request(example.question, example.sources)
         free = dataclasses.replace(request, grammar=None, validator=None)
-        completion = cf.backend.generate(free)
-        return SystemOutput(text=completion.text.strip(), trace=completion.trace)
+        answer = cf.generate(free)
+        return SystemOutput(text=answer.text, trace=answer.trace)
 
     return run
 
@@ -676,8 +676,8 @@ class PeerCiteformer:
         """A system asking the peer with ``cf``'s prompt for each example."""
 
         def run(example: Example) -> SystemOutput:
-            request, sources = cf.build_request(example.question, example.sources)
-            return self.answer(render_prompt(cf.backend, request.messages), sources)
+            request = cf.build_request(example.question, example.sources)
+            return self.answer(render_prompt(cf.backend, request.messages), request.sources)
 
         return run
 

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import overload
 
-from citebacktrack.backends.base import Backend, Completion, GenerationRequest
+from citebacktrack.answer import abuild, acollect, build, collect
+from citebacktrack.backends.base import Backend
 from citebacktrack.decoding.budgets import Budgets
 from citebacktrack.decoding.operators import Operator
 from citebacktrack.decoding.sampling import SamplingConfig
-from citebacktrack.errors import ConfigurationError, InvalidQuestionError, InvalidSourcesError
+from citebacktrack.errors import (
+    BackendClosedError,
+    ConfigurationError,
+    InvalidQuestionError,
+    InvalidSourcesError,
+)
 from citebacktrack.grammar.citations import MAX_SOURCES, citation_grammar
 from citebacktrack.prompts import DEFAULT_DEMO, Demo, build_messages
-from citebacktrack.render import build_references
+from citebacktrack.request import DecodingOptions, GenerationRequest, SegmentOptions
 from citebacktrack.support import LexicalSupportScorer, SupportScorer
 from citebacktrack.types import Answer, Event, Policy, Source
 from citebacktrack.validation import CitationValidator
@@ -31,15 +38,32 @@ def _default_backend() -> Backend:
 class Citeformer:
     """Answers questions over numbered sources with grammar-enforced, validated citations.
 
+    .. warning::
+        ``Citeformer()`` with no ``backend`` **loads the embedded SmolLM2-135M-Instruct
+        model on llama.cpp** (about 100 MB of weights, a few seconds) on first use. It is
+        small and runs anywhere, but it is a 135M-parameter model: pass a backend for a
+        real one. The embedded backend is owned by this object and freed by
+        :meth:`close` (or ``with Citeformer() as cf:``); a backend you pass in is yours
+        to close.
+
     Args:
-        backend: the model engine; ``None`` uses the embedded SmolLM2 model on llama.cpp.
+        backend: the model engine (see :mod:`citebacktrack.backends`); ``None`` uses the
+            embedded model, as above.
         policy: citation policy (default REQUIRED, at most 3 citations per sentence).
         scorer: builds the support scorer per request (default lexical); ``None`` checks
             only ids, duplicates and counts.
-        sampling: decoding settings (default greedy).
-        budgets: decoding limits.
-        operators: extra backtracking rules (see :mod:`citebacktrack.decoding.operators`).
+        sampling: decoding settings (default greedy); segment-level backends get its
+            temperature, top-p and seed.
+        budgets: limits every answer ends on.
+        operators: extra token-level backtracking rules
+            (see :mod:`citebacktrack.decoding.operators`).
         demo: a worked example shown before the question; ``None`` for none.
+
+    ``generate``, ``stream``, ``agenerate`` and ``astream`` take the same per-call
+    ``policy``, ``budgets`` and ``sampling`` overrides, or a ready
+    :class:`~citebacktrack.request.GenerationRequest` instead of question and sources.
+    All four give the same answer: the stream's text joined is ``Answer.text`` and its
+    last event, :class:`~citebacktrack.types.Done`, carries the answer itself.
     """
 
     def __init__(
@@ -54,6 +78,8 @@ class Citeformer:
         demo: Demo | None = DEFAULT_DEMO,
     ) -> None:
         self._backend = backend
+        self._owns_backend = backend is None
+        self._closed = False
         self.policy = policy or Policy()
         self.scorer = scorer
         self.sampling = sampling or SamplingConfig()
@@ -63,17 +89,49 @@ class Citeformer:
 
     @property
     def backend(self) -> Backend:
-        """The backend (the embedded default model is loaded on first use)."""
+        """The backend (the embedded default model is loaded on first use).
+
+        Raises:
+            BackendClosedError: :meth:`close` was called.
+        """
+        if self._closed:
+            raise BackendClosedError(
+                "this Citeformer was closed; create a new Citeformer to answer again"
+            )
         if self._backend is None:
             self._backend = _default_backend()
         return self._backend
 
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        """Free the embedded backend if this object loaded it (a backend passed in is
+        left open: its owner closes it); this object answers nothing afterwards. Safe to
+        call twice."""
+        self._closed = True
+        backend, owned = self._backend, self._owns_backend
+        if owned and backend is not None:
+            self._backend = None
+            backend.close()
+
+    def __enter__(self) -> Citeformer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     # ------------------------------------------------------------------ requests
 
     def build_request(
-        self, question: str, sources: Sequence[Source | str]
-    ) -> tuple[GenerationRequest, tuple[Source, ...]]:
-        """Validate the input and build the backend request.
+        self,
+        question: str,
+        sources: Sequence[Source | str],
+        *,
+        policy: Policy | None = None,
+        budgets: Budgets | None = None,
+        sampling: SamplingConfig | None = None,
+    ) -> GenerationRequest:
+        """Validate the input and build the backend request (overrides for this call only).
 
         Raises:
             InvalidQuestionError: the question is not a string or is only whitespace.
@@ -83,53 +141,157 @@ class Citeformer:
             raise InvalidQuestionError(
                 f"the question must be a non-empty string, got {question!r}; ask something"
             )
+        policy = policy or self.policy
+        sampling = sampling or self.sampling
+        if not isinstance(policy, Policy):
+            raise ConfigurationError(f"policy must be a Policy, got {type(policy).__name__}")
         normalized = _normalize_sources(sources)
         n = len(normalized)
         validator = CitationValidator(
             n_sources=n,
-            policy=self.policy,
+            policy=policy,
             scorer=self.scorer(normalized) if self.scorer is not None else None,
         )
-        request = GenerationRequest(
-            messages=build_messages(question, normalized, self.policy, demo=self.demo),
-            grammar=citation_grammar(n, self.policy),
-            policy=self.policy,
-            n_sources=n,
+        return GenerationRequest(
+            messages=build_messages(question, normalized, policy, demo=self.demo),
+            sources=normalized,
+            policy=policy,
+            grammar=citation_grammar(n, policy),
             validator=validator,
-            sampling=self.sampling,
-            budgets=self.budgets,
-            operators=self.operators,
-            source_ids=tuple(s.id or "" for s in normalized),
+            budgets=budgets or self.budgets,
+            decoding=DecodingOptions(sampling=sampling, operators=self.operators),
+            segments=SegmentOptions.from_sampling(sampling),
         )
-        return request, normalized
+
+    def _request(
+        self,
+        question: str | GenerationRequest,
+        sources: Sequence[Source | str] | None,
+        policy: Policy | None,
+        budgets: Budgets | None,
+        sampling: SamplingConfig | None,
+    ) -> GenerationRequest:
+        if isinstance(question, GenerationRequest):
+            if sources is not None or policy or budgets or sampling:
+                raise ConfigurationError(
+                    "a GenerationRequest already holds its sources and options; pass it "
+                    "alone, or pass a question and sources with the overrides"
+                )
+            return question
+        if sources is None:
+            raise InvalidSourcesError("no sources given; pass the sources to cite")
+        return self.build_request(
+            question, sources, policy=policy, budgets=budgets, sampling=sampling
+        )
 
     # ------------------------------------------------------------------ sync
 
-    def generate(self, question: str, sources: Sequence[Source | str]) -> Answer:
+    @overload
+    def generate(
+        self,
+        question: str,
+        sources: Sequence[Source | str],
+        *,
+        policy: Policy | None = None,
+        budgets: Budgets | None = None,
+        sampling: SamplingConfig | None = None,
+    ) -> Answer: ...
+    @overload
+    def generate(self, question: GenerationRequest) -> Answer: ...
+    def generate(
+        self,
+        question: str | GenerationRequest,
+        sources: Sequence[Source | str] | None = None,
+        *,
+        policy: Policy | None = None,
+        budgets: Budgets | None = None,
+        sampling: SamplingConfig | None = None,
+    ) -> Answer:
         """Answer ``question`` from ``sources`` and return the cited answer."""
-        request, normalized = self.build_request(question, sources)
-        return _answer(self.backend.generate(request), normalized)
+        request = self._request(question, sources, policy, budgets, sampling)
+        return collect(self.backend.stream(request), request.sources)
 
-    def stream(self, question: str, sources: Sequence[Source | str]) -> Iterator[Event]:
+    @overload
+    def stream(
+        self,
+        question: str,
+        sources: Sequence[Source | str],
+        *,
+        policy: Policy | None = None,
+        budgets: Budgets | None = None,
+        sampling: SamplingConfig | None = None,
+    ) -> Iterator[Event]: ...
+    @overload
+    def stream(self, question: GenerationRequest) -> Iterator[Event]: ...
+    def stream(
+        self,
+        question: str | GenerationRequest,
+        sources: Sequence[Source | str] | None = None,
+        *,
+        policy: Policy | None = None,
+        budgets: Budgets | None = None,
+        sampling: SamplingConfig | None = None,
+    ) -> Iterator[Event]:
         """Stream events for the answer; input is validated before this returns.
 
         Text events carry only final text: the decoder holds back text it may still roll
-        back, so a consumer never sees text that later disappears.
+        back, so a consumer never sees text that later disappears. The last event is
+        ``Done(answer=...)``, the answer :meth:`generate` would return.
         """
-        request, _ = self.build_request(question, sources)
-        return self.backend.stream(request)
+        request = self._request(question, sources, policy, budgets, sampling)
+        return build(self.backend.stream(request), request.sources)
 
     # ------------------------------------------------------------------ async
 
-    def astream(self, question: str, sources: Sequence[Source | str]) -> AsyncIterator[Event]:
+    @overload
+    def astream(
+        self,
+        question: str,
+        sources: Sequence[Source | str],
+        *,
+        policy: Policy | None = None,
+        budgets: Budgets | None = None,
+        sampling: SamplingConfig | None = None,
+    ) -> AsyncIterator[Event]: ...
+    @overload
+    def astream(self, question: GenerationRequest) -> AsyncIterator[Event]: ...
+    def astream(
+        self,
+        question: str | GenerationRequest,
+        sources: Sequence[Source | str] | None = None,
+        *,
+        policy: Policy | None = None,
+        budgets: Budgets | None = None,
+        sampling: SamplingConfig | None = None,
+    ) -> AsyncIterator[Event]:
         """Async :meth:`stream` (``async for event in cf.astream(...)``)."""
-        request, _ = self.build_request(question, sources)
-        return self.backend.astream(request)
+        request = self._request(question, sources, policy, budgets, sampling)
+        return abuild(self.backend.astream(request), request.sources)
 
-    async def agenerate(self, question: str, sources: Sequence[Source | str]) -> Answer:
+    @overload
+    async def agenerate(
+        self,
+        question: str,
+        sources: Sequence[Source | str],
+        *,
+        policy: Policy | None = None,
+        budgets: Budgets | None = None,
+        sampling: SamplingConfig | None = None,
+    ) -> Answer: ...
+    @overload
+    async def agenerate(self, question: GenerationRequest) -> Answer: ...
+    async def agenerate(
+        self,
+        question: str | GenerationRequest,
+        sources: Sequence[Source | str] | None = None,
+        *,
+        policy: Policy | None = None,
+        budgets: Budgets | None = None,
+        sampling: SamplingConfig | None = None,
+    ) -> Answer:
         """Async :meth:`generate`."""
-        request, normalized = self.build_request(question, sources)
-        return _answer(await self.backend.agenerate(request), normalized)
+        request = self._request(question, sources, policy, budgets, sampling)
+        return await acollect(self.backend.astream(request), request.sources)
 
 
 def _normalize_sources(sources: Sequence[Source | str]) -> tuple[Source, ...]:
@@ -167,33 +329,3 @@ def _normalize_sources(sources: Sequence[Source | str]) -> tuple[Source, ...]:
             item if item.id == source_id else item.model_copy(update={"id": source_id})
         )
     return tuple(normalized)
-
-
-def _answer(completion: Completion, sources: Sequence[Source]) -> Answer:
-    text = completion.text.rstrip()
-    lead = len(text) - len(text.lstrip())
-    citations = tuple(
-        c.model_copy(
-            update={
-                "start": c.start - lead,
-                "end": c.end - lead,
-                "sentence_start": max(0, c.sentence_start - lead),
-            }
-        )
-        for c in completion.citations
-        if c.end <= len(text)
-    )
-    trace = completion.trace
-    if lead:
-        entries = tuple(
-            e.model_copy(update={"char_offset": max(0, e.char_offset - lead)})
-            for e in trace.entries
-        )
-        trace = trace.model_copy(update={"entries": entries})
-    return Answer(
-        text=text[lead:],
-        citations=citations,
-        references=build_references(citations, sources),
-        usage=completion.usage,
-        trace=trace,
-    )

@@ -1,56 +1,112 @@
-"""References and output formats for a finished :class:`~citebacktrack.types.Answer`."""
+"""Output formats for a finished :class:`~citebacktrack.types.Answer`.
+
+:func:`render` writes an answer as Markdown (footnotes quoting the evidence), plain text
+(a reference list) or JSON (every field, offsets included). Numbering, once for all
+formats: the answer's ``[N]`` is the source's position in the request
+(``Citation.source_index``); with ``renumber=True`` (the default) each marker is rewritten
+to its reference number (``Citation.reference_number``: order of first use), so a reader
+sees ``[1]``, ``[2]``, … whatever the retriever's order; ``source_id`` is the caller's own id,
+shown in each reference.
+"""
 
 from __future__ import annotations
 
-import re
-from collections.abc import Sequence
+import json
+from collections.abc import Callable
+from typing import Literal
 
-from citebacktrack.types import Answer, Citation, Reference, Source
+from citebacktrack.errors import ConfigurationError
+from citebacktrack.types import Answer, Reference
 
-__all__ = ["build_references", "render_markdown", "renumbered_text"]
+__all__ = ["Style", "evidence_quotes", "render", "renumbered_text"]
 
-_MARKER = re.compile(r"\[(\d+)\]")
-
-
-def build_references(
-    citations: Sequence[Citation], sources: Sequence[Source]
-) -> tuple[Reference, ...]:
-    """One reference per cited source, numbered in order of first use."""
-    numbers: dict[int, int] = {}
-    references = []
-    for citation in citations:
-        if citation.source_index in numbers:
-            continue
-        numbers[citation.source_index] = len(numbers) + 1
-        source = sources[citation.source_index - 1]
-        references.append(
-            Reference(
-                number=numbers[citation.source_index],
-                source_index=citation.source_index,
-                source_id=citation.source_id,
-                title=source.title,
-                url=source.url,
-                metadata=source.metadata,
-            )
-        )
-    return tuple(references)
+Style = Literal["markdown", "text", "json"]
+"""The output styles of :func:`render`."""
 
 
 def renumbered_text(answer: Answer) -> str:
     """The answer text with each ``[N]`` rewritten to its reference number."""
-    numbers = {ref.source_index: ref.number for ref in answer.references}
-    return _MARKER.sub(lambda m: f"[{numbers.get(int(m.group(1)), int(m.group(1)))}]", answer.text)
+    return _rewrite(answer, lambda number: f"[{number}]")
 
 
-def render_markdown(answer: Answer, *, renumber: bool = True) -> str:
-    """The answer followed by its reference list, as Markdown."""
-    body = renumbered_text(answer) if renumber else answer.text
+def render(
+    answer: Answer, style: Style = "markdown", *, renumber: bool = True, quotes: bool = True
+) -> str:
+    """The answer in ``style``.
+
+    * ``"markdown"``: markers become footnote references (``[^1]``) and each cited source
+      a footnote with its title, id, URL and (``quotes``) the passages quoted as evidence;
+    * ``"text"``: the answer, then ``References:`` with one line per source and its
+      quotes indented below it;
+    * ``"json"``: ``Answer.model_dump`` as JSON (text and offsets as generated; each
+      citation has its ``reference_number``), whatever ``renumber`` says.
+
+    Args:
+        answer: a finished answer.
+        style: one of the three above.
+        renumber: number sources by first use (else by their position in the request).
+        quotes: include the evidence quotes (Markdown and text).
+
+    Raises:
+        ConfigurationError: an unknown style.
+    """
+    if style == "json":
+        return json.dumps(answer.model_dump(mode="json"), indent=2, ensure_ascii=False)
+    if style not in ("markdown", "text"):
+        raise ConfigurationError(f"style must be 'markdown', 'text' or 'json', got {style!r}")
+
+    def label(ref: Reference) -> int:
+        return ref.number if renumber else ref.source_index
+
+    numbers = {ref.source_index: label(ref) for ref in answer.references}
+    if style == "markdown":
+        body = _rewrite(answer, lambda n: f"[^{n}]", by_source=None if renumber else numbers)
+    else:
+        body = renumbered_text(answer) if renumber else answer.text
     if not answer.references:
         return body
-    lines = [body, "", "References:"]
-    for ref in answer.references:
-        number = ref.number if renumber else ref.source_index
+    lines = [body, ""] if style == "markdown" else [body, "", "References:"]
+    for ref in sorted(answer.references, key=label):
         title = ref.title or f"source {ref.source_id}"
         link = f" <{ref.url}>" if ref.url else ""
-        lines.append(f"[{number}] {title} (id {ref.source_id}){link}")
+        said = evidence_quotes(answer, ref.source_index) if quotes else []
+        if style == "markdown":
+            quoted = "".join(f' "{q}"' for q in said)
+            lines.append(f"[^{label(ref)}]: **{title}** (id {ref.source_id}){link}{quoted}")
+        else:
+            lines.append(f"[{label(ref)}] {title} (id {ref.source_id}){link}")
+            lines.extend(f'    "{q}"' for q in said)
     return "\n".join(lines)
+
+
+def evidence_quotes(answer: Answer, source_index: int) -> list[str]:
+    """The distinct evidence passages quoted for one source, in answer order."""
+    seen: list[str] = []
+    for citation in answer.citations:
+        evidence = citation.evidence
+        if citation.source_index == source_index and evidence is not None:
+            text = " ".join(evidence.text.split())
+            if text and text not in seen:
+                seen.append(text)
+    return seen
+
+
+def _rewrite(
+    answer: Answer,
+    marker: Callable[[int], str],
+    *,
+    by_source: dict[int, int] | None = None,
+) -> str:
+    """The text with each citation's ``[N]`` replaced by ``marker(number)``; ``number`` is
+    the reference number, or ``by_source[N]`` when given."""
+    numbers = {ref.source_index: ref.number for ref in answer.references}
+    parts: list[str] = []
+    at = 0
+    for citation in sorted(answer.citations, key=lambda c: c.start):
+        index = citation.source_index
+        number = (by_source or numbers).get(index, index)
+        parts.append(answer.text[at : citation.start])
+        parts.append(marker(number))
+        at = citation.end
+    parts.append(answer.text[at:])
+    return "".join(parts)

@@ -7,19 +7,24 @@ answer text; source numbers (``source_index``) are 1-based, as the model writes 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, ValidationError
+
+from citebacktrack.errors import InvalidSourcesError
 
 __all__ = [
     "Answer",
+    "ChatMessage",
     "Citation",
     "CitationAccepted",
     "CitationMode",
     "CitationRejected",
     "Done",
     "Event",
+    "Evidence",
     "MarkerStyle",
     "Policy",
     "Reference",
@@ -36,8 +41,20 @@ __all__ = [
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
 
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    """One chat turn of a prompt."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
 class Source(BaseModel):
-    """One numbered document the answer may cite."""
+    """One numbered document the answer may cite.
+
+    Build one directly, or from a retriever's result with :meth:`from_langchain` or
+    :meth:`from_llamaindex`.
+    """
 
     model_config = _FROZEN
 
@@ -50,10 +67,142 @@ class Source(BaseModel):
     )
     title: str = Field(default="", description="Short title shown in the prompt and references.")
     url: str | None = Field(default=None, description="Where the source lives, if anywhere.")
-    metadata: Mapping[str, str] = Field(
+    metadata: Mapping[str, JsonValue] = Field(
         default_factory=dict,
-        description="Free-form string metadata, copied to the source's Reference.",
+        description="Free-form metadata (any JSON value), copied to the source's Reference.",
     )
+    score: float | None = Field(
+        default=None,
+        description="The retriever's relevance score, if any; copied to the Reference. "
+        "Never used to judge support.",
+    )
+
+    @classmethod
+    def from_langchain(cls, document: object, *, score: float | None = None) -> Source:
+        """A source from a LangChain ``Document`` (or a ``(Document, score)`` pair).
+
+        Duck-typed (no LangChain import): ``page_content`` becomes the text, ``id`` the
+        id when set, ``metadata`` is copied whole; ``title`` and ``url`` are taken from
+        the metadata keys ``title`` and ``url`` (or ``source`` when it is an http(s)
+        URL); ``score`` from the argument, the pair, or a numeric ``score`` /
+        ``relevance_score`` metadata key.
+
+        Raises:
+            InvalidSourcesError: no string ``page_content``, or metadata that is not JSON
+                (convert those values, e.g. dates to ISO strings, before passing it).
+        """
+        if isinstance(document, tuple) and len(document) == 2:
+            document, pair_score = document
+            score = score if score is not None else _number(pair_score)
+        text = getattr(document, "page_content", None)
+        if not isinstance(text, str):
+            raise InvalidSourcesError(
+                f"{type(document).__name__} has no string page_content; pass a LangChain "
+                "Document (or build Source(text=...) yourself)"
+            )
+        metadata = _metadata(getattr(document, "metadata", None), type(document).__name__)
+        doc_id = getattr(document, "id", None)
+        return cls._from_parts(
+            text=text,
+            id=doc_id if isinstance(doc_id, str) and doc_id else None,
+            metadata=metadata,
+            score=score,
+        )
+
+    @classmethod
+    def from_llamaindex(cls, node: object, *, score: float | None = None) -> Source:
+        """A source from a LlamaIndex ``NodeWithScore`` or node (``TextNode``, ``Document``).
+
+        Duck-typed (no LlamaIndex import): the node's text (``get_content()``, without
+        metadata) becomes the text, ``node_id`` the id, ``metadata`` is copied whole;
+        ``title`` and ``url`` come from the metadata keys ``title`` (or ``file_name``)
+        and ``url``; ``score`` from the argument or ``NodeWithScore.score``.
+
+        Raises:
+            InvalidSourcesError: the node has no text, or metadata that is not JSON.
+        """
+        inner = getattr(node, "node", None)
+        if inner is not None:
+            score = score if score is not None else _number(getattr(node, "score", None))
+            node = inner
+        text = getattr(node, "text", None)
+        if not isinstance(text, str):
+            get_content = getattr(node, "get_content", None)
+            text = get_content() if callable(get_content) else None
+        if not isinstance(text, str):
+            raise InvalidSourcesError(
+                f"{type(node).__name__} has no text; pass a LlamaIndex node or NodeWithScore "
+                "(or build Source(text=...) yourself)"
+            )
+        metadata = _metadata(getattr(node, "metadata", None), type(node).__name__)
+        node_id = getattr(node, "node_id", None) or getattr(node, "id_", None)
+        return cls._from_parts(
+            text=text,
+            id=node_id if isinstance(node_id, str) and node_id else None,
+            metadata=metadata,
+            score=score,
+            title_keys=("title", "file_name"),
+        )
+
+    @classmethod
+    def _from_parts(
+        cls,
+        *,
+        text: str,
+        id: str | None,  # noqa: A002 - the field is called id
+        metadata: dict[str, JsonValue],
+        score: float | None,
+        title_keys: tuple[str, ...] = ("title",),
+    ) -> Source:
+        title = next((t for k in title_keys if isinstance(t := metadata.get(k), str)), None)
+        url = metadata.get("url")
+        if not isinstance(url, str):
+            where = metadata.get("source")
+            url = (
+                where
+                if isinstance(where, str) and where.startswith(("http://", "https://"))
+                else None
+            )
+        if score is None:
+            score = _number(metadata.get("score", metadata.get("relevance_score")))
+        return cls(
+            text=text,
+            id=id,
+            title=title if isinstance(title, str) else "",
+            url=url,
+            metadata=metadata,
+            score=score,
+        )
+
+
+def _number(value: object) -> float | None:
+    """``value`` as a float when it is a real number (not a bool), else ``None``."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _metadata(value: object, what: str) -> dict[str, JsonValue]:
+    """A retriever's metadata as JSON values, or a typed error naming the bad key."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InvalidSourcesError(
+            f"the metadata of this {what} is a {type(value).__name__}, not a mapping"
+        )
+    try:
+        checked = _JSON_METADATA.validate_python(dict(value))
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"][:-1] or error["loc"])
+        raise InvalidSourcesError(
+            f"metadata key {where!r} of this {what} is not a JSON value ({error['msg']}); "
+            "convert it (e.g. a date to an ISO string) before building the Source"
+        ) from exc
+    return checked
+
+
+_JSON_METADATA: TypeAdapter[dict[str, JsonValue]] = TypeAdapter(dict[str, JsonValue])
 
 
 class CitationMode(StrEnum):
@@ -115,8 +264,32 @@ class Policy(BaseModel):
     )
 
 
+class Evidence(BaseModel):
+    """The passage of a source that a citation rests on: what the validator matched.
+
+    ``text`` is always ``sources[source_index - 1].text[start:end]`` (Python ``str``
+    offsets into the source's text), so it can be quoted or highlighted as is.
+    """
+
+    model_config = _FROZEN
+
+    source_index: int = Field(description="1-based number of the source the span is in.")
+    start: int = Field(ge=0, description="Offset of the span's first character in the source.")
+    end: int = Field(ge=0, description="Offset just past the span's last character.")
+    text: str = Field(description="The quoted source text, ``source.text[start:end]``.")
+
+
 class Citation(BaseModel):
-    """One ``[N]`` marker in the final answer."""
+    """One ``[N]`` marker in the final answer.
+
+    Three numbers name a cited source, and they differ on purpose:
+
+    * ``source_index``: the number written in the answer's ``[N]``, the source's
+      1-based position in the request (what the model saw in the prompt);
+    * ``source_id``: the caller's own id for that source (``Source.id``);
+    * ``reference_number``: its position in the rendered reference list, numbered by
+      first use (``render(..., renumber=True)`` rewrites ``[N]`` to it).
+    """
 
     model_config = _FROZEN
 
@@ -125,8 +298,22 @@ class Citation(BaseModel):
     source_index: int = Field(description="1-based number of the cited source, as written.")
     source_id: str = Field(description="Id of the cited source.")
     sentence_start: int = Field(description="Offset where the cited sentence starts.")
+    claim: str = Field(
+        default="",
+        description="The sentence text the marker was checked against (markers removed).",
+    )
     support: float | None = Field(
         default=None, description="Support score the validator gave, if it scored this marker."
+    )
+    evidence: Evidence | None = Field(
+        default=None,
+        description="The span of the cited source the support rests on (``None`` when no "
+        "scorer checked the marker).",
+    )
+    reference_number: int = Field(
+        default=0,
+        description="Number of the cited source in the reference list (order of first "
+        "use, 1-based); 0 in a backend's own events, set by the answer builder.",
     )
 
 
@@ -140,9 +327,10 @@ class Reference(BaseModel):
     source_id: str = Field(description="Id of the source.")
     title: str = Field(default="", description="Title of the source.")
     url: str | None = Field(default=None, description="URL of the source, if any.")
-    metadata: Mapping[str, str] = Field(
+    metadata: Mapping[str, JsonValue] = Field(
         default_factory=dict, description="The source's metadata, unchanged."
     )
+    score: float | None = Field(default=None, description="The source's retrieval score.")
 
 
 class StopReason(StrEnum):
@@ -235,6 +423,39 @@ class Trace(BaseModel):
         return self.forward_passes / self.kept_tokens if self.kept_tokens else 0.0
 
 
+class Answer(BaseModel):
+    """A cited answer."""
+
+    model_config = _FROZEN
+
+    text: str = Field(description="The answer with inline ``[N]`` markers.")
+    citations: tuple[Citation, ...] = Field(default=(), description="Markers in text order.")
+    references: tuple[Reference, ...] = Field(
+        default=(), description="Cited sources, numbered in order of first use."
+    )
+    usage: Usage = Field(default_factory=Usage, description="Token accounting.")
+    trace: Trace = Field(default_factory=Trace, description="What the decoder did.")
+
+    @property
+    def stop_reason(self) -> StopReason:
+        """Why generation ended."""
+        return self.trace.stop_reason
+
+    @property
+    def is_abstained(self) -> bool:
+        """True when no answer text could be produced under the policy."""
+        return not self.text.strip()
+
+    @property
+    def abstention(self) -> str | None:
+        """Why there is no answer, in plain words; ``None`` when there is one."""
+        if not self.is_abstained:
+            return None
+        return _ABSTENTIONS.get(
+            self.stop_reason, f"no answer could be produced ({self.stop_reason.value})"
+        )
+
+
 class TextDelta(BaseModel):
     """Answer text that is final: it will never be rolled back."""
 
@@ -272,12 +493,18 @@ class Rollback(BaseModel):
 
 
 class Done(BaseModel):
-    """The last event of every stream."""
+    """The last event of every stream.
+
+    From :class:`~citebacktrack.Citeformer` (and ``Backend.generate``) it carries the
+    finished :class:`Answer`, the same one ``generate`` returns; a backend's own stream
+    ends with ``answer=None`` and the answer builder fills it in.
+    """
 
     model_config = _FROZEN
     type: Literal["done"] = "done"
     usage: Usage = Field(description="Token accounting.")
     trace: Trace = Field(description="What the decoder did.")
+    answer: Answer | None = Field(default=None, description="The finished answer.")
 
 
 Event = Annotated[
@@ -285,39 +512,6 @@ Event = Annotated[
     Field(discriminator="type"),
 ]
 """Any stream event; ``match`` on the class to handle them."""
-
-
-class Answer(BaseModel):
-    """A cited answer."""
-
-    model_config = _FROZEN
-
-    text: str = Field(description="The answer with inline ``[N]`` markers.")
-    citations: tuple[Citation, ...] = Field(default=(), description="Markers in text order.")
-    references: tuple[Reference, ...] = Field(
-        default=(), description="Cited sources, numbered in order of first use."
-    )
-    usage: Usage = Field(default_factory=Usage, description="Token accounting.")
-    trace: Trace = Field(default_factory=Trace, description="What the decoder did.")
-
-    @property
-    def stop_reason(self) -> StopReason:
-        """Why generation ended."""
-        return self.trace.stop_reason
-
-    @property
-    def is_abstained(self) -> bool:
-        """True when no answer text could be produced under the policy."""
-        return not self.text.strip()
-
-    @property
-    def abstention(self) -> str | None:
-        """Why there is no answer, in plain words; ``None`` when there is one."""
-        if not self.is_abstained:
-            return None
-        return _ABSTENTIONS.get(
-            self.stop_reason, f"no answer could be produced ({self.stop_reason.value})"
-        )
 
 
 _ABSTENTIONS = {

@@ -1,18 +1,46 @@
-"""Backends. Heavy engines live in their own modules and import their engine lazily:
+"""Backends: the engines that answer a :class:`~citebacktrack.request.GenerationRequest`.
 
-``citebacktrack.backends.llamacpp.LlamaCppBackend`` (extra ``llamacpp``) and
-``citebacktrack.backends.hf.HFBackend`` (extra ``hf``).
+``from citebacktrack.backends import LlamaCppBackend, HFBackend``: the engines are
+imported on first use, so this package imports without them; each needs its extra
+(``citebacktrack[llamacpp]``, ``citebacktrack[hf]``).
 """
 
-from citebacktrack.backends.base import Backend, ChatMessage, Completion, GenerationRequest, collect
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from citebacktrack.backends.base import Backend, iterate_in_thread
 from citebacktrack.backends.mock import FunctionBackend, MockBackend
+from citebacktrack.request import DecodingOptions, GenerationRequest, SegmentOptions
+from citebacktrack.types import ChatMessage
+
+if TYPE_CHECKING:
+    from citebacktrack.backends.hf import HFBackend
+    from citebacktrack.backends.llamacpp import LlamaCppBackend
 
 __all__ = [
     "Backend",
     "ChatMessage",
-    "Completion",
+    "DecodingOptions",
     "FunctionBackend",
     "GenerationRequest",
+    "HFBackend",
+    "LlamaCppBackend",
     "MockBackend",
-    "collect",
+    "SegmentOptions",
+    "iterate_in_thread",
 ]
+
+_LAZY = {
+    "HFBackend": "citebacktrack.backends.hf",
+    "LlamaCppBackend": "citebacktrack.backends.llamacpp",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

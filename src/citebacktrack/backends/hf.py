@@ -22,8 +22,13 @@ __all__ = ["HFBackend"]
 class HFBackend(LocalBackend):
     """Runs on a transformers causal LM.
 
+    The backend owns its runtime, built or given: :meth:`close` (or leaving a ``with``
+    block) closes it, dropping the model, tokenizer and KV cache (torch frees them once no
+    one else holds them). To share one runtime between backends, close it yourself instead.
+
     Args:
-        runtime: the model and tokenizer wrapped as an :class:`HFRuntime`.
+        runtime: the model and tokenizer wrapped as an :class:`HFRuntime`; the backend
+            takes it over and closes it.
         prefix_cache: keep the KV of the fixed prompt prefix (the messages before the last
             user turn) between requests, cropping the cache back to it (default); answers
             do not depend on what ran before either way.
@@ -35,6 +40,9 @@ class HFBackend(LocalBackend):
         super().__init__(prefix_cache=prefix_cache)
         self.runtime = runtime
         self.index = VocabularyIndex(runtime.vocabulary)
+
+    def _release(self) -> None:
+        self.runtime.close()
 
     @classmethod
     def from_model(cls, model: Any, tokenizer: Any, *, prefix_cache: bool = True) -> HFBackend:

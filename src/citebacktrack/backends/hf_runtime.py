@@ -10,6 +10,10 @@ so the logits do not depend on whether it was reused.
 float32 (slow: tens of seconds). The converted model is saved once into a cache directory
 keyed by the GGUF's path, size and mtime and by the transformers version, so later loads
 read plain safetensors instead.
+
+:meth:`HFRuntime.close` (or leaving a ``with`` block) drops the runtime's references to the
+model, tokenizer and KV cache at once, so their memory goes as soon as no one else holds
+them; the runtime then raises :class:`~citebacktrack.errors.BackendClosedError`.
 """
 
 from __future__ import annotations
@@ -24,12 +28,13 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 
 from citebacktrack.decoding.runtime import Logits, PrefillStats, Vocabulary
 from citebacktrack.errors import (
+    BackendClosedError,
     BackendError,
     ConfigurationError,
     MissingDependencyError,
@@ -84,6 +89,10 @@ class HFRuntime:
 
     The decoder calls :meth:`prefill` once, :meth:`forward` per kept token and
     :meth:`truncate` to roll back. Returned logits are float32 numpy copies on the CPU.
+
+    :meth:`close` (idempotent; also run on leaving a ``with`` block) drops the model,
+    tokenizer and cache. torch frees a model only when its last reference goes: one that
+    the caller (or another runtime) still holds stays loaded.
     """
 
     def __init__(
@@ -101,8 +110,7 @@ class HFRuntime:
             context_window: overrides ``model.config.max_position_embeddings``.
         """
         self._torch = _import_torch()
-        self._model = model
-        self._tokenizer = tokenizer
+        self._loaded: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = (model, tokenizer)
         model.eval()  # type: ignore[no-untyped-call]
         width = int(model.config.get_text_config().vocab_size)
         self._vocabulary = _read_vocabulary(tokenizer, model, width)
@@ -198,13 +206,65 @@ class HFRuntime:
         return cls(model, tokenizer)
 
     @property
+    def is_closed(self) -> bool:
+        """Whether :meth:`close` has run."""
+        return self._loaded is None
+
+    def close(self) -> None:
+        """Drop the model, tokenizer, KV cache and kept logits now; safe to call twice.
+
+        Any later use of the runtime raises :class:`~citebacktrack.errors.BackendClosedError`.
+        """
+        loaded, self._loaded = self._loaded, None
+        self._cache = None
+        self._n_tokens = 0
+        self.forget_prefix()
+        if loaded is None:
+            return
+        device = getattr(loaded[0], "device", None)
+        del loaded
+        if getattr(device, "type", None) == "cuda":
+            self._torch.cuda.empty_cache()  # hand the freed blocks back to the driver
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _open(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        """The model and tokenizer, or :class:`BackendClosedError` after :meth:`close`."""
+        if self._loaded is None:
+            raise BackendClosedError(
+                "this HFRuntime was closed and its model dropped; load a new one "
+                "(HFRuntime.from_gguf / from_pretrained or a new HFBackend) to run again"
+            )
+        return self._loaded
+
+    @property
+    def _model(self) -> PreTrainedModel:
+        return self._open()[0]
+
+    @property
+    def _tokenizer(self) -> PreTrainedTokenizerBase:
+        return self._open()[1]
+
+    @property
     def model(self) -> PreTrainedModel:
-        """The wrapped model."""
+        """The wrapped model.
+
+        Raises:
+            BackendClosedError: the runtime was closed.
+        """
         return self._model
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
-        """The wrapped tokenizer."""
+        """The wrapped tokenizer.
+
+        Raises:
+            BackendClosedError: the runtime was closed.
+        """
         return self._tokenizer
 
     @property
@@ -239,7 +299,9 @@ class HFRuntime:
             ConfigurationError: the prompt is empty, holds an id outside the vocabulary, or
                 ``fixed_prefix`` is not in ``[0, len(prompt)]``.
             BackendError: the prompt does not fit the context, or the model failed.
+            BackendClosedError: the runtime was closed.
         """
+        self._open()
         if not prompt:
             raise ConfigurationError("prefill needs at least one prompt token, got none")
         tokens = [int(token) for token in prompt]
@@ -297,7 +359,9 @@ class HFRuntime:
             ConfigurationError: nothing was prefilled, ``tokens`` is empty, or it holds an id
                 outside the vocabulary.
             BackendError: the tokens do not fit the context, or the model failed.
+            BackendClosedError: the runtime was closed.
         """
+        self._open()
         if self._cache is None:
             raise ConfigurationError("forward was called before prefill")
         if not tokens:
@@ -311,7 +375,9 @@ class HFRuntime:
 
         Raises:
             ConfigurationError: ``n_tokens`` is negative or more than are cached.
+            BackendClosedError: the runtime was closed.
         """
+        self._open()
         if not 0 <= n_tokens <= self._n_tokens:
             raise ConfigurationError(
                 f"cannot truncate to {n_tokens} tokens: the cache holds {self._n_tokens}"
@@ -339,6 +405,7 @@ class HFRuntime:
 
         Raises:
             BackendError: the tokenizer has no chat template or it fails to render.
+            BackendClosedError: the runtime was closed.
         """
         conversation = [{"role": m.role, "content": m.content} for m in messages]
         try:

@@ -26,9 +26,14 @@ __all__ = ["LlamaCppBackend"]
 class LlamaCppBackend(LocalBackend):
     """Runs on a GGUF model through llama-cpp-python.
 
+    The backend owns its runtime, whether it loaded it or was given one: :meth:`close`
+    (or leaving a ``with`` block) closes the runtime and so frees the model and context.
+    To share one runtime between backends, close the runtime yourself instead.
+
     Args:
         model_path: a GGUF file; ``None`` uses the embedded SmolLM2-135M-Instruct.
-        runtime: an already built runtime (takes precedence over ``model_path``).
+        runtime: an already built runtime (takes precedence over ``model_path``); the
+            backend takes it over and closes it.
         n_ctx: context window to load the model with.
         n_threads: CPU threads (default: llama.cpp's choice).
         grammar_engine: ``"xgrammar"`` (default) masks with XGrammar; ``"gbnf"`` with
@@ -64,7 +69,14 @@ class LlamaCppBackend(LocalBackend):
         self.runtime = runtime or LlamaCppRuntime.from_path(
             model_path, n_ctx=n_ctx, n_threads=n_threads
         )
-        self.index = VocabularyIndex(self.runtime.vocabulary)
+        try:
+            self.index = VocabularyIndex(self.runtime.vocabulary)
+        except BaseException:
+            self.runtime.close()
+            raise
+
+    def _release(self) -> None:
+        self.runtime.close()
 
     def _matcher(self, request: GenerationRequest) -> TokenMatcher | None:
         if self.grammar_engine == "xgrammar" or request.grammar is None:

@@ -18,18 +18,22 @@ Two llama.cpp behaviours are handled here:
 
 The sampler has no rollback; :meth:`GbnfMatcher.rollback` resets it and replays the kept
 tokens (O(answer length) per rollback, microseconds per token).
+
+The sampler is native memory: :meth:`GbnfMatcher.close` frees it, and the backend calls it
+when the decode ends (normally, by an error, or by the backend's ``close``), before the
+model it points into can be freed. ``__del__`` only backs that up.
 """
 
 from __future__ import annotations
 
 import ctypes
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import numpy.typing as npt
 
-from citebacktrack.errors import GrammarError
+from citebacktrack.errors import BackendClosedError, GrammarError
 from citebacktrack.grammar.emit import Dialect, emit
 from citebacktrack.grammar.ir import Grammar
 
@@ -38,6 +42,10 @@ __all__ = ["GbnfMatcher"]
 
 class GbnfMatcher:
     """llama.cpp's grammar sampler over a model's vocabulary, one decode long.
+
+    Call :meth:`close` (or use it as a context manager) when the decode ends, and before
+    the model is closed; a closed matcher raises
+    :class:`~citebacktrack.errors.BackendClosedError`.
 
     Args:
         lib: the ``llama_cpp`` module.
@@ -60,6 +68,14 @@ class GbnfMatcher:
                 "stderr); check it with `citebacktrack grammar --dialect gbnf`, or use "
                 "grammar_engine='xgrammar'"
             )
+        try:
+            self._setup(lib, vocab, vocab_size)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, lib: Any, vocab: Any, vocab_size: int) -> None:
+        """Build the candidate arrays the sampler is applied to."""
         n_vocab = int(lib.llama_vocab_n_tokens(vocab))
         self._eog = np.array(
             [bool(lib.llama_vocab_is_eog(vocab, t)) for t in range(n_vocab)], dtype=bool
@@ -74,26 +90,54 @@ class GbnfMatcher:
         self._one_array = lib.llama_token_data_array(ctypes.pointer(self._one), 1, -1, False)
         self._accepted: list[int] = []
 
-    def __del__(self) -> None:
+    def close(self) -> None:
+        """Free the native sampler; safe to call twice. Later calls raise
+        :class:`~citebacktrack.errors.BackendClosedError`."""
         sampler = getattr(self, "_sampler", None)
+        self._sampler = None
         if sampler:
             self._lib.llama_sampler_free(sampler)
-            self._sampler = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # A safety net only: the backend closes the matcher when its decode ends.
+        self.close()
+
+    @property
+    def is_closed(self) -> bool:
+        """Whether the sampler was freed."""
+        return not self._sampler
+
+    def _live(self) -> Any:
+        """The native sampler, or :class:`BackendClosedError` once it was freed."""
+        if not self._sampler:
+            raise BackendClosedError(
+                "this GbnfMatcher was closed and its llama.cpp sampler freed; "
+                "build a new one for the next decode"
+            )
+        return self._sampler
 
     def allowed(self) -> npt.NDArray[np.bool_]:
+        sampler = self._live()
         self._logits[:] = 0.0
         self._array.size = len(self._logits)
         self._array.selected = -1
         self._array.sorted = False
-        self._lib.llama_sampler_apply(self._sampler, ctypes.byref(self._array))
+        self._lib.llama_sampler_apply(sampler, ctypes.byref(self._array))
         out = np.zeros(self._size, dtype=bool)
         out[: len(self._logits)] = np.isfinite(self._logits)
         return out
 
     def _allows(self, token: int) -> bool:
+        sampler = self._live()
         self._one.id, self._one.logit, self._one.p = token, 0.0, 0.0
         self._one_array.size, self._one_array.selected = 1, -1
-        self._lib.llama_sampler_apply(self._sampler, ctypes.byref(self._one_array))
+        self._lib.llama_sampler_apply(sampler, ctypes.byref(self._one_array))
         return bool(np.isfinite(self._one.logit))
 
     def accept_token(self, token: int) -> bool:
@@ -115,7 +159,8 @@ class GbnfMatcher:
         self._replay(self._accepted)
 
     def _replay(self, tokens: Sequence[int]) -> None:
-        self._lib.llama_sampler_reset(self._sampler)
+        sampler = self._live()
+        self._lib.llama_sampler_reset(sampler)
         for token in tokens:
             if not self._eog[token]:
-                self._lib.llama_sampler_accept(self._sampler, token)
+                self._lib.llama_sampler_accept(sampler, token)

@@ -8,19 +8,27 @@ only when a runtime is built, so the core package never needs it.
 ``prefill(prompt, fixed_prefix=n)`` keeps a fixed prompt prefix (system instruction and demo
 turns) cached between requests: the prefix is always evaluated as its own ``eval`` call, so
 a reused prefix holds bit-for-bit the KV a fresh one would.
+
+:meth:`LlamaCppRuntime.close` (or leaving a ``with`` block) frees the model, its context and
+batch at once through ``Llama.close()``, rather than whenever the garbage collector reaches
+``Llama.__del__``; the runtime then raises :class:`~citebacktrack.errors.BackendClosedError`
+instead of calling into freed memory.
 """
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
+import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 
 from citebacktrack.decoding.runtime import Logits, PrefillStats, Vocabulary
 from citebacktrack.errors import (
+    BackendClosedError,
     BackendError,
     ConfigurationError,
     MissingDependencyError,
@@ -44,9 +52,29 @@ _ATTR_UNUSED = 1 << 1
 _ATTR_CONTROL = 1 << 3
 _NEVER_SAMPLED = _ATTR_UNKNOWN | _ATTR_UNUSED | _ATTR_CONTROL
 
+_devnull_closer_registered = False
+
+
+def _close_llama_cpp_devnull() -> None:
+    """Close the two ``/dev/null`` files ``llama_cpp._utils`` opens at import.
+
+    llama-cpp-python keeps them open for the life of the process (to silence llama.cpp's
+    loader) and never closes them, so the interpreter's teardown reports them as a
+    ``ResourceWarning`` (abetlen/llama-cpp-python#1828). Run at exit, after any model load.
+    """
+    utils = sys.modules.get("llama_cpp._utils")
+    for name in ("outnull_file", "errnull_file"):
+        handle = getattr(utils, name, None)
+        if handle is not None and not handle.closed:
+            handle.close()
+
 
 def _import_llama_cpp() -> ModuleType:
     """Import ``llama_cpp``, mapping its absence to :class:`MissingDependencyError`."""
+    global _devnull_closer_registered
+    if not _devnull_closer_registered:
+        _devnull_closer_registered = True
+        atexit.register(_close_llama_cpp_devnull)
     try:
         import llama_cpp
     except ImportError as exc:
@@ -72,17 +100,22 @@ class LlamaCppRuntime:
     The runtime owns the ``Llama``'s KV cache. Another user of the same ``Llama`` (e.g.
     ``create_completion``) between two prefills is detected by its token count and ids and
     only costs the prefix reuse; call :meth:`forget_prefix` to be certain.
+
+    The runtime owns the ``Llama`` itself too: :meth:`close` (idempotent; also run on
+    leaving a ``with`` block) closes it, given or loaded, and every later use raises
+    :class:`~citebacktrack.errors.BackendClosedError`.
     """
 
     def __init__(self, llama: llama_cpp.Llama) -> None:
-        """Wrap an already loaded model; the runtime takes over its KV cache.
+        """Wrap an already loaded model; the runtime takes over its KV cache, and
+        :meth:`close` closes it.
 
         Args:
             llama: a loaded ``llama_cpp.Llama``; built with ``logits_all=False`` is fine,
                 only the last row of logits is read.
         """
         self._lib = _import_llama_cpp()
-        self._llama = llama
+        self._open_llama: llama_cpp.Llama | None = llama
         self._n_vocab = int(llama.n_vocab())
         # llama.cpp pads the context (n_ctx=32 gives 256 cells) but Llama sizes its token
         # buffer by the n_ctx asked for; the smaller of the two is the usable window.
@@ -129,7 +162,45 @@ class LlamaCppRuntime:
                 f"llama.cpp could not load {str(model_path)!r}: {exc}; check that it is a "
                 "complete GGUF model file of an architecture this llama.cpp build supports"
             ) from exc
-        return cls(llama)
+        try:
+            return cls(llama)
+        except BaseException:
+            llama.close()  # the model is ours until the runtime exists: free it now
+            raise
+
+    @property
+    def is_closed(self) -> bool:
+        """Whether :meth:`close` has run."""
+        return self._open_llama is None
+
+    def close(self) -> None:
+        """Free the model, its context and batch now; safe to call twice.
+
+        The logits and prompt this runtime kept are dropped too; any later use of the
+        runtime raises :class:`~citebacktrack.errors.BackendClosedError`.
+        """
+        llama, self._open_llama = self._open_llama, None
+        self.forget_prefix()
+        self._formatters.clear()
+        if llama is not None:
+            llama.close()  # its own __del__ then finds nothing left to free
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def _llama(self) -> llama_cpp.Llama:
+        """The open ``Llama``; every call into llama.cpp goes through here."""
+        llama = self._open_llama
+        if llama is None:
+            raise BackendClosedError(
+                "this LlamaCppRuntime was closed and its model freed; load a new one "
+                "(LlamaCppRuntime.from_path or a new LlamaCppBackend) to run again"
+            )
+        return llama
 
     @property
     def lib(self) -> ModuleType:
@@ -138,7 +209,11 @@ class LlamaCppRuntime:
 
     @property
     def llama(self) -> llama_cpp.Llama:
-        """The wrapped ``llama_cpp.Llama``."""
+        """The wrapped ``llama_cpp.Llama``.
+
+        Raises:
+            BackendClosedError: the runtime was closed.
+        """
         return self._llama
 
     @property
@@ -174,6 +249,7 @@ class LlamaCppRuntime:
             ConfigurationError: the prompt is empty, holds an id outside the vocabulary, or
                 ``fixed_prefix`` is not in ``[0, len(prompt)]``.
             BackendError: the prompt does not fit the context, or llama.cpp failed.
+            BackendClosedError: the runtime was closed.
         """
         if not prompt:
             raise ConfigurationError("prefill needs at least one prompt token, got none")
@@ -259,6 +335,7 @@ class LlamaCppRuntime:
         Raises:
             ConfigurationError: ``tokens`` is empty or holds an id outside the vocabulary.
             BackendError: the tokens do not fit the context, or llama.cpp failed.
+            BackendClosedError: the runtime was closed.
         """
         if not tokens:
             raise ConfigurationError("forward needs at least one token, got none")
@@ -272,6 +349,7 @@ class LlamaCppRuntime:
 
         Raises:
             ConfigurationError: ``n_tokens`` is negative or more than are cached.
+            BackendClosedError: the runtime was closed.
         """
         current = self.n_tokens
         if not 0 <= n_tokens <= current:
@@ -305,6 +383,7 @@ class LlamaCppRuntime:
 
         Raises:
             BackendError: the GGUF has no ``tokenizer.chat_template`` or it fails to render.
+            BackendClosedError: the runtime was closed.
         """
         formatter = self._chat_formatter(add_generation_prompt)
         conversation = [{"role": m.role, "content": m.content} for m in messages]

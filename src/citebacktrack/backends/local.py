@@ -24,13 +24,20 @@ from citebacktrack.decoding.decoder import Decoder
 from citebacktrack.decoding.matcher import FreeMatcher, TokenMatcher, XGrammarMatcher
 from citebacktrack.decoding.runtime import FixedPrefixRuntime, PrefixCachingRuntime, TokenRuntime
 from citebacktrack.decoding.vocab_index import VocabularyIndex
-from citebacktrack.errors import ContextOverflowError
+from citebacktrack.errors import BackendClosedError, BackendError, ContextOverflowError
 from citebacktrack.types import Event
 
 if TYPE_CHECKING:
     from citebacktrack.backends.base import ChatMessage
 
 __all__ = ["LocalBackend", "decode", "fixed_prefix_length"]
+
+
+def _close_iterator(iterator: Iterator[Event]) -> None:
+    """Close a generator (runs its ``finally`` blocks); other iterators need nothing."""
+    close = getattr(iterator, "close", None)
+    if close is not None:
+        close()
 
 
 def fixed_prefix_length(
@@ -83,9 +90,9 @@ def decode(
         matcher,
         policy=request.policy,
         validator=request.validator,
-        sampling=request.sampling,
+        sampling=request.decoding.sampling,
         budgets=request.budgets,
-        operators=request.operators,
+        operators=request.decoding.operators,
         source_ids=request.source_ids,
         constrained=request.grammar is not None,
     )
@@ -104,6 +111,12 @@ class LocalBackend(Backend):
     Async callers wait in the event loop (first come, first served within a loop), not
     on a worker thread, so any number of concurrent ``astream``/``agenerate`` calls is
     safe: only the running decode occupies a worker thread.
+
+    :meth:`close` frees the model at once and never waits for a stream to finish (a
+    stream suspended in the caller's own thread would never finish): it waits only for
+    the decode step running at that moment (one forward pass), ends the stream in flight,
+    and frees the model. That stream, and every later or waiting request, raises
+    :class:`~citebacktrack.errors.BackendClosedError`.
     """
 
     _POLL_MIN_S = 0.001
@@ -119,6 +132,66 @@ class LocalBackend(Backend):
         self._lock = threading.Lock()
         self._gates: weakref.WeakKeyDictionary[object, anyio.Lock] = weakref.WeakKeyDictionary()
         self._gates_guard = threading.Lock()
+        # Held for each step of the decode in flight (one ``next`` of it), and by close():
+        # the model is never freed in the middle of a step. Re-entrant so that a stream
+        # finalized by the garbage collector inside close() cannot deadlock on it.
+        self._step_lock = threading.RLock()
+        self._step_thread: int | None = None
+        self._active: Iterator[Event] | None = None
+        self._closed = False
+        """Set first by close(): the stream in flight stops at its next step."""
+        self._released = False
+        """Set by close() once the model is freed (under the step lock)."""
+
+    @property
+    def is_closed(self) -> bool:
+        """Whether :meth:`close` has run; a closed backend refuses every request."""
+        return self._closed
+
+    def close(self) -> None:
+        """End the stream in flight, if any, and free the model; safe to call twice.
+
+        Waits for the decode step running at this moment (one forward pass), never for a
+        whole stream. The stream in flight and every later request raise
+        :class:`~citebacktrack.errors.BackendClosedError`.
+
+        Raises:
+            BackendError: called from inside a decode step of this backend (an operator
+                or validator callback), where freeing the model would pull it from under
+                the running step.
+        """
+        if self._step_thread == threading.get_ident():
+            raise BackendError(
+                "a backend cannot be closed from inside one of its own decode steps; "
+                "close it after the stream has returned or raised"
+            )
+        self._closed = True
+        with self._step_lock:
+            if self._released:
+                return
+            self._released = True
+            active, self._active = self._active, None
+            try:
+                if active is not None:
+                    # Suspended between steps: closing it runs its cleanup (e.g. frees a
+                    # GBNF sampler) while the model it points into is still alive.
+                    _close_iterator(active)
+            finally:
+                self._release()
+
+    def _release(self) -> None:
+        """Free the model and whatever else the backend holds; called once, by :meth:`close`,
+        with no decode step running. The default holds nothing."""
+
+    def _closed_error(self) -> BackendClosedError:
+        return BackendClosedError(
+            f"this {type(self).__name__} was closed and its model freed; "
+            "create a new backend to generate again"
+        )
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise self._closed_error()
 
     @abstractmethod
     def _prepare(
@@ -161,19 +234,68 @@ class LocalBackend(Backend):
     def _decode(self, request: GenerationRequest) -> Iterator[Event]:
         runtime, index, prompt, window = self._prepare(request)
         matcher = self._matcher(request) if request.grammar is not None else None
-        yield from decode(runtime, index, request, prompt, context_window=window, matcher=matcher)
+        try:
+            yield from decode(
+                runtime, index, request, prompt, context_window=window, matcher=matcher
+            )
+        finally:
+            # A matcher that holds native state (llama.cpp's GBNF sampler) frees it now.
+            close = getattr(matcher, "close", None)
+            if close is not None:
+                close()
+
+    def _steps(self, request: GenerationRequest) -> Iterator[Event]:
+        """:meth:`_decode`, one step per ``next`` under the step lock, ended by :meth:`close`.
+
+        Runs with the model lock held, so it is the only decode in flight.
+        """
+        events = self._decode(request)
+        self._active = events
+        try:
+            while True:
+                with self._step_lock:
+                    if self._closed:
+                        raise self._closed_error()
+                    self._step_thread = threading.get_ident()
+                    try:
+                        event = next(events, None)
+                    finally:
+                        self._step_thread = None
+                if event is None:
+                    return
+                yield event
+        finally:
+            with self._step_lock:
+                if self._active is events:
+                    self._active = None
+                    _close_iterator(events)
 
     def stream(self, request: GenerationRequest) -> Iterator[Event]:
-        """Decode ``request`` with grammar, validation and backtracking."""
-        with self._lock:
-            yield from self._decode(request)
+        """Decode ``request`` with grammar, validation and backtracking.
+
+        Raises:
+            BackendClosedError: the backend was closed (before the call, while waiting for
+                the model, or while this stream was in flight).
+        """
+        self._check_open()
+        return self._locked_stream(request)
+
+    def _locked_stream(self, request: GenerationRequest) -> Iterator[Event]:
+        # Polls while another decode holds the model, so that close() also frees waiters.
+        while not self._lock.acquire(timeout=self._POLL_MAX_S * 5):
+            self._check_open()
+        try:
+            yield from self._steps(request)
+        finally:
+            self._lock.release()
 
     async def astream(self, request: GenerationRequest) -> AsyncIterator[Event]:
         """Async :meth:`stream`; waits for the model in the event loop, not on a thread."""
+        self._check_open()
         async with self._gate():
             await self._acquire_model()
             try:
-                async for event in iterate_in_thread(self._decode(request)):
+                async for event in iterate_in_thread(self._steps(request)):
                     yield event
             finally:
                 self._lock.release()
@@ -199,5 +321,6 @@ class LocalBackend(Backend):
         """
         delay = self._POLL_MIN_S
         while not self._lock.acquire(blocking=False):
+            self._check_open()
             await anyio.sleep(delay)
             delay = min(delay * 2, self._POLL_MAX_S)

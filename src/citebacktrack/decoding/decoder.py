@@ -52,6 +52,7 @@ from citebacktrack.types import (
     CitationRejected,
     Done,
     Event,
+    Evidence,
     Policy,
     RejectionReason,
     Rollback,
@@ -86,6 +87,7 @@ class _Step:
 class _Accepted:
     marker: ClosedMarker
     verdict: Verdict
+    claim: str
 
 
 @dataclass(slots=True)
@@ -263,7 +265,7 @@ class Decoder:
         if run.state.sentence_token == position or b"[" in piece:
             step.is_checkpoint = True
         for marker in closed if self.constrained else ():
-            verdict = self._judge(run, marker)
+            claim, verdict = self._judge(run, marker)
             if not verdict.is_accepted:
                 yield from self._reject(run, marker, verdict, prompt_len)
                 return
@@ -273,7 +275,7 @@ class Decoder:
                 self._truncate_to(run, target, prompt_len)
                 run.stop = StopReason.END
                 return
-            run.accepted.append(_Accepted(marker, verdict))
+            run.accepted.append(_Accepted(marker, verdict, claim))
         if self.operators and masked is not None:
             depth = self._operators(run, position, token, masked)
             if depth:
@@ -587,11 +589,13 @@ class Decoder:
         text = run.out[sentence_start:marker_start].decode("utf-8", "replace")
         return strip_markers(text).strip()
 
-    def _judge(self, run: _Run, marker: ClosedMarker) -> Verdict:
+    def _judge(self, run: _Run, marker: ClosedMarker) -> tuple[str, Verdict]:
+        """The claim a closed marker must support, and the validator's verdict on it."""
         claim = self._claim(run, marker.sentence_start, marker.start)
-        return self.validator.check(
+        verdict = self.validator.check(
             source_index=marker.source_index, sentence_ids=marker.prior_ids, claim=claim
         )
+        return claim, verdict
 
     def _reject(
         self, run: _Run, marker: ClosedMarker, verdict: Verdict, prompt_len: int
@@ -687,11 +691,11 @@ class Decoder:
             run.out += self.index.tokens[token]
             run.generated += 1
             for marker in closed:
-                verdict = self._judge(run, marker)
+                said, verdict = self._judge(run, marker)
                 if not verdict.is_accepted:
                     self._truncate_to(run, start, prompt_len)
                     return False
-                run.accepted.append(_Accepted(marker, verdict))
+                run.accepted.append(_Accepted(marker, verdict, said))
         # One token per forward pass, like every other kept token: the KV cache then holds
         # exactly what decoding these tokens would have left (a batched eval differs by
         # llama.cpp's batch rounding).
@@ -858,9 +862,10 @@ class Decoder:
     # ------------------------------------------------------------------ output
 
     def _char_offset(self, run: _Run, byte_offset: int) -> int:
-        return run.released_chars + len(
-            run.out[run.released : byte_offset].decode("utf-8", "replace")
-        )
+        """Offset in the answer of ``byte_offset`` in the draft: leading whitespace is not
+        part of the answer, so before anything is released it is not counted."""
+        start = run.released or _leading_space(run.out)
+        return run.released_chars + len(run.out[start:byte_offset].decode("utf-8", "replace"))
 
     def _safe_offset(self, run: _Run, *, final: bool) -> int:
         if final and (run.stop is StopReason.END or not self.constrained):
@@ -887,6 +892,12 @@ class Decoder:
 
     def _release(self, run: _Run, *, final: bool) -> Iterator[Event]:
         safe = self._safe_offset(run, final=final)
+        if not run.released:
+            # Leading whitespace is not part of the answer: skip it, never emit it.
+            lead = _leading_space(run.out[:safe])
+            if lead == safe:
+                return
+            run.released = lead
         if safe <= run.released:
             return
         start = run.released
@@ -908,11 +919,23 @@ class Decoder:
                                 "utf-8", "replace"
                             )
                         ),
+                        claim=item.claim,
                         support=item.verdict.score,
+                        evidence=self._evidence(item),
                     )
                 )
         run.released = safe
         run.released_chars = base + len(text)
+
+    def _evidence(self, item: _Accepted) -> Evidence | None:
+        """The span of the cited source the accepted marker rests on."""
+        index = item.marker.source_index
+        for span in item.verdict.spans:
+            if span.source_index == index:
+                return span
+        if self.validator.scorer is None:
+            return None
+        return self.validator.evidence_span(item.claim, index)
 
     def _done(self, run: _Run, prompt_len: int) -> Done:
         kept = len(run.steps) if run.stop is StopReason.END else _kept_tokens(run)
@@ -940,6 +963,16 @@ def _kept_tokens(run: _Run) -> int:
         if step.state.length >= run.released:
             return i
     return len(run.steps)
+
+
+def _leading_space(out: bytes | bytearray) -> int:
+    """Bytes of whitespace that ``out`` starts with (as ``str.lstrip`` sees it)."""
+    text = bytes(out[:64]).decode("utf-8", "ignore")
+    stripped = text.lstrip()
+    if not stripped and len(out) > 64:
+        text = bytes(out).decode("utf-8", "ignore")
+        stripped = text.lstrip()
+    return len(text[: len(text) - len(stripped)].encode())
 
 
 def _normalized(text: str) -> str:

@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 if TYPE_CHECKING:
-    from citebacktrack.backends.base import ChatMessage
+    from citebacktrack.types import ChatMessage
 
 __all__ = [
     "ChatRuntime",

@@ -15,7 +15,18 @@ import numpy.typing as npt
 
 from citebacktrack.errors import ConfigurationError
 
-__all__ = ["Proposal", "SamplingConfig", "next_random", "propose", "sample", "sample_masked"]
+__all__ = [
+    "Proposal",
+    "SamplingConfig",
+    "in_nucleus",
+    "next_random",
+    "nucleus_indices",
+    "pick",
+    "propose",
+    "sample",
+    "sample_masked",
+    "top_k_indices",
+]
 
 _MASK64 = (1 << 64) - 1
 

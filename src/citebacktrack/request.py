@@ -1,0 +1,143 @@
+"""The request a backend answers: one backend-neutral task plus each mechanism's options.
+
+Every backend gets the same task: the chat ``messages`` (sources already stitched in),
+the ``sources`` themselves, the citation ``policy``, its ``grammar`` (the IR, compiled to
+whatever dialect the engine speaks), the ``validator`` that decides what a valid citation
+is, and the ``budgets`` that make every answer end. How the answer is produced is the
+backend's business, and each mechanism reads only its own options:
+
+* :class:`DecodingOptions`: token-level decoding (the local backends): the sampler and
+  the backtracking operators;
+* :class:`SegmentOptions`: segment-level decoding (backends over a server or API that
+  cannot roll back a KV cache and resubmit up to the next citation instead).
+
+A backend never receives a knob of another mechanism that it would have to ignore.
+:class:`~citebacktrack.Citeformer` builds requests (``Citeformer.build_request``); a
+hand-built one can be passed to ``Citeformer.generate`` and gives the same answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from citebacktrack.decoding.budgets import Budgets
+from citebacktrack.decoding.operators import Operator
+from citebacktrack.decoding.sampling import SamplingConfig
+from citebacktrack.errors import ConfigurationError
+from citebacktrack.types import ChatMessage, Policy, Source
+
+if TYPE_CHECKING:
+    from citebacktrack.grammar.ir import Grammar
+    from citebacktrack.validation import CitationValidator
+
+__all__ = ["DecodingOptions", "GenerationRequest", "SegmentOptions"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DecodingOptions:
+    """Options of token-level decoding (the backtracking decoder of the local backends).
+
+    Attributes:
+        sampling: how each token is picked (default greedy).
+        operators: extra rules that may roll back after any token
+            (:mod:`citebacktrack.decoding.operators`).
+    """
+
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    operators: tuple[Operator, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "operators", tuple(self.operators))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SegmentOptions:
+    """Options of segment-level decoding: a server or API generates up to the next
+    citation, the validator checks it, a rejection resubmits the accepted prefix.
+
+    Attributes:
+        temperature: sampling temperature sent to the server (0: greedy).
+        top_p: nucleus sampling mass sent to the server (1.0: off).
+        seed: seed sent to servers that accept one (``None``: none sent).
+        max_segment_tokens: most tokens asked for in one call (one segment).
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    max_segment_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0.0:
+            raise ConfigurationError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigurationError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_segment_tokens < 1:
+            raise ConfigurationError(
+                f"max_segment_tokens must be at least 1, got {self.max_segment_tokens}"
+            )
+
+    @classmethod
+    def from_sampling(cls, sampling: SamplingConfig) -> SegmentOptions:
+        """The server-side equivalent of ``sampling`` (``top_k`` has no equivalent on
+        every server and is not carried over)."""
+        return cls(temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GenerationRequest:
+    """Everything a backend needs to produce one cited answer.
+
+    Backends own only the mechanism (how to constrain, how to roll back), never the
+    policy: what counts as a valid citation lives in ``validator``.
+
+    Attributes:
+        messages: the chat prompt, sources included.
+        sources: the numbered sources; ``[N]`` cites ``sources[N - 1]``.
+        policy: when citations are due and how many a sentence may carry.
+        grammar: the citation grammar; ``None`` decodes unconstrained with no marker
+            checks (the raw-model baseline of ``citebacktrack eval``).
+        validator: citation rules and support; ``None`` accepts every grammatical marker.
+        budgets: limits every mechanism ends on (tokens, rollbacks, wall time).
+        decoding: token-level options (read by the local backends only).
+        segments: segment-level options (read by server and API backends only).
+
+    Raises:
+        ConfigurationError: no messages or no sources, or a validator built for another
+            number of sources.
+    """
+
+    messages: Sequence[ChatMessage]
+    sources: Sequence[Source]
+    policy: Policy
+    grammar: Grammar | None
+    validator: CitationValidator | None
+    budgets: Budgets = field(default_factory=Budgets)
+    decoding: DecodingOptions = field(default_factory=DecodingOptions)
+    segments: SegmentOptions = field(default_factory=SegmentOptions)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "messages", tuple(self.messages))
+        object.__setattr__(self, "sources", tuple(self.sources))
+        if not self.messages:
+            raise ConfigurationError("a request needs at least one chat message")
+        if not self.sources:
+            raise ConfigurationError("a request needs at least one source to cite")
+        validator = self.validator
+        if validator is not None and validator.n_sources != len(self.sources):
+            raise ConfigurationError(
+                f"the validator was built for {validator.n_sources} sources but the request "
+                f"has {len(self.sources)}; build both from the same sources"
+            )
+
+    @property
+    def n_sources(self) -> int:
+        """Number of sources; valid ids are ``1..n_sources``."""
+        return len(self.sources)
+
+    @property
+    def source_ids(self) -> tuple[str, ...]:
+        """Each source's id, in order (its 1-based position when it has none)."""
+        return tuple(s.id if s.id is not None else str(i) for i, s in enumerate(self.sources, 1))
