@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import random
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -33,8 +34,9 @@ SOURCES = [
 
 
 @pytest.fixture(scope="module")
-def runtime() -> LlamaCppRuntime:
-    return LlamaCppRuntime.from_path(n_ctx=2048)
+def runtime() -> Iterator[LlamaCppRuntime]:
+    with LlamaCppRuntime.from_path(n_ctx=2048) as shared:
+        yield shared
 
 
 @pytest.fixture(scope="module")

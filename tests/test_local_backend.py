@@ -425,9 +425,9 @@ def _check_rollbacks_reuse_the_prompt(backend: LocalBackend, runtime: PrefixCach
 def test_llama_answers_do_not_depend_on_what_ran_before() -> None:
     from citebacktrack.backends.llamacpp import LlamaCppBackend
 
-    backend = LlamaCppBackend(n_ctx=2048)
-    _check_prefix_reuse_determinism(backend, backend.runtime)
-    _check_rollbacks_reuse_the_prompt(backend, backend.runtime)
+    with LlamaCppBackend(n_ctx=2048) as backend:
+        _check_prefix_reuse_determinism(backend, backend.runtime)
+        _check_rollbacks_reuse_the_prompt(backend, backend.runtime)
 
 
 @pytest.mark.slow
@@ -435,6 +435,6 @@ def test_llama_answers_do_not_depend_on_what_ran_before() -> None:
 def test_hf_answers_do_not_depend_on_what_ran_before() -> None:
     from citebacktrack.backends.hf import HFBackend
 
-    backend = HFBackend.from_gguf()
-    _check_prefix_reuse_determinism(backend, backend.runtime)
-    _check_rollbacks_reuse_the_prompt(backend, backend.runtime)
+    with HFBackend.from_gguf() as backend:
+        _check_prefix_reuse_determinism(backend, backend.runtime)
+        _check_rollbacks_reuse_the_prompt(backend, backend.runtime)

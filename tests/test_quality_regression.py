@@ -25,8 +25,8 @@ SLICE = Path(__file__).parent / "data" / "multihop" / "hotpotqa_tune6.json"
 def report():  # type: ignore[no-untyped-def]
     from citebacktrack.backends.llamacpp import LlamaCppBackend
 
-    backend = LlamaCppBackend(n_ctx=8192)
-    return evaluate(load_dataset(SLICE), standard_systems(backend, ["grammar", "validated"]))
+    with LlamaCppBackend(n_ctx=8192) as backend:
+        return evaluate(load_dataset(SLICE), standard_systems(backend, ["grammar", "validated"]))
 
 
 def test_validated_answers_are_cited_valid_and_mostly_right(report) -> None:  # type: ignore[no-untyped-def]
