@@ -479,3 +479,21 @@ def test_sources_from_retrievers_with_bad_input_get_typed_errors() -> None:
         Source.from_langchain(object())
     with pytest.raises(InvalidSourcesError, match="has no text"):
         Source.from_llamaindex(object())
+
+
+def test_generate_many_answers_each_like_generate_in_order() -> None:
+    first = "The Eiffel Tower was completed in 1889 [2]."
+    second = "It is 330 metres tall [2]."
+    one_by_one = [
+        Citeformer(MockBackend([script])).generate(QUESTION, SOURCES) for script in (first, second)
+    ]
+    cf = Citeformer(MockBackend([first, second]))
+    assert cf.generate_many([(QUESTION, SOURCES), (QUESTION, SOURCES)]) == one_by_one
+    request = cf.build_request(QUESTION, SOURCES)
+    many = Citeformer(MockBackend([first, second]))
+    answers = anyio.run(lambda: many.agenerate_many([request, request], concurrency=1))
+    assert answers == one_by_one
+    with pytest.raises(ConfigurationError, match="concurrency"):
+        anyio.run(lambda: many.agenerate_many([request], concurrency=0))
+    with pytest.raises(InvalidSourcesError):
+        cf.generate_many([(QUESTION, SOURCES), (QUESTION, [])])

@@ -109,6 +109,9 @@ PUBLIC_MODULES = [
     "citebacktrack.backends.llamacpp",
     "citebacktrack.backends.local",
     "citebacktrack.backends.mock",
+    "citebacktrack.backends.openai",
+    "citebacktrack.backends.segment",
+    "citebacktrack.backends.vllm",
     "citebacktrack.decoding",
     "citebacktrack.decoding.budgets",
     "citebacktrack.decoding.operators",
@@ -118,6 +121,7 @@ PUBLIC_MODULES = [
     "citebacktrack.orchestrator",
     "citebacktrack.render",
     "citebacktrack.request",
+    "citebacktrack.segments",
     "citebacktrack.support",
     "citebacktrack.syntax",
     "citebacktrack.testing",
@@ -170,5 +174,5 @@ def test_engines_import_from_the_backends_package() -> None:
     from citebacktrack.backends.llamacpp import LlamaCppBackend as Llama
 
     assert (HFBackend, LlamaCppBackend) == (Hf, Llama)
-    with pytest.raises(AttributeError, match="no attribute 'VLLMBackend'"):
-        citebacktrack.backends.VLLMBackend  # noqa: B018
+    with pytest.raises(AttributeError, match="no attribute 'TritonBackend'"):
+        citebacktrack.backends.TritonBackend  # noqa: B018

@@ -241,6 +241,52 @@ class Citeformer:
         request = self._request(question, sources, policy, budgets, sampling)
         return build(self.backend.stream(request), request.sources)
 
+    def generate_many(
+        self,
+        items: Sequence[tuple[str, Sequence[Source | str]] | GenerationRequest],
+        *,
+        policy: Policy | None = None,
+        budgets: Budgets | None = None,
+        sampling: SamplingConfig | None = None,
+    ) -> list[Answer]:
+        """Answer many ``(question, sources)`` pairs (or requests), in order.
+
+        Every input is checked before anything is generated. Backends that batch (vLLM's
+        continuous batching) answer them together; the others one by one. Each answer is
+        the one :meth:`generate` would give.
+        """
+        requests = self._requests(items, policy, budgets, sampling)
+        return self.backend.generate_many(requests)
+
+    async def agenerate_many(
+        self,
+        items: Sequence[tuple[str, Sequence[Source | str]] | GenerationRequest],
+        *,
+        concurrency: int = 8,
+        policy: Policy | None = None,
+        budgets: Budgets | None = None,
+        sampling: SamplingConfig | None = None,
+    ) -> list[Answer]:
+        """Async :meth:`generate_many`, at most ``concurrency`` answers in flight."""
+        requests = self._requests(items, policy, budgets, sampling)
+        return await self.backend.agenerate_many(requests, concurrency=concurrency)
+
+    def _requests(
+        self,
+        items: Sequence[tuple[str, Sequence[Source | str]] | GenerationRequest],
+        policy: Policy | None,
+        budgets: Budgets | None,
+        sampling: SamplingConfig | None,
+    ) -> list[GenerationRequest]:
+        requests = []
+        for item in items:
+            if isinstance(item, GenerationRequest):
+                requests.append(self._request(item, None, policy, budgets, sampling))
+            else:
+                question, sources = item
+                requests.append(self._request(question, sources, policy, budgets, sampling))
+        return requests
+
     # ------------------------------------------------------------------ async
 
     @overload

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,10 +20,14 @@ from citebacktrack.decoding.runtime import Logits, Vocabulary
 from citebacktrack.decoding.vocab_index import VocabularyIndex
 from citebacktrack.errors import ConfigurationError
 
+if TYPE_CHECKING:
+    from citebacktrack.segments import SegmentCall, SegmentResult
+
 __all__ = [
     "STOP",
     "PrefixHashRuntime",
     "ScriptedRuntime",
+    "ScriptedSegmentEngine",
     "default_vocabulary",
     "index_for",
     "toy_vocabulary",
@@ -189,3 +194,76 @@ class PrefixHashRuntime:
         if self._bias is not None:
             logits += self._bias
         return logits
+
+
+class ScriptedSegmentEngine:
+    """A :class:`~citebacktrack.segments.SegmentEngine` whose model wants to write
+    ``script``: each call decodes greedily under the call's grammar (XGrammar over the
+    toy vocabulary), from the call's prefix, and stops after a stop string, at the end of
+    the script (the model's stop token) or after ``max_tokens``, like a server would.
+
+    ``calls`` records every call, for assertions.
+    """
+
+    def __init__(self, script: str, *, vocabulary: Vocabulary | None = None) -> None:
+        self.script = script
+        self.vocabulary = vocabulary or _DEFAULT_VOCABULARY
+        self.calls: list[SegmentCall] = []
+
+    def complete(self, call: SegmentCall) -> SegmentResult:
+        from citebacktrack.decoding.matcher import FreeMatcher, XGrammarMatcher
+        from citebacktrack.segments import SegmentResult
+
+        self.calls.append(call)
+        index = index_for(self.vocabulary)
+        runtime = ScriptedRuntime(self.script, self.vocabulary)
+        logits = runtime.prefill([0])
+        prefix = index.encode(call.prefix.encode()) if call.prefix else []
+        if prefix is None:
+            raise ConfigurationError(f"the toy vocabulary cannot write {call.prefix!r}")
+        if prefix:
+            logits = runtime.forward(prefix)
+        matcher = (
+            XGrammarMatcher(index.compile(call.grammar), self.vocabulary.size)
+            if call.grammar is not None
+            else FreeMatcher(self.vocabulary.size)
+        )
+        out = bytearray()
+        for _ in range(call.max_tokens):
+            allowed = matcher.allowed() & index.unblocked
+            if not allowed.any():
+                raise ConfigurationError("the grammar allows nothing here")
+            token = int(np.argmax(np.where(allowed, logits, -np.inf)))
+            matcher.accept_token(token)
+            if token in self.vocabulary.stop_ids:
+                return self._result(out, "end", len(prefix))
+            out += self.vocabulary.tokens[token]
+            text = out.decode("utf-8", "ignore")
+            for stop in call.stop:
+                if stop in text:
+                    cut = text[: text.index(stop)]
+                    return SegmentResult(
+                        text=cut,
+                        finish="stop",
+                        prompt_tokens=1 + len(prefix),
+                        completion_tokens=len(index.encode(cut.encode()) or ()) + 1,
+                    )
+            logits = runtime.forward([token])
+        return self._result(out, "length", len(prefix))
+
+    async def acomplete(self, call: SegmentCall) -> SegmentResult:
+        return self.complete(call)
+
+    def _result(self, out: bytearray, finish: str, prefix: int) -> SegmentResult:
+        from citebacktrack.segments import SegmentResult
+
+        text = out.decode("utf-8", "replace")
+        tokens = len(self.vocabulary.tokens) and len(
+            index_for(self.vocabulary).encode(bytes(out)) or ()
+        )
+        return SegmentResult(
+            text=text,
+            finish=finish,  # type: ignore[arg-type]
+            prompt_tokens=1 + prefix,
+            completion_tokens=tokens + (finish == "end"),
+        )

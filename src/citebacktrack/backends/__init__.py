@@ -17,6 +17,9 @@ from citebacktrack.types import ChatMessage
 if TYPE_CHECKING:
     from citebacktrack.backends.hf import HFBackend
     from citebacktrack.backends.llamacpp import LlamaCppBackend
+    from citebacktrack.backends.openai import OpenAIBackend
+    from citebacktrack.backends.segment import SegmentBackend
+    from citebacktrack.backends.vllm import VLLMBackend
 
 __all__ = [
     "Backend",
@@ -27,13 +30,19 @@ __all__ = [
     "HFBackend",
     "LlamaCppBackend",
     "MockBackend",
+    "OpenAIBackend",
+    "SegmentBackend",
     "SegmentOptions",
+    "VLLMBackend",
     "iterate_in_thread",
 ]
 
 _LAZY = {
     "HFBackend": "citebacktrack.backends.hf",
     "LlamaCppBackend": "citebacktrack.backends.llamacpp",
+    "OpenAIBackend": "citebacktrack.backends.openai",
+    "SegmentBackend": "citebacktrack.backends.segment",
+    "VLLMBackend": "citebacktrack.backends.vllm",
 }
 
 

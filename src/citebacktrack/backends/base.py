@@ -11,12 +11,14 @@ override ``astream`` only; sync and async then still share the same state machin
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Self
 
+import anyio
 import anyio.to_thread
 
 from citebacktrack.answer import acollect, collect
+from citebacktrack.errors import ConfigurationError
 from citebacktrack.request import GenerationRequest
 from citebacktrack.types import Answer, ChatMessage, Event
 
@@ -77,3 +79,26 @@ class Backend(ABC):
     async def agenerate(self, request: GenerationRequest) -> Answer:
         """Async :meth:`generate`."""
         return await acollect(self.astream(request), request.sources)
+
+    def generate_many(self, requests: Sequence[GenerationRequest]) -> list[Answer]:
+        """Answer many requests, in order. The base class answers them one by one;
+        engines that batch (vLLM) override it."""
+        return [self.generate(request) for request in requests]
+
+    async def agenerate_many(
+        self, requests: Sequence[GenerationRequest], *, concurrency: int = 8
+    ) -> list[Answer]:
+        """Async :meth:`generate_many`: at most ``concurrency`` requests in flight."""
+        if concurrency < 1:
+            raise ConfigurationError(f"concurrency must be at least 1, got {concurrency}")
+        answers: list[Answer | None] = [None] * len(requests)
+        limit = anyio.Semaphore(concurrency)
+
+        async def one(i: int) -> None:
+            async with limit:
+                answers[i] = await self.agenerate(requests[i])
+
+        async with anyio.create_task_group() as group:
+            for i in range(len(requests)):
+                group.start_soon(one, i)
+        return [a for a in answers if a is not None]

@@ -1,0 +1,593 @@
+"""Segment-level backtracking, for engines that cannot roll back a KV cache.
+
+A server (llama.cpp's, vLLM's) or an API generates one *segment* at a time: the answer
+from an accepted prefix up to the next citation close (``stop=["]"]``), under a grammar
+for "the rest of the answer from here". The same validator as the token-level decoder
+checks each closed marker; a rejection resubmits the prompt and the accepted prefix up to
+the marker's ``[`` with a grammar that allows only the ids the validator accepts there.
+
+:class:`SegmentLoop` is a plain state machine with no I/O: ``next_call()`` says what to ask
+the engine, ``feed(result)`` takes its answer and returns the events it releases, and
+``finish()`` ends the stream with ``Done``. :func:`run_segments` and :func:`arun_segments`
+drive it over a :class:`SegmentEngine` (blocking and natively async). Budgets, stop
+reasons, events and the trace are the token-level decoder's; what differs:
+
+* ids come from support as in the decoder: after a rejected marker the resubmission's
+  grammar allows only the ids the validator accepts for that sentence, so the engine
+  chooses among supported sources;
+* when no id supports the sentence it is thrown away and, the engine being greedy and
+  unable to ban a first token, not regenerated: the answer ends after the supported
+  sentences (``no_valid_citation``) or, when nothing was supported, quotes the
+  best-supported source's evidence (``Policy.fallback="quote"``) or abstains;
+* token counts are the engine's (``forward_passes`` counts engine calls; tokens of a
+  segment cut back by a rejection count as wasted, whole);
+* streaming releases a sentence once the next one starts, as the decoder does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+
+from citebacktrack.decoding.tracker import ClosedMarker, TextState, advance
+from citebacktrack.grammar.citations import citation_grammar, continuation_grammar
+from citebacktrack.grammar.ir import Grammar
+from citebacktrack.syntax import CLOSERS, TERMINATORS, split_sentences, strip_markers
+from citebacktrack.types import (
+    ChatMessage,
+    Citation,
+    CitationAccepted,
+    CitationMode,
+    CitationRejected,
+    Done,
+    Event,
+    Evidence,
+    RejectionReason,
+    Rollback,
+    StopReason,
+    TextDelta,
+    Trace,
+    TraceEntry,
+    Usage,
+)
+from citebacktrack.validation import CitationValidator, Verdict
+
+if TYPE_CHECKING:
+    from citebacktrack.request import GenerationRequest
+
+__all__ = [
+    "SegmentCall",
+    "SegmentEngine",
+    "SegmentLoop",
+    "SegmentResult",
+    "arun_segments",
+    "run_segments",
+]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SegmentCall:
+    """One request to a segment-level engine.
+
+    Attributes:
+        messages: the chat prompt (sources included), the same for every call of an answer.
+        prefix: accepted answer text the engine must continue (the start of the assistant
+            turn; ``""`` for the first call).
+        grammar: what may follow ``prefix`` (the citation grammar restarted at that
+            point); ``None`` for an unconstrained call (the raw-model baseline).
+        stop: strings that end the segment (excluded from the result's text).
+        max_tokens: most tokens to generate in this call.
+        temperature: sampling temperature (0: greedy).
+        top_p: nucleus mass (1.0: off).
+        seed: sampling seed, where the engine takes one.
+    """
+
+    messages: Sequence[ChatMessage]
+    prefix: str
+    grammar: Grammar | None
+    stop: tuple[str, ...] = ("]",)
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SegmentResult:
+    """What an engine generated for one :class:`SegmentCall`.
+
+    Attributes:
+        text: the generated text after ``prefix``, without the stop string.
+        finish: ``"stop"`` a stop string was hit; ``"end"`` the model ended its answer;
+            ``"length"`` ``max_tokens`` ran out.
+        prompt_tokens: tokens in the prompt as the engine counted them (0 if unknown).
+        completion_tokens: tokens generated (0 if unknown).
+    """
+
+    text: str
+    finish: Literal["stop", "end", "length"]
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@runtime_checkable
+class SegmentEngine(Protocol):
+    """What the segment loop needs of a server or API client: one segment per call."""
+
+    def complete(self, call: SegmentCall) -> SegmentResult:
+        """Generate one segment (blocking)."""
+        ...
+
+    async def acomplete(self, call: SegmentCall) -> SegmentResult:
+        """Generate one segment (natively async)."""
+        ...
+
+
+@dataclass(slots=True)
+class _Accepted:
+    marker: ClosedMarker
+    verdict: Verdict
+    claim: str
+
+
+@dataclass(slots=True)
+class _Totals:
+    calls: int = 0
+    prompt_tokens: int = 0
+    generated: int = 0
+    kept: int = 0
+    wasted: int = 0
+    backtracks: int = 0
+    rejections: int = 0
+    entries: list[TraceEntry] = field(default_factory=list)
+
+
+class SegmentLoop:
+    """Segment-level backtracking for one request; drive it with :func:`run_segments`.
+
+    Args:
+        request: the backend-neutral request (its ``segments`` options are read).
+        clock: seconds for the wall-time budget (tests pass a fake).
+    """
+
+    def __init__(
+        self, request: GenerationRequest, *, clock: Callable[[], float] = time.perf_counter
+    ) -> None:
+        self.request = request
+        self.policy = request.policy
+        self.budgets = request.budgets
+        self.options = request.segments
+        self.n_sources = request.n_sources
+        self.source_ids = request.source_ids
+        self.validator = request.validator or CitationValidator(
+            n_sources=self.n_sources, policy=self.policy, scorer=None
+        )
+        self.constrained = request.grammar is not None
+        self._clock = clock
+        self._started = clock()
+        self._draft = bytearray()
+        self._state = TextState(
+            strict=self.constrained and self.policy.mode is CitationMode.REQUIRED
+        )
+        self._accepted: list[_Accepted] = []
+        self._bans: dict[int, set[int]] = {}
+        self._retries: dict[int, int] = {}
+        self._allowed: frozenset[int] | None = None
+        """Ids the open marker may take at the next call (after a rejection)."""
+        self._released = 0
+        self._released_chars = 0
+        self._totals = _Totals()
+        self._stop: StopReason | None = None
+        self._done = False
+
+    # ------------------------------------------------------------------ driving
+
+    @property
+    def stop_reason(self) -> StopReason | None:
+        """Why the answer ended, once it has."""
+        return self._stop
+
+    def next_call(self) -> SegmentCall | None:
+        """What to ask the engine next; ``None`` once the answer has ended."""
+        if self._stop is not None:
+            return None
+        limit = self.budgets.max_wall_time_s
+        if limit is not None and self._clock() - self._started > limit:
+            self._stop = StopReason.WALL_TIME
+            return None
+        remaining = self.budgets.max_new_tokens - self._totals.kept
+        if remaining <= 0:
+            self._stop = StopReason.MAX_NEW_TOKENS
+            return None
+        prefix = self._draft.decode("utf-8", "replace")
+        return SegmentCall(
+            messages=self.request.messages,
+            prefix=prefix,
+            grammar=self._grammar(prefix),
+            stop=("]",) if self.constrained else (),
+            max_tokens=min(self.options.max_segment_tokens, remaining),
+            temperature=self.options.temperature,
+            top_p=self.options.top_p,
+            seed=self.options.seed,
+        )
+
+    def feed(self, result: SegmentResult) -> list[Event]:
+        """Take the engine's segment; return the events it releases."""
+        if self._stop is not None:
+            raise RuntimeError("the segment loop has ended; call finish()")
+        totals = self._totals
+        totals.calls += 1
+        totals.prompt_tokens = max(totals.prompt_tokens, result.prompt_tokens)
+        totals.generated += result.completion_tokens
+        piece = result.text.encode("utf-8")
+        before = len(self._draft)
+        state, closed = advance(self._state, piece, totals.calls)
+        if result.finish == "stop" and state.in_marker and state.partial_id:
+            state, more = advance(state, b"]", totals.calls)  # the stop string itself
+            piece += b"]"
+            closed = (*closed, *more)
+        self._draft += piece
+        self._state = state
+        self._allowed = None
+        events: list[Event] = []
+        for marker in closed if self.constrained else ():
+            if not self._check(marker, result, before, events):
+                return events
+        totals.kept += result.completion_tokens
+        if result.finish == "end" or (result.finish == "stop" and not closed):
+            self._stop = StopReason.END
+        elif result.finish == "length":
+            self._stop = StopReason.MAX_NEW_TOKENS
+        events += self._release(final=False)
+        return events
+
+    def finish(self) -> list[Event]:
+        """The last events: what is left to release and ``Done``."""
+        if self._done:
+            raise RuntimeError("finish() was already called")
+        self._done = True
+        if self._stop is None:
+            self._stop = StopReason.END
+        events = self._release(final=True)
+        return [*events, self._done_event()]
+
+    # ------------------------------------------------------------------ markers
+
+    def _grammar(self, prefix: str) -> Grammar | None:
+        if not self.constrained:
+            return None
+        policy = self.policy
+        if not prefix.strip():
+            return citation_grammar(self.n_sources, policy, bounded=True)
+        return continuation_grammar(
+            self.n_sources, policy, prefix, allowed_ids=self._allowed, bounded=True
+        )
+
+    def _claim(self, start: int, end: int) -> str:
+        return strip_markers(self._draft[start:end].decode("utf-8", "replace")).strip()
+
+    def _check(
+        self, marker: ClosedMarker, result: SegmentResult, before: int, events: list[Event]
+    ) -> bool:
+        """Validate one closed marker; on rejection cut the draft back and plan the retry."""
+        claim = self._claim(marker.sentence_start, marker.start)
+        if not any(c.isalnum() for c in claim):
+            # A marker with no words before it (the grammar takes "[1]." as a sentence;
+            # the token-level decoder filters it, a server cannot be told to).
+            events.append(
+                self._rejection(
+                    marker.start,
+                    marker.source_index,
+                    RejectionReason.UNSUPPORTED,
+                    None,
+                    "a marker with no words to cite",
+                )
+            )
+            self._totals.wasted += result.completion_tokens
+            self._end_answer(marker)
+            return False
+        verdict = self.validator.check(
+            source_index=marker.source_index, sentence_ids=marker.prior_ids, claim=claim
+        )
+        if verdict.is_accepted:
+            self._accepted.append(_Accepted(marker, verdict, claim))
+            if not verdict.is_complete:
+                # A partial source: the group must go on with one that completes it.
+                self._reopen(marker.end, claim, (*marker.prior_ids, marker.source_index))
+            return True
+        events.append(
+            self._rejection(
+                marker.start, marker.source_index, verdict.reason, verdict.score, verdict.detail
+            )
+        )
+        sentence = marker.sentence_start
+        self._bans.setdefault(sentence, set()).add(marker.source_index)
+        self._totals.wasted += result.completion_tokens
+        self._totals.backtracks += 1
+        if self._out_of_rollbacks():
+            self._truncate(sentence)  # the answer keeps the sentences before this one
+            return False
+        allowed = self._supported_ids(claim, marker.prior_ids, self._bans[sentence])
+        if allowed:
+            self._truncate(marker.start + 1)  # keep "[": the engine writes the id again
+            self._allowed = allowed
+            events.append(
+                Rollback(depth=result.completion_tokens, reason=f"rejected [{marker.source_index}]")
+            )
+            return False
+        if self._supported_before(marker):
+            # The sentence is supported already and no further id adds to it: the extra
+            # marker is dropped and the answer ends after this sentence (resubmitted, the
+            # grammar would let the model stack the marker again).
+            events.append(Rollback(depth=result.completion_tokens, reason="extra marker dropped"))
+            self._end_answer(marker)
+            return False
+        events.append(Rollback(depth=result.completion_tokens, reason="no supported id"))
+        self._give_up_sentence(marker, claim, events)
+        return False
+
+    def _supported_before(self, marker: ClosedMarker) -> bool:
+        """Whether the sentence of ``marker`` is already supported by its earlier ids."""
+        earlier = [
+            a
+            for a in self._accepted
+            if a.marker.sentence_start == marker.sentence_start and a.marker.end <= marker.start
+        ]
+        return bool(earlier) and earlier[-1].verdict.is_complete
+
+    def _end_answer(self, marker: ClosedMarker) -> None:
+        """Cut ``marker`` off and end the answer there: a supported sentence is closed
+        (with a period unless its terminator came before the group, as in
+        ``claim. [1]``), an uncited one is dropped."""
+        self._truncate(marker.start)
+        self._note(marker.start, "a marker that could not be placed: the answer ends here")
+        self._stop = StopReason.END
+        state = self._state
+        if not state.sentence_ids:
+            self._truncate(state.sentence_start)
+            if not self._accepted:
+                self._stop = StopReason.NO_SUPPORTED_ANSWER
+            return
+        body = strip_markers(self._draft[state.sentence_start :].decode("utf-8", "replace"))
+        if not body.rstrip().rstrip(CLOSERS).endswith(tuple(TERMINATORS)):
+            self._draft += b"."
+            self._state, _ = advance(self._state, b".", self._totals.calls)
+
+    def _reopen(self, end: int, claim: str, prior: tuple[int, ...]) -> None:
+        """Open the next marker of the group ourselves, allowing ids that complete it."""
+        sentence = self._state.sentence_start
+        allowed = self._supported_ids(claim, prior, self._bans.get(sentence, set()))
+        if allowed and len(self._draft) == end:
+            self._draft += b"["
+            self._state, _ = advance(self._state, b"[", self._totals.calls)
+            self._allowed = allowed
+
+    def _supported_ids(
+        self, claim: str, prior: tuple[int, ...], banned: set[int]
+    ) -> frozenset[int]:
+        """Ids the validator accepts for the next marker of this sentence."""
+        if self.validator.scorer is None:
+            taken = set(prior) | banned
+            return frozenset(i for i in range(1, self.n_sources + 1) if i not in taken)
+        return frozenset(
+            i
+            for i in range(1, self.n_sources + 1)
+            if i not in banned
+            and i not in prior
+            and self.validator.check(source_index=i, sentence_ids=prior, claim=claim).is_accepted
+        )
+
+    def _out_of_rollbacks(self) -> bool:
+        if self._totals.backtracks > self.budgets.max_backtracks:
+            self._stop = StopReason.BACKTRACK_BUDGET
+        elif self._totals.wasted > self.budgets.max_rolled_back_tokens:
+            self._stop = StopReason.ROLLED_BACK_TOKEN_BUDGET
+        return self._stop is not None
+
+    def _give_up_sentence(self, marker: ClosedMarker, claim: str, events: list[Event]) -> None:
+        """No source supports the sentence: drop it and apply the policy's fallback."""
+        sentence = marker.sentence_start
+        self._note(sentence, "no valid citation for this sentence")
+        if self.policy.mode is CitationMode.AUTO:
+            self._truncate(marker.start)  # drop the marker, keep the prose
+            self._stop = None
+            return
+        self._truncate(sentence)
+        if self._accepted or self.validator.scorer is None:
+            self._stop = StopReason.NO_VALID_CITATION
+        elif (
+            self.policy.mode is CitationMode.REQUIRED
+            and self.policy.fallback == "quote"
+            and self._quote(claim)
+        ):
+            self._stop = StopReason.END
+        else:
+            self._stop = StopReason.NO_SUPPORTED_ANSWER
+
+    def _quote(self, claim: str) -> bool:
+        """Write the best-supported source's evidence sentence with its citation."""
+        best = self.validator.best_sources(claim)
+        if not best or best[0][1] <= 0.0:
+            return False
+        source = best[0][0]
+        sentences = split_sentences(self.validator.evidence(claim, source))
+        if not sentences:
+            return False
+        text = " ".join(sentences[0].translate(_PARENTHESES).split()).rstrip(".!?").rstrip()
+        if not text or len(split_sentences(text + ".")) != 1:
+            return False
+        lead = b"" if not self._draft or self._draft[-1:].isspace() else b" "
+        piece = lead + f"{text} [{source}].".encode()
+        state, closed = advance(self._state, piece, self._totals.calls + 1)
+        start = len(self._draft)
+        self._draft += piece
+        self._state = state
+        for marker in closed:
+            said = self._claim(marker.sentence_start, marker.start)
+            verdict = self.validator.check(
+                source_index=marker.source_index, sentence_ids=marker.prior_ids, claim=said
+            )
+            if not verdict.is_accepted:
+                self._truncate(start)
+                return False
+            self._accepted.append(_Accepted(marker, verdict, said))
+        self._note(start, f"quoted the evidence of source [{source}]")
+        return True
+
+    def _truncate(self, length: int) -> None:
+        """Cut the draft back to ``length`` bytes (never into released text)."""
+        length = max(length, self._released)
+        del self._draft[length:]
+        self._accepted = [a for a in self._accepted if a.marker.end <= length]
+        state = TextState(strict=self._state.strict)
+        state, _ = advance(state, bytes(self._draft), 0)
+        self._state = state
+
+    # ------------------------------------------------------------------ events
+
+    def _char_offset(self, byte_offset: int) -> int:
+        start = self._released or _leading_space(self._draft)
+        return self._released_chars + len(self._draft[start:byte_offset].decode("utf-8", "replace"))
+
+    def _rejection(
+        self,
+        byte_offset: int,
+        source_index: int,
+        reason: RejectionReason | None,
+        score: float | None,
+        detail: str,
+    ) -> CitationRejected:
+        self._totals.rejections += 1
+        offset = self._char_offset(byte_offset)
+        why = reason or RejectionReason.UNSUPPORTED
+        self._totals.entries.append(
+            TraceEntry(
+                kind="rejection",
+                token_position=self._totals.calls,
+                char_offset=offset,
+                source_index=source_index,
+                reason=why.value,
+                score=score,
+                detail=detail,
+            )
+        )
+        return CitationRejected(
+            source_index=source_index, reason=why, score=score, char_offset=offset
+        )
+
+    def _note(self, byte_offset: int, detail: str) -> None:
+        self._totals.entries.append(
+            TraceEntry(
+                kind="fallback",
+                token_position=self._totals.calls,
+                char_offset=self._char_offset(byte_offset),
+                reason=detail,
+                detail=detail,
+            )
+        )
+
+    def _safe_offset(self, *, final: bool) -> int:
+        """Bytes that can no longer be taken back: up to the current sentence's start."""
+        if final and (self._stop is StopReason.END or not self.constrained):
+            return len(self._draft)
+        state = self._state
+        if final:
+            complete = state.pending_boundary == 2 and not state.in_marker
+            if complete and (self.policy.mode is not CitationMode.REQUIRED or state.sentence_ids):
+                return len(self._draft)
+        return state.sentence_start
+
+    def _release(self, *, final: bool) -> list[Event]:
+        safe = self._safe_offset(final=final)
+        if not self._released:
+            lead = _leading_space(self._draft[:safe])
+            if lead == safe:
+                return []
+            self._released = lead
+        if safe <= self._released:
+            return []
+        start, base = self._released, self._released_chars
+        text = self._draft[start:safe].decode("utf-8", "replace")
+        events: list[Event] = [TextDelta(text=text)]
+        for item in self._accepted:
+            marker = item.marker
+            if start <= marker.start and marker.end <= safe:
+                events.append(CitationAccepted(citation=self._citation(item, start, base)))
+        self._released = safe
+        self._released_chars = base + len(text)
+        return events
+
+    def _citation(self, item: _Accepted, start: int, base: int) -> Citation:
+        marker = item.marker
+
+        def at(offset: int) -> int:
+            return base + len(self._draft[start : max(start, offset)].decode("utf-8", "replace"))
+
+        return Citation(
+            start=at(marker.start),
+            end=at(marker.end),
+            source_index=marker.source_index,
+            source_id=self.source_ids[marker.source_index - 1],
+            sentence_start=at(marker.sentence_start),
+            claim=item.claim,
+            support=item.verdict.score,
+            evidence=self._evidence(item),
+        )
+
+    def _evidence(self, item: _Accepted) -> Evidence | None:
+        index = item.marker.source_index
+        for span in item.verdict.spans:
+            if span.source_index == index:
+                return span
+        if self.validator.scorer is None:
+            return None
+        return self.validator.evidence_span(item.claim, index)
+
+    def _done_event(self) -> Done:
+        totals = self._totals
+        stop = self._stop or StopReason.END
+        trace = Trace(
+            entries=tuple(totals.entries),
+            backtracks=totals.backtracks,
+            rejections=totals.rejections,
+            tokens_wasted=totals.wasted,
+            forward_passes=totals.calls,
+            kept_tokens=totals.kept,
+            stop_reason=stop,
+        )
+        usage = Usage(
+            prompt_tokens=totals.prompt_tokens,
+            completion_tokens=totals.kept,
+            generated_tokens=totals.generated,
+            forward_passes=totals.calls,
+        )
+        return Done(usage=usage, trace=trace)
+
+
+def run_segments(engine: SegmentEngine, request: GenerationRequest) -> Iterator[Event]:
+    """Drive a :class:`SegmentLoop` over ``engine`` (blocking); ``Done`` last."""
+    loop = SegmentLoop(request)
+    while (call := loop.next_call()) is not None:
+        yield from loop.feed(engine.complete(call))
+    yield from loop.finish()
+
+
+async def arun_segments(engine: SegmentEngine, request: GenerationRequest) -> AsyncIterator[Event]:
+    """Drive a :class:`SegmentLoop` over ``engine`` with its native async client."""
+    loop = SegmentLoop(request)
+    while (call := loop.next_call()) is not None:
+        for event in loop.feed(await engine.acomplete(call)):
+            yield event
+    for event in loop.finish():
+        yield event
+
+
+def _leading_space(out: bytes | bytearray) -> int:
+    """Bytes of whitespace ``out`` starts with (as ``str.lstrip`` sees it)."""
+    text = bytes(out).decode("utf-8", "ignore")
+    return len(text[: len(text) - len(text.lstrip())].encode())
+
+
+_PARENTHESES = str.maketrans({"[": "(", "]": ")"})
