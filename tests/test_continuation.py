@@ -211,19 +211,16 @@ def test_true_suffix_at_every_supported_point(
                 assert not xgrammar_accepts(xgrammar_compiled(emit(banned, Dialect.EBNF)), rest)
 
 
-@pytest.mark.parametrize("mode", [REQUIRED])
 @SETTINGS
 @given(data=st.data(), size=sizes, bounded=st.booleans())
-def test_other_required_points_raise(
-    data: Any, size: tuple[int, int], mode: CitationMode, bounded: bool
-) -> None:
+def test_other_required_points_raise(data: Any, size: tuple[int, int], bounded: bool) -> None:
     n, k = size
-    p = policy(mode, k)
+    p = policy(REQUIRED, k)
     answer = walk(data.draw, full_tokens(n, p, bounded))
     assume(answer is not None)
     assert answer is not None
     for cut in range(len(answer) + 1):
-        if not is_point(mode, answer[:cut]):
+        if not is_point(REQUIRED, answer[:cut]):
             with pytest.raises(GrammarError, match=r"inside the marker|mid-sentence"):
                 continuation_grammar(n, p, answer[:cut], bounded=bounded)
 

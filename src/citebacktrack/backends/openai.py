@@ -32,11 +32,12 @@ releases text at sentence boundaries anyway.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
 import urllib.parse
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import JsonValue
@@ -209,8 +210,6 @@ class OpenAICompatibleEngine:
         self.chat_template: ChatTemplate = chat_template or chatml
         self.grammar_dialect = dialect
         self.timeout = float(timeout)
-        self._async_loop: object | None = None
-        self._stale_clients: list[Any] = []
         self.max_retries = max_retries
         self.extra: dict[str, JsonValue] = _check_extra(extra or {})
         self._client = (
@@ -280,34 +279,29 @@ class OpenAICompatibleEngine:
             if self._client is not None:
                 self._client.close()
 
-    async def _loop_client(self) -> Any:
-        """The async client for the running event loop.
+    @contextlib.asynccontextmanager
+    async def _async_session(self) -> AsyncIterator[Any]:
+        """The async client for one call.
 
-        An ``AsyncOpenAI`` client's connections belong to the loop that opened them. An
-        engine that built its clients (:meth:`from_base_url`) opens a fresh async client
-        when it is used from another loop (each ``asyncio.run``/``anyio.run`` of a script
-        or a test; the old loop's connections went with it); an injected client is used as
-        given (one loop: the SDK's rule).
+        An ``AsyncOpenAI`` client's connections belong to the event loop that opened
+        them, and a pooled connection outliving its loop is closed by nobody. So an engine
+        that built its clients (:meth:`from_base_url`) opens a client per call and closes
+        it in the same loop (one new connection per segment); an injected client is used
+        as given, within its owner's loop (the SDK's rule).
         """
-        import asyncio
-
-        loop = asyncio.get_running_loop()
         client = self._async_client
         if client is None:  # pragma: no cover - acomplete checks first
             raise ConfigurationError("acomplete() needs an async client")
-        if not self._owns_clients or self._async_loop is None or self._async_loop is loop:
-            self._async_loop = loop
-            return client
-        # A new loop: the old client's connections died with its loop. copy() would share
-        # its HTTP client, so build a new one; the old one is kept referenced (not
-        # collected while its loop is gone, which would make the SDK try to close it there).
-        self._stale_clients.append(client)
-        self._async_loop = loop
+        if not self._owns_clients:
+            yield client
+            return
         fresh = self._sdk.AsyncOpenAI(
             base_url=str(client.base_url), api_key=client.api_key
         ).with_options(timeout=self.timeout, max_retries=self.max_retries)
-        self._async_client = fresh
-        return fresh
+        try:
+            yield fresh
+        finally:
+            await fresh.close()
 
     async def aclose(self) -> None:
         """Close both clients if this engine built them (:meth:`from_base_url`)."""
@@ -356,12 +350,12 @@ class OpenAICompatibleEngine:
             )
         self._check_open()
         kwargs = self._request(call)
-        client = await self._loop_client()
         try:
-            if self.endpoint == "chat":
-                raw = await client.chat.completions.with_raw_response.create(**kwargs)
-            else:
-                raw = await client.completions.with_raw_response.create(**kwargs)
+            async with self._async_session() as client:
+                if self.endpoint == "chat":
+                    raw = await client.chat.completions.with_raw_response.create(**kwargs)
+                else:
+                    raw = await client.completions.with_raw_response.create(**kwargs)
         except self._sdk.OpenAIError as exc:
             raise self._error(exc) from _cause(exc, self._secrets)
         return self._result(raw.content, call)
