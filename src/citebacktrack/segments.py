@@ -34,7 +34,14 @@ from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 from citebacktrack.decoding.tracker import ClosedMarker, TextState, advance
 from citebacktrack.grammar.citations import citation_grammar, continuation_grammar
 from citebacktrack.grammar.ir import Grammar
-from citebacktrack.syntax import CLOSERS, TERMINATORS, split_sentences, strip_markers
+from citebacktrack.syntax import (
+    CLOSERS,
+    TERMINATORS,
+    leading_space,
+    quotable_sentence,
+    split_sentences,
+    strip_markers,
+)
 from citebacktrack.types import (
     ChatMessage,
     Citation,
@@ -43,7 +50,6 @@ from citebacktrack.types import (
     CitationRejected,
     Done,
     Event,
-    Evidence,
     RejectionReason,
     Rollback,
     StopReason,
@@ -412,10 +418,7 @@ class SegmentLoop:
         if not best or best[0][1] <= 0.0:
             return False
         source = best[0][0]
-        sentences = split_sentences(self.validator.evidence(claim, source))
-        if not sentences:
-            return False
-        text = " ".join(sentences[0].translate(_PARENTHESES).split()).rstrip(".!?").rstrip()
+        text = quotable_sentence(self.validator.evidence(claim, source))
         if not text or len(split_sentences(text + ".")) != 1:
             return False
         lead = b"" if not self._draft or self._draft[-1:].isspace() else b" "
@@ -448,7 +451,7 @@ class SegmentLoop:
     # ------------------------------------------------------------------ events
 
     def _char_offset(self, byte_offset: int) -> int:
-        start = self._released or _leading_space(self._draft)
+        start = self._released or leading_space(self._draft)
         return self._released_chars + len(self._draft[start:byte_offset].decode("utf-8", "replace"))
 
     def _rejection(
@@ -502,7 +505,7 @@ class SegmentLoop:
     def _release(self, *, final: bool) -> list[Event]:
         safe = self._safe_offset(final=final)
         if not self._released:
-            lead = _leading_space(self._draft[:safe])
+            lead = leading_space(self._draft[:safe])
             if lead == safe:
                 return []
             self._released = lead
@@ -533,17 +536,10 @@ class SegmentLoop:
             sentence_start=at(marker.sentence_start),
             claim=item.claim,
             support=item.verdict.score,
-            evidence=self._evidence(item),
+            evidence=self.validator.citation_evidence(
+                item.verdict, item.claim, marker.source_index
+            ),
         )
-
-    def _evidence(self, item: _Accepted) -> Evidence | None:
-        index = item.marker.source_index
-        for span in item.verdict.spans:
-            if span.source_index == index:
-                return span
-        if self.validator.scorer is None:
-            return None
-        return self.validator.evidence_span(item.claim, index)
 
     def _done_event(self) -> Done:
         totals = self._totals
@@ -582,12 +578,3 @@ async def arun_segments(engine: SegmentEngine, request: GenerationRequest) -> As
             yield event
     for event in loop.finish():
         yield event
-
-
-def _leading_space(out: bytes | bytearray) -> int:
-    """Bytes of whitespace ``out`` starts with (as ``str.lstrip`` sees it)."""
-    text = bytes(out).decode("utf-8", "ignore")
-    return len(text[: len(text) - len(text.lstrip())].encode())
-
-
-_PARENTHESES = str.maketrans({"[": "(", "]": ")"})

@@ -35,7 +35,9 @@ __all__ = [
     "SENTENCE_END_RE",
     "TERMINATORS",
     "WHITESPACE",
+    "leading_space",
     "period_is_absorbed",
+    "quotable_sentence",
     "sentence_spans",
     "split_sentences",
     "strip_markers",
@@ -164,3 +166,28 @@ def strip_markers(text: str) -> str:
     """``text`` without ``[N]`` markers and the whitespace before them (as
     :func:`citebacktrack.validation.strip_markers`)."""
     return _STRIP_RE.sub("", text)
+
+
+def leading_space(out: bytes | bytearray) -> int:
+    """Bytes of whitespace that ``out`` starts with (as ``str.lstrip`` sees it): leading
+    whitespace is not part of an answer."""
+    text = bytes(out[:64]).decode("utf-8", "ignore")
+    stripped = text.lstrip()
+    if not stripped and len(out) > 64:
+        text = bytes(out).decode("utf-8", "ignore")
+        stripped = text.lstrip()
+    return len(text[: len(text) - len(stripped)].encode())
+
+
+_PARENTHESES = str.maketrans({MARKER_OPEN: "(", MARKER_CLOSE: ")"})
+
+
+def quotable_sentence(evidence: str) -> str:
+    """The first sentence of ``evidence`` as prose the citation grammar takes: brackets
+    shown as parentheses, whitespace collapsed, the final terminator dropped (the
+    citation and a period follow); "" when it has none."""
+    sentences = split_sentences(evidence)
+    if not sentences:
+        return ""
+    text = " ".join(sentences[0].translate(_PARENTHESES).split())
+    return text.rstrip(TERMINATORS).rstrip()

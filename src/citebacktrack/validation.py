@@ -185,6 +185,15 @@ class CitationValidator:
             return ""
         return self.scorer.score(claim, source_index).evidence
 
+    def citation_evidence(self, verdict: Verdict, claim: str, source_index: int) -> Evidence | None:
+        """The span of ``source_index`` an accepted marker rests on: the verdict's own
+        span in that source, else the scorer's best one (``None`` without a scorer).
+        Every backend puts this on its citations."""
+        for span in verdict.spans:
+            if span.source_index == source_index:
+                return span
+        return self.evidence_span(claim, source_index)
+
     def evidence_span(self, claim: str, source_index: int) -> Evidence | None:
         """Where in source ``source_index`` the scorer finds ``claim`` best supported.
 

@@ -44,7 +44,7 @@ from citebacktrack.decoding.runtime import Logits, TokenRuntime
 from citebacktrack.decoding.sampling import SamplingConfig, propose, sample, sample_masked
 from citebacktrack.decoding.tracker import ClosedMarker, TextState, advance
 from citebacktrack.decoding.vocab_index import VocabularyIndex
-from citebacktrack.syntax import split_sentences
+from citebacktrack.syntax import leading_space, quotable_sentence
 from citebacktrack.types import (
     Citation,
     CitationAccepted,
@@ -52,7 +52,6 @@ from citebacktrack.types import (
     CitationRejected,
     Done,
     Event,
-    Evidence,
     Policy,
     RejectionReason,
     Rollback,
@@ -666,7 +665,7 @@ class Decoder:
             score, source, claim = run.best_refused
         if score <= 0.0:
             return False
-        text = _quotable(self.validator.evidence(claim, source))
+        text = quotable_sentence(self.validator.evidence(claim, source))
         if not text:
             return False
         lead = b"" if not run.out or run.out[-1:].isspace() else b" "
@@ -864,7 +863,7 @@ class Decoder:
     def _char_offset(self, run: _Run, byte_offset: int) -> int:
         """Offset in the answer of ``byte_offset`` in the draft: leading whitespace is not
         part of the answer, so before anything is released it is not counted."""
-        start = run.released or _leading_space(run.out)
+        start = run.released or leading_space(run.out)
         return run.released_chars + len(run.out[start:byte_offset].decode("utf-8", "replace"))
 
     def _safe_offset(self, run: _Run, *, final: bool) -> int:
@@ -894,7 +893,7 @@ class Decoder:
         safe = self._safe_offset(run, final=final)
         if not run.released:
             # Leading whitespace is not part of the answer: skip it, never emit it.
-            lead = _leading_space(run.out[:safe])
+            lead = leading_space(run.out[:safe])
             if lead == safe:
                 return
             run.released = lead
@@ -921,21 +920,13 @@ class Decoder:
                         ),
                         claim=item.claim,
                         support=item.verdict.score,
-                        evidence=self._evidence(item),
+                        evidence=self.validator.citation_evidence(
+                            item.verdict, item.claim, marker.source_index
+                        ),
                     )
                 )
         run.released = safe
         run.released_chars = base + len(text)
-
-    def _evidence(self, item: _Accepted) -> Evidence | None:
-        """The span of the cited source the accepted marker rests on."""
-        index = item.marker.source_index
-        for span in item.verdict.spans:
-            if span.source_index == index:
-                return span
-        if self.validator.scorer is None:
-            return None
-        return self.validator.evidence_span(item.claim, index)
 
     def _done(self, run: _Run, prompt_len: int) -> Done:
         kept = len(run.steps) if run.stop is StopReason.END else _kept_tokens(run)
@@ -965,30 +956,6 @@ def _kept_tokens(run: _Run) -> int:
     return len(run.steps)
 
 
-def _leading_space(out: bytes | bytearray) -> int:
-    """Bytes of whitespace that ``out`` starts with (as ``str.lstrip`` sees it)."""
-    text = bytes(out[:64]).decode("utf-8", "ignore")
-    stripped = text.lstrip()
-    if not stripped and len(out) > 64:
-        text = bytes(out).decode("utf-8", "ignore")
-        stripped = text.lstrip()
-    return len(text[: len(text) - len(stripped)].encode())
-
-
 def _normalized(text: str) -> str:
     """Lower-case words only: how repeated sentences are recognised."""
     return " ".join("".join(c if c.isalnum() else " " for c in text.lower()).split())
-
-
-def _quotable(evidence: str) -> str:
-    """The first sentence of ``evidence`` as prose the grammar takes: brackets shown as
-    parentheses, whitespace collapsed, the final terminator dropped (the citation and a
-    period follow)."""
-    sentences = split_sentences(evidence)
-    if not sentences:
-        return ""
-    text = " ".join(sentences[0].translate(_PARENTHESES).split())
-    return text.rstrip(".!?").rstrip()
-
-
-_PARENTHESES = str.maketrans({"[": "(", "]": ")"})
