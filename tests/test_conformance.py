@@ -83,41 +83,14 @@ def _vllm_fake() -> Iterator[Backend]:
 
 def _llama_server() -> Iterator[Backend]:
     """OpenAIBackend over a real ``python -m llama_cpp.server`` on 127.0.0.1."""
-    import subprocess
-    import tempfile
+    from citebacktrack.backends import LlamaCppServer
 
-    from citebacktrack.backends import OpenAIBackend
-    from citebacktrack.models import default_model_path
-    from test_openai_server import _free_port, _stop, _wait_until_up
-
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/v1"
-    command = [
-        sys.executable,
-        "-m",
-        "llama_cpp.server",
-        "--model",
-        str(default_model_path()),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--n_ctx",
-        "4096",
-    ]
-    with tempfile.TemporaryDirectory() as folder:
-        log = Path(folder) / "server.log"
-        with log.open("wb") as sink:
-            process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
-        try:
-            _wait_until_up(url, process, log)
-            with OpenAIBackend.from_base_url(
-                url, model="smollm2", server="llama.cpp", timeout=120.0, max_retries=0
-            ) as backend:
-                yield backend
-        finally:
-            _stop(process)
-        assert process.poll() is not None, "the server was not shut down"
+    with (
+        LlamaCppServer(n_ctx=4096) as server,
+        server.backend(timeout=120.0, max_retries=0) as backend,
+    ):
+        yield backend
+    assert not server.running, "the server was not shut down"
 
 
 def _llama() -> Iterator[Backend]:

@@ -616,3 +616,56 @@ def test_acomplete_maps_errors(fake: FakeServer) -> None:
         anyio.run(engine_for(fake, max_retries=0, timeout=0.3).acomplete, call())
     with pytest.raises(BackendError, match="not JSON"):
         anyio.run(engine.acomplete, call())
+
+
+# --- an answer cut off mid-way ------------------------------------------------------------
+
+
+def test_a_response_cut_mid_answer_is_an_error_never_a_partial_answer(fake: FakeServer) -> None:
+    """The first segment arrives, the second's body is cut: the caller gets a typed
+    error with its cause, and no Done (so no answer) is ever yielded."""
+    from citebacktrack import Citeformer, Done, Source
+    from citebacktrack.backends.openai import OpenAIBackend
+
+    sources = [Source(text="Paris is in France."), Source(text="Rome is in Italy.")]
+    fake.script(
+        Reply(completion("Paris is in France [1")),
+        Reply(completion(". Rome is in Italy [2"), cut=True),
+    )
+    backend = OpenAIBackend(engine=engine_for(fake, max_retries=0))
+    cf = Citeformer(backend, scorer=None)
+    seen: list[object] = []
+
+    def consume() -> None:
+        seen.extend(cf.stream("Where are Paris and Rome?", sources))
+
+    with pytest.raises(BackendError, match="connection") as info:
+        consume()
+    assert info.value.__cause__ is not None
+    assert not any(isinstance(e, Done) for e in seen)
+    assert len(fake.seen) == 2
+
+    fake.script(
+        Reply(completion("Paris is in France [1")),
+        Reply(completion(". Rome is in Italy [2"), cut=True),
+    )
+    with pytest.raises(BackendError):
+        cf.generate("Where are Paris and Rome?", sources)
+
+
+def test_vllm_server_shape_through_citeformer(fake: FakeServer) -> None:
+    """vLLM's completions: ``stop_reason`` tells the ``]`` stop from the end of text."""
+    from citebacktrack import Citeformer, Source
+    from citebacktrack.backends.openai import OpenAIBackend
+
+    sources = [Source(text="Paris is in France."), Source(text="Rome is in Italy.")]
+    fake.script(
+        Reply(completion("Paris is in France [1", stop_reason="]")),
+        Reply(completion(".", stop_reason=None)),
+    )
+    backend = OpenAIBackend(engine=engine_for(fake, server="vllm", max_retries=0))
+    answer = Citeformer(backend, scorer=None).generate("Where is Paris?", sources)
+    assert answer.text == "Paris is in France [1]."
+    assert [c.source_index for c in answer.citations] == [1]
+    assert all("structured_outputs" in s.body for s in fake.seen)
+    assert not any(k.startswith("guided_") for s in fake.seen for k in s.body)

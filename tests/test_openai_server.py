@@ -7,22 +7,14 @@ stops it in the fixture's finalizer. Needs the ``server`` extra
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
-from citebacktrack.errors import CitebacktrackError, GrammarError
+from citebacktrack.errors import GrammarError, MissingDependencyError, ModelLoadError
 from citebacktrack.grammar import Dialect, citation_grammar, emit
 from citebacktrack.grammar.citations import continuation_grammar
 from citebacktrack.prompts import build_messages
@@ -31,15 +23,6 @@ from citebacktrack.types import Policy, Source
 
 pytestmark = pytest.mark.slow
 
-_SERVER_MODULES = (
-    "openai",
-    "llama_cpp",
-    "uvicorn",
-    "fastapi",
-    "sse_starlette",
-    "pydantic_settings",
-)
-_STARTUP_S = 180.0
 SOURCES = [
     Source(title="Eiffel Tower", text="The Eiffel Tower is in Paris. It was completed in 1889."),
     Source(title="Big Ben", text="Big Ben is a clock tower in London, finished in 1859."),
@@ -50,84 +33,17 @@ FULL = citation_grammar(3, bounded=True)
 _OPEN_MARKER = re.compile(r"\[[1-3]\Z")
 
 
-def _missing_modules() -> list[str]:
-    return [name for name in _SERVER_MODULES if importlib.util.find_spec(name) is None]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def _wait_until_up(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + _STARTUP_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"llama_cpp.server exited with {process.returncode}:\n{_tail(log)}")
-        try:
-            with urllib.request.urlopen(f"{url}/models", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"llama_cpp.server did not answer /v1/models in {_STARTUP_S:g} s:\n{_tail(log)}")
-
-
-def _tail(log: Path) -> str:
-    return "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=15)
-
-
 @pytest.fixture(scope="module")
-def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    missing = _missing_modules()
-    if missing:
-        pytest.skip(
-            f"the server extra is not installed (missing {', '.join(missing)}); "
-            'run: pip install "citebacktrack[server]"'
-        )
-    from citebacktrack.models import default_model_path
+def server_url() -> Iterator[str]:
+    from citebacktrack.backends.llamacpp_server import LlamaCppServer
 
     try:
-        model = default_model_path()
-    except CitebacktrackError as exc:
-        pytest.skip(f"the embedded model is not available: {exc}")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/v1"
-    log = tmp_path_factory.mktemp("llama-server") / "server.log"
-    command = [
-        sys.executable,
-        "-m",
-        "llama_cpp.server",
-        "--model",
-        str(model),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--n_ctx",
-        "4096",
-    ]
-    with log.open("wb") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
-    try:
-        _wait_until_up(url, process, log)
-        yield url
-    finally:
-        _stop(process)
+        server = LlamaCppServer(n_ctx=4096)
+    except (MissingDependencyError, ModelLoadError) as exc:  # no server extra or no model
+        pytest.skip(str(exc))
+    with server:
+        yield server.base_url
+    assert not server.running, "the server was not shut down"
 
 
 def _engine(url: str) -> Any:

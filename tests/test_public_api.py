@@ -107,6 +107,7 @@ PUBLIC_MODULES = [
     "citebacktrack.backends.base",
     "citebacktrack.backends.hf",
     "citebacktrack.backends.llamacpp",
+    "citebacktrack.backends.llamacpp_server",
     "citebacktrack.backends.local",
     "citebacktrack.backends.mock",
     "citebacktrack.backends.openai",

@@ -15,6 +15,7 @@ from citebacktrack import (
     ConfigurationError,
     Done,
     Event,
+    Evidence,
     Policy,
     Source,
     StopReason,
@@ -23,6 +24,7 @@ from citebacktrack import (
 from citebacktrack.backends.segment import SegmentBackend
 from citebacktrack.decoding.operators import Repetition
 from citebacktrack.grammar.citations import citation_grammar
+from citebacktrack.segments import SegmentCall, SegmentResult
 from citebacktrack.testing import ScriptedSegmentEngine
 from helpers import table_scorer
 
@@ -173,3 +175,122 @@ def test_an_extra_marker_after_a_supported_sentence_is_dropped_and_the_answer_en
     assert any("could not be placed" in e.detail for e in answer.trace.entries)
     assert answer.text == "The Eiffel Tower was completed in 1889 [2]."
     assert answer.stop_reason is StopReason.END
+
+
+# ------------------------------------------------------- engines that cannot continue a prefix
+
+
+class OneCallEngine:
+    """An engine like a hosted API with native citations: one whole answer per call, no
+    prefix continuation (``continues_prefix = False``)."""
+
+    continues_prefix = False
+
+    def __init__(self, text: str, evidence: tuple[Evidence | None, ...] = ()) -> None:
+        self.text = text
+        self.evidence = evidence
+        self.calls: list[SegmentCall] = []
+
+    def complete(self, call: SegmentCall) -> SegmentResult:
+        self.calls.append(call)
+        return SegmentResult(
+            text=self.text,
+            finish="end",
+            prompt_tokens=50,
+            completion_tokens=len(self.text.split()),
+            evidence=self.evidence,
+        )
+
+    async def acomplete(self, call: SegmentCall) -> SegmentResult:
+        return self.complete(call)
+
+
+def _one_call(
+    text: str, evidence: tuple[Evidence | None, ...] = (), **options: object
+) -> tuple[Citeformer, OneCallEngine]:
+    engine = OneCallEngine(text, evidence)
+    return Citeformer(SegmentBackend(engine), **options), engine  # type: ignore[arg-type]
+
+
+def test_a_one_call_engine_is_called_once_and_a_supported_answer_kept() -> None:
+    cf, engine = _one_call(GOOD)
+    answer = cf.generate(QUESTION, SOURCES)
+    assert answer.text == GOOD
+    assert [c.source_index for c in answer.citations] == [2, 2]
+    assert answer.stop_reason is StopReason.END
+    assert len(engine.calls) == 1
+    assert engine.calls[0].question == QUESTION
+    assert list(engine.calls[0].sources) == SOURCES
+    assert answer.trace.rejections == 0
+
+
+def test_a_one_call_answer_is_revised_rejected_ids_replaced_by_supported_ones() -> None:
+    cf, engine = _one_call("The Eiffel Tower was completed in 1889 [1]. It is 330 metres tall [3].")
+    events = list(cf.stream(QUESTION, SOURCES))
+    answer = events[-1].answer  # type: ignore[union-attr]
+    assert answer.text == GOOD
+    assert [e.source_index for e in events if isinstance(e, CitationRejected)] == [1, 3]
+    assert [c.source_index for c in answer.citations] == [2, 2]
+    assert len(engine.calls) == 1
+    notes = [e.detail for e in answer.trace.entries if e.kind == "fallback"]
+    assert notes == ["cited [2], the best-supported source the validator accepts"] * 2
+    # Offsets point into the revised text.
+    first, second = (e for e in events if isinstance(e, CitationRejected))
+    assert GOOD[first.char_offset :].startswith("The Eiffel")
+    assert GOOD[second.char_offset :].startswith("It is")
+
+
+def test_an_uncited_or_unsupported_sentence_is_dropped_under_the_required_policy() -> None:
+    text = "Paris is lovely. The Eiffel Tower was completed in 1889 [2]. Bananas are blue [1]."
+    cf, _ = _one_call(text)
+    answer = cf.generate(QUESTION, SOURCES)
+    assert answer.text == "The Eiffel Tower was completed in 1889 [2]."
+    notes = [e.detail for e in answer.trace.entries if e.kind == "fallback"]
+    assert notes == [
+        "a sentence without citations was dropped",
+        "no valid citation for this sentence: dropped",
+    ]
+
+
+def test_under_the_auto_policy_an_unsupported_sentence_stays_uncited() -> None:
+    text = "The Eiffel Tower was completed in 1889 [2]. Bananas are blue [1]."
+    cf, _ = _one_call(text, policy=Policy(mode="auto"))
+    answer = cf.generate(QUESTION, SOURCES)
+    assert answer.text == "The Eiffel Tower was completed in 1889 [2]. Bananas are blue."
+    assert [c.source_index for c in answer.citations] == [2]
+
+
+def test_nothing_supported_in_a_one_call_answer_abstains() -> None:
+    cf, _ = _one_call("Bananas are blue and grow on Mars [1].", policy=Policy(fallback="abstain"))
+    answer = cf.generate(QUESTION, SOURCES)
+    assert answer.text == ""
+    assert answer.citations == ()
+    assert answer.stop_reason is StopReason.NO_SUPPORTED_ANSWER
+
+
+def test_the_engines_own_span_is_used_when_it_is_the_source_text() -> None:
+    text = SOURCES[1].text
+    span = Evidence(
+        source_index=2, start=0, end=text.index(". ") + 1, text=text[: text.index(". ") + 1]
+    )
+    wrong = Evidence(source_index=2, start=0, end=5, text="XXXXX")
+    cf, _ = _one_call(GOOD, (span, wrong))
+    answer = cf.generate(QUESTION, SOURCES)
+    first, second = answer.citations
+    assert first.evidence == span
+    assert second.evidence is not None
+    assert second.evidence != wrong
+    assert second.evidence.text == text[second.evidence.start : second.evidence.end]
+
+
+def test_one_call_async_equals_sync_and_stream_equals_generate() -> None:
+    script = "The Eiffel Tower was completed in 1889 [1]. It is 330 metres tall [2]."
+    cf, _ = _one_call(script)
+    answer = cf.generate(QUESTION, SOURCES)
+    events = list(cf.stream(QUESTION, SOURCES))
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == answer.text
+
+    async def main() -> Answer:
+        return await cf.agenerate(QUESTION, SOURCES)
+
+    assert anyio.run(main) == answer

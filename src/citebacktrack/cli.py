@@ -230,8 +230,10 @@ def eval_command(
     systems: Annotated[
         str | None,
         typer.Option(
-            help="Comma list of raw,grammar,validated,citeformer (default: raw,grammar,"
-            "validated, plus citeformer when a peer virtualenv is given)."
+            help="Comma list of raw,grammar,validated,segment,citeformer (default: raw,"
+            "grammar,validated, plus citeformer when a peer virtualenv is given). segment: "
+            "the validator over segment-level backtracking on a llama.cpp server "
+            "(--server-url, else one started on 127.0.0.1 with the same model)."
         ),
     ] = None,
     limit: Annotated[
@@ -254,6 +256,13 @@ def eval_command(
             "(default: $CITEBACKTRACK_PEER_VENV)."
         ),
     ] = None,
+    server_url: Annotated[
+        str | None,
+        typer.Option(
+            help="OpenAI-compatible llama.cpp server (…/v1) serving the same model, for the "
+            "segment system (default: start one; needs the server extra)."
+        ),
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Most answer tokens.", min=1)] = 160,
     plots: Annotated[bool, typer.Option(help="Write PNG plots (needs matplotlib).")] = True,
 ) -> None:
@@ -268,6 +277,8 @@ def eval_command(
     )
 
     from citebacktrack import __version__
+    from citebacktrack.backends.llamacpp_server import LlamaCppServer
+    from citebacktrack.backends.openai import OpenAIBackend
     from citebacktrack.errors import MissingDependencyError
     from citebacktrack.evaluation import (
         AnswerRecord,
@@ -283,6 +294,8 @@ def eval_command(
     console = Console(stderr=True)
     peer: PeerCiteformer | None = None
     engine: Backend | None = None
+    server: LlamaCppServer | None = None
+    segment_backend: Backend | None = None
     try:
         examples = load_dataset(dataset)
         if split is not SplitChoice.ALL:
@@ -303,7 +316,18 @@ def eval_command(
                 n_ctx=EVAL_N_CTX,
                 max_new_tokens=max_new_tokens,
             )
-        runners = standard_systems(engine, names, budgets=budgets, peer=peer)
+        if "segment" in names:
+            if server_url is None:
+                with console.status("Starting a llama.cpp server on 127.0.0.1…"):
+                    server = LlamaCppServer(model, n_ctx=EVAL_N_CTX, n_threads=os.cpu_count())
+                segment_backend = server.backend()
+            else:
+                segment_backend = OpenAIBackend.from_base_url(
+                    server_url, model="default", server="llama.cpp", timeout=300.0
+                )
+        runners = standard_systems(
+            engine, names, budgets=budgets, peer=peer, segment_backend=segment_backend
+        )
         console.print(
             f"{len(examples)} question(s) × {len(runners)} system(s): {', '.join(runners)}"
         )
@@ -337,6 +361,10 @@ def eval_command(
             peer.close()
         if engine is not None:
             engine.close()
+        if segment_backend is not None:
+            segment_backend.close()
+        if server is not None:
+            server.close()
     markdown = report.to_markdown()
     meta = {
         "dataset": str(dataset),

@@ -99,7 +99,7 @@ Split = Literal["tune", "holdout"]
 SPLITS: tuple[Split, ...] = ("tune", "holdout")
 """The two parts of a dataset: ``tune`` (about two thirds) and ``holdout`` (a third)."""
 
-SYSTEM_NAMES = ("raw", "grammar", "validated", "citeformer")
+SYSTEM_NAMES = ("raw", "grammar", "validated", "segment", "citeformer")
 """Systems the ``eval`` command knows."""
 
 DEFAULT_SYSTEMS = ("raw", "grammar", "validated")
@@ -474,14 +474,18 @@ def standard_systems(
     *,
     budgets: Budgets | None = None,
     peer: PeerCiteformer | None = None,
+    segment_backend: Backend | None = None,
 ) -> dict[str, System]:
     """The named systems over one backend and one prompt.
 
     ``raw``: unconstrained; ``grammar``: ``Citeformer(backend, scorer=None)``;
-    ``validated``: ``Citeformer(backend)``; ``citeformer``: ``peer`` on the same prompt.
+    ``validated``: ``Citeformer(backend)``; ``segment``: ``Citeformer(segment_backend)``,
+    the same validator over segment-level backtracking (a server serving the same model);
+    ``citeformer``: ``peer`` on the same prompt.
 
     Raises:
-        ConfigurationError: an unknown name, or ``citeformer`` without a ``peer``.
+        ConfigurationError: an unknown name, ``citeformer`` without a ``peer`` or
+            ``segment`` without a ``segment_backend``.
     """
     budgets = budgets or Budgets()
     validated = Citeformer(backend, budgets=budgets)
@@ -493,6 +497,13 @@ def standard_systems(
             systems[name] = citeformer_system(Citeformer(backend, scorer=None, budgets=budgets))
         elif name == "validated":
             systems[name] = citeformer_system(validated)
+        elif name == "segment":
+            if segment_backend is None:
+                raise ConfigurationError(
+                    "the 'segment' system needs a segment-level backend (an OpenAIBackend on "
+                    "a server serving the same model)"
+                )
+            systems[name] = citeformer_system(Citeformer(segment_backend, budgets=budgets))
         elif name == "citeformer":
             if peer is None:
                 raise ConfigurationError(

@@ -154,6 +154,7 @@ class Citeformer:
         )
         return GenerationRequest(
             messages=build_messages(question, normalized, policy, demo=self.demo),
+            question=question,
             sources=normalized,
             policy=policy,
             grammar=citation_grammar(n, policy),

@@ -103,6 +103,9 @@ class GenerationRequest:
         budgets: limits every mechanism ends on (tokens, rollbacks, wall time).
         decoding: token-level options (read by the local backends only).
         segments: segment-level options (read by server and API backends only).
+        question: the question alone, for engines that take the sources as their own
+            blocks (Anthropic's documents) rather than in ``messages``; ``None`` when the
+            request was built from messages only.
 
     Raises:
         ConfigurationError: no messages or no sources, or a validator built for another
@@ -117,6 +120,7 @@ class GenerationRequest:
     budgets: Budgets = field(default_factory=Budgets)
     decoding: DecodingOptions = field(default_factory=DecodingOptions)
     segments: SegmentOptions = field(default_factory=SegmentOptions)
+    question: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "messages", tuple(self.messages))

@@ -26,6 +26,9 @@ reasons, events and the trace are the token-level decoder's; what differs:
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -50,8 +53,10 @@ from citebacktrack.types import (
     CitationRejected,
     Done,
     Event,
+    Evidence,
     RejectionReason,
     Rollback,
+    Source,
     StopReason,
     TextDelta,
     Trace,
@@ -88,6 +93,10 @@ class SegmentCall:
         temperature: sampling temperature (0: greedy).
         top_p: nucleus mass (1.0: off).
         seed: sampling seed, where the engine takes one.
+        sources: the request's sources, for engines that send them as their own blocks
+            (Anthropic's documents) instead of reading them in ``messages``.
+        question: the question alone (``None`` when the request had none: use the last
+            user message).
     """
 
     messages: Sequence[ChatMessage]
@@ -98,6 +107,8 @@ class SegmentCall:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    sources: Sequence[Source] = ()
+    question: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -110,17 +121,27 @@ class SegmentResult:
             ``"length"`` ``max_tokens`` ran out.
         prompt_tokens: tokens in the prompt as the engine counted them (0 if unknown).
         completion_tokens: tokens generated (0 if unknown).
+        evidence: the provider's own cited span for each ``[N]`` marker in ``text``, in
+            order (``None`` where it has none); used for an accepted citation when it is
+            exactly the source's text at those offsets, else the validator's span is.
     """
 
     text: str
     finish: Literal["stop", "end", "length"]
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    evidence: tuple[Evidence | None, ...] = ()
 
 
 @runtime_checkable
 class SegmentEngine(Protocol):
-    """What the segment loop needs of a server or API client: one segment per call."""
+    """What the segment loop needs of a server or API client: one segment per call.
+
+    An engine may say ``continues_prefix = False`` (a class attribute; absent means True):
+    it cannot continue an accepted prefix under a grammar (a hosted API with native
+    citations or a JSON schema). The loop then makes one call and revises that answer in
+    one pass with the same validator (see :class:`SegmentLoop`).
+    """
 
     def complete(self, call: SegmentCall) -> SegmentResult:
         """Generate one segment (blocking)."""
@@ -136,6 +157,8 @@ class _Accepted:
     marker: ClosedMarker
     verdict: Verdict
     claim: str
+    evidence: Evidence | None = None
+    """The engine's own span for this marker, checked against the source text."""
 
 
 @dataclass(slots=True)
@@ -153,15 +176,30 @@ class _Totals:
 class SegmentLoop:
     """Segment-level backtracking for one request; drive it with :func:`run_segments`.
 
+    With ``continues_prefix=False`` (an engine that cannot continue an accepted prefix
+    under a grammar: a hosted API's native citations or JSON schema) the loop makes one
+    call and *revises* that answer in one pass, sentence by sentence, with the same
+    validator and the same per-sentence rule: a rejected marker is replaced by the id the
+    validator scores best among those it accepts for the sentence (the engine cannot be
+    asked to choose again), or dropped when none is; a partial source nothing completes is
+    dropped; a sentence left with no citation is dropped under the required policy and
+    kept uncited otherwise. Every change is a ``CitationRejected`` event and a trace entry.
+
     Args:
         request: the backend-neutral request (its ``segments`` options are read).
         clock: seconds for the wall-time budget (tests pass a fake).
+        continues_prefix: whether the engine can continue an accepted prefix.
     """
 
     def __init__(
-        self, request: GenerationRequest, *, clock: Callable[[], float] = time.perf_counter
+        self,
+        request: GenerationRequest,
+        *,
+        clock: Callable[[], float] = time.perf_counter,
+        continues_prefix: bool = True,
     ) -> None:
         self.request = request
+        self.continues_prefix = continues_prefix
         self.policy = request.policy
         self.budgets = request.budgets
         self.options = request.segments
@@ -210,6 +248,8 @@ class SegmentLoop:
         prefix = self._draft.decode("utf-8", "replace")
         return SegmentCall(
             messages=self.request.messages,
+            sources=self.request.sources,
+            question=self.request.question,
             prefix=prefix,
             grammar=self._grammar(prefix),
             stop=("]",) if self.constrained else (),
@@ -227,6 +267,13 @@ class SegmentLoop:
         totals.calls += 1
         totals.prompt_tokens = max(totals.prompt_tokens, result.prompt_tokens)
         totals.generated += result.completion_tokens
+        events: list[Event] = []
+        evidence = list(result.evidence)
+        revised: str | None = None
+        if self.constrained and not self.continues_prefix:
+            revised = strip_markers(result.text).strip()  # the claim a quote must support
+            text, evidence = self._revise(result.text, evidence, events)
+            result = dataclasses.replace(result, text=text, finish=_final(result.finish))
         piece = result.text.encode("utf-8")
         before = len(self._draft)
         state, closed = advance(self._state, piece, totals.calls)
@@ -237,15 +284,20 @@ class SegmentLoop:
         self._draft += piece
         self._state = state
         self._allowed = None
-        events: list[Event] = []
-        for marker in closed if self.constrained else ():
-            if not self._check(marker, result, before, events):
+        for k, marker in enumerate(closed if self.constrained else ()):
+            given = evidence[k] if k < len(evidence) else None
+            if not self._check(marker, result, before, events, given):
                 return events
         totals.kept += result.completion_tokens
         if result.finish == "end" or (result.finish == "stop" and not closed):
             self._stop = StopReason.END
         elif result.finish == "length":
             self._stop = StopReason.MAX_NEW_TOKENS
+        if revised is not None and not self._accepted and self.policy.mode is CitationMode.REQUIRED:
+            # Nothing in the one-call answer survived: the policy's fallback, as when the
+            # token-level decoder finds no supported sentence.
+            quoted = self.policy.fallback == "quote" and revised and self._quote(revised)
+            self._stop = StopReason.END if quoted else StopReason.NO_SUPPORTED_ANSWER
         events += self._release(final=False)
         return events
 
@@ -275,7 +327,12 @@ class SegmentLoop:
         return strip_markers(self._draft[start:end].decode("utf-8", "replace")).strip()
 
     def _check(
-        self, marker: ClosedMarker, result: SegmentResult, before: int, events: list[Event]
+        self,
+        marker: ClosedMarker,
+        result: SegmentResult,
+        before: int,
+        events: list[Event],
+        given: Evidence | None = None,
     ) -> bool:
         """Validate one closed marker; on rejection cut the draft back and plan the retry."""
         claim = self._claim(marker.sentence_start, marker.start)
@@ -298,7 +355,7 @@ class SegmentLoop:
             source_index=marker.source_index, sentence_ids=marker.prior_ids, claim=claim
         )
         if verdict.is_accepted:
-            self._accepted.append(_Accepted(marker, verdict, claim))
+            self._accepted.append(_Accepted(marker, verdict, claim, self._checked(given, marker)))
             if not verdict.is_complete:
                 # A partial source: the group must go on with one that completes it.
                 self._reopen(marker.end, claim, (*marker.prior_ids, marker.source_index))
@@ -448,22 +505,148 @@ class SegmentLoop:
         state, _ = advance(state, bytes(self._draft), 0)
         self._state = state
 
-    # ------------------------------------------------------------------ events
+    # ------------------------------------------------------------------ one-pass revision
 
-    def _char_offset(self, byte_offset: int) -> int:
-        start = self._released or leading_space(self._draft)
-        return self._released_chars + len(self._draft[start:byte_offset].decode("utf-8", "replace"))
+    def _checked(self, given: Evidence | None, marker: ClosedMarker) -> Evidence | None:
+        """The engine's span for ``marker`` if it is exactly its source's text there."""
+        if given is None or given.source_index != marker.source_index:
+            return None
+        text = self.request.sources[marker.source_index - 1].text
+        ok = (
+            0 <= given.start <= given.end <= len(text)
+            and text[given.start : given.end] == given.text
+        )
+        return given if ok and given.text else None
 
-    def _rejection(
+    def _revise(
+        self, text: str, evidence: list[Evidence | None], events: list[Event]
+    ) -> tuple[str, list[Evidence | None]]:
+        """Revise a whole answer from an engine that cannot continue a prefix.
+
+        Returns the revised text, in which every marker is one the validator accepts with
+        the sentence's earlier ids, and the engine's spans for its markers.
+        """
+        if self._draft:  # pragma: no cover - such an engine is called once, with no prefix
+            raise RuntimeError("a one-call engine was asked to continue a prefix")
+        data = text.encode("utf-8")
+        markers: list[tuple[ClosedMarker, Evidence | None]] = []
+        starts = [0]
+        # Sentences as written, even uncited ones (the strict state of the required
+        # policy would run an uncited sentence into the next).
+        state = TextState(strict=False)
+        for i in range(len(data)):
+            state, closed = advance(state, data[i : i + 1], 1)
+            markers += [
+                (m, evidence[len(markers)] if len(markers) < len(evidence) else None)
+                for m in closed
+            ]
+            if state.sentence_start != starts[-1]:
+                starts.append(state.sentence_start)
+        out = bytearray()
+        kept_evidence: list[Evidence | None] = []
+        bounds = [*starts, len(data)]
+        for a, b in itertools.pairwise(bounds):
+            if a >= b:
+                continue
+            group = [(m, e) for m, e in markers if a <= m.start < b]
+            piece, spans = self._revise_sentence(data, a, b, group, len(out), out, events)
+            out += piece
+            kept_evidence += spans
+        return out.decode("utf-8", "replace"), kept_evidence
+
+    def _revise_sentence(
         self,
-        byte_offset: int,
+        data: bytes,
+        a: int,
+        b: int,
+        group: list[tuple[ClosedMarker, Evidence | None]],
+        at: int,
+        out: bytearray,
+        events: list[Event],
+    ) -> tuple[bytes, list[Evidence | None]]:
+        """One sentence ``data[a:b]`` revised: its kept markers where its last one was."""
+        required = self.policy.mode is CitationMode.REQUIRED
+        body = data[a:b]
+        offset = len(out[leading_space(out) :].decode("utf-8", "replace")) if out else 0
+        if not group:
+            if required and any(c.isalnum() for c in body.decode("utf-8", "replace")):
+                self._note_at(offset, "a sentence without citations was dropped")
+                return b"", []
+            return body, []
+        last = group[-1][0]
+        head = data[a : last.start]
+        claim = strip_markers(head.decode("utf-8", "replace")).strip()
+        kept: list[tuple[int, Verdict, Evidence | None]] = []
+        banned: set[int] = set()
+        for marker, given in group:
+            said = strip_markers(data[a : marker.start].decode("utf-8", "replace")).strip()
+            prior = tuple(i for i, _, _ in kept)
+            if marker.source_index in prior:
+                continue
+            if not any(c.isalnum() for c in said):
+                events.append(
+                    self._rejection_at(
+                        offset,
+                        marker.source_index,
+                        RejectionReason.UNSUPPORTED,
+                        None,
+                        "a marker with no words to cite",
+                    )
+                )
+                continue
+            verdict = self.validator.check(
+                source_index=marker.source_index, sentence_ids=prior, claim=said
+            )
+            if verdict.is_accepted:
+                kept.append((marker.source_index, verdict, self._checked(given, marker)))
+                continue
+            events.append(
+                self._rejection_at(
+                    offset, marker.source_index, verdict.reason, verdict.score, verdict.detail
+                )
+            )
+            self._totals.backtracks += 1
+            banned.add(marker.source_index)
+        if not kept or not kept[-1][1].is_complete:
+            prior = tuple(i for i, _, _ in kept)
+            best = self._best_id(claim, prior, banned)
+            if best is not None:
+                verdict = self.validator.check(source_index=best, sentence_ids=prior, claim=claim)
+                kept.append((best, verdict, None))
+                self._note_at(
+                    offset, f"cited [{best}], the best-supported source the validator accepts"
+                )
+        if kept and not kept[-1][1].is_complete:
+            kept = [k for k in kept if k[1].is_complete]
+        if not kept:
+            if required:
+                self._note_at(offset, "no valid citation for this sentence: dropped")
+                return b"", []
+            return _without_markers(data[a:b]), []
+        tail = _without_markers(data[last.end : b])
+        marks = "".join(f"[{i}]" for i, _, _ in kept).encode()
+        text = _without_markers(head).rstrip() + b" " + marks + tail
+        return text, [e for _, _, e in kept]
+
+    def _best_id(self, claim: str, prior: tuple[int, ...], banned: set[int]) -> int | None:
+        allowed = self._supported_ids(claim, prior, banned)
+        if not allowed or self.validator.scorer is None:
+            return min(allowed) if allowed else None
+        scored = [
+            (self.validator.check(source_index=i, sentence_ids=prior, claim=claim).score or 0.0, -i)
+            for i in allowed
+        ]
+        return -max(scored)[1]
+
+    def _rejection_at(
+        self,
+        offset: int,
         source_index: int,
         reason: RejectionReason | None,
         score: float | None,
         detail: str,
     ) -> CitationRejected:
         self._totals.rejections += 1
-        offset = self._char_offset(byte_offset)
         why = reason or RejectionReason.UNSUPPORTED
         self._totals.entries.append(
             TraceEntry(
@@ -480,16 +663,37 @@ class SegmentLoop:
             source_index=source_index, reason=why, score=score, char_offset=offset
         )
 
-    def _note(self, byte_offset: int, detail: str) -> None:
+    def _note_at(self, offset: int, detail: str) -> None:
         self._totals.entries.append(
             TraceEntry(
                 kind="fallback",
                 token_position=self._totals.calls,
-                char_offset=self._char_offset(byte_offset),
+                char_offset=offset,
                 reason=detail,
                 detail=detail,
             )
         )
+
+    # ------------------------------------------------------------------ events
+
+    def _char_offset(self, byte_offset: int) -> int:
+        start = self._released or leading_space(self._draft)
+        return self._released_chars + len(self._draft[start:byte_offset].decode("utf-8", "replace"))
+
+    def _rejection(
+        self,
+        byte_offset: int,
+        source_index: int,
+        reason: RejectionReason | None,
+        score: float | None,
+        detail: str,
+    ) -> CitationRejected:
+        return self._rejection_at(
+            self._char_offset(byte_offset), source_index, reason, score, detail
+        )
+
+    def _note(self, byte_offset: int, detail: str) -> None:
+        self._note_at(self._char_offset(byte_offset), detail)
 
     def _safe_offset(self, *, final: bool) -> int:
         """Bytes that can no longer be taken back: up to the current sentence's start."""
@@ -536,9 +740,8 @@ class SegmentLoop:
             sentence_start=at(marker.sentence_start),
             claim=item.claim,
             support=item.verdict.score,
-            evidence=self.validator.citation_evidence(
-                item.verdict, item.claim, marker.source_index
-            ),
+            evidence=item.evidence
+            or self.validator.citation_evidence(item.verdict, item.claim, marker.source_index),
         )
 
     def _done_event(self) -> Done:
@@ -562,9 +765,25 @@ class SegmentLoop:
         return Done(usage=usage, trace=trace)
 
 
+def _final(finish: Literal["stop", "end", "length"]) -> Literal["end", "length"]:
+    """A one-call answer is whole: a stop string cannot have cut it."""
+    return "length" if finish == "length" else "end"
+
+
+def _without_markers(data: bytes) -> bytes:
+    return _MARKER_BYTES.sub(b"", data)
+
+
+_MARKER_BYTES = re.compile(rb"\s*\[[0-9]*\]")
+
+
+def _loop_for(engine: SegmentEngine, request: GenerationRequest) -> SegmentLoop:
+    return SegmentLoop(request, continues_prefix=getattr(engine, "continues_prefix", True))
+
+
 def run_segments(engine: SegmentEngine, request: GenerationRequest) -> Iterator[Event]:
     """Drive a :class:`SegmentLoop` over ``engine`` (blocking); ``Done`` last."""
-    loop = SegmentLoop(request)
+    loop = _loop_for(engine, request)
     while (call := loop.next_call()) is not None:
         yield from loop.feed(engine.complete(call))
     yield from loop.finish()
@@ -572,7 +791,7 @@ def run_segments(engine: SegmentEngine, request: GenerationRequest) -> Iterator[
 
 async def arun_segments(engine: SegmentEngine, request: GenerationRequest) -> AsyncIterator[Event]:
     """Drive a :class:`SegmentLoop` over ``engine`` with its native async client."""
-    loop = SegmentLoop(request)
+    loop = _loop_for(engine, request)
     while (call := loop.next_call()) is not None:
         for event in loop.feed(await engine.acomplete(call)):
             yield event

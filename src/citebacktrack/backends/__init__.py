@@ -17,6 +17,7 @@ from citebacktrack.types import ChatMessage
 if TYPE_CHECKING:
     from citebacktrack.backends.hf import HFBackend
     from citebacktrack.backends.llamacpp import LlamaCppBackend
+    from citebacktrack.backends.llamacpp_server import LlamaCppServer
     from citebacktrack.backends.openai import OpenAIBackend
     from citebacktrack.backends.segment import SegmentBackend
     from citebacktrack.backends.vllm import VLLMBackend
@@ -29,6 +30,7 @@ __all__ = [
     "GenerationRequest",
     "HFBackend",
     "LlamaCppBackend",
+    "LlamaCppServer",
     "MockBackend",
     "OpenAIBackend",
     "SegmentBackend",
@@ -40,6 +42,7 @@ __all__ = [
 _LAZY = {
     "HFBackend": "citebacktrack.backends.hf",
     "LlamaCppBackend": "citebacktrack.backends.llamacpp",
+    "LlamaCppServer": "citebacktrack.backends.llamacpp_server",
     "OpenAIBackend": "citebacktrack.backends.openai",
     "SegmentBackend": "citebacktrack.backends.segment",
     "VLLMBackend": "citebacktrack.backends.vllm",

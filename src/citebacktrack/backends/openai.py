@@ -165,14 +165,6 @@ class OpenAICompatibleEngine:
         max_retries: int = 2,
         extra: Mapping[str, JsonValue] | None = None,
     ) -> None:
-        self._sdk = _import_openai()
-        first = client or async_client
-        if first is None:
-            raise ConfigurationError(
-                "OpenAICompatibleEngine needs a client: pass client=openai.OpenAI(base_url=...) "
-                "for complete() and/or async_client=openai.AsyncOpenAI(base_url=...) for "
-                "acomplete()"
-            )
         if server not in _SERVER_NAMES:
             raise ConfigurationError(f"server must be 'llama.cpp' or 'vllm', got {server!r}")
         if endpoint not in ("completions", "chat"):
@@ -200,33 +192,23 @@ class OpenAICompatibleEngine:
                 "pass assistant_prefill=True); llama-cpp-python's server cannot, so use "
                 "endpoint='completions' (with chat_template) there"
             )
-        if not timeout > 0:
-            raise ConfigurationError(f"timeout must be a positive number of seconds, got {timeout}")
-        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-            raise ConfigurationError(f"max_retries must be an integer >= 0, got {max_retries!r}")
+        clients = _Clients(
+            type(self).__name__,
+            client,
+            async_client,
+            timeout=timeout,
+            max_retries=max_retries,
+            example="base_url=...",
+        )
         self.model = model
         self.server: Server = server
         self.endpoint: Endpoint = endpoint
         self.chat_template: ChatTemplate = chat_template or chatml
         self.grammar_dialect = dialect
-        self.timeout = float(timeout)
+        self.timeout = clients.timeout
         self.max_retries = max_retries
         self.extra: dict[str, JsonValue] = _check_extra(extra or {})
-        self._client = (
-            None
-            if client is None
-            else client.with_options(timeout=timeout, max_retries=max_retries)
-        )
-        self._async_client = (
-            None
-            if async_client is None
-            else async_client.with_options(timeout=timeout, max_retries=max_retries)
-        )
-        keys = {getattr(c, "api_key", None) for c in (client, async_client) if c is not None}
-        self._secrets = tuple(k for k in keys if isinstance(k, str) and k)
-        self._base_url = _without_userinfo(str(first.base_url))
-        self._owns_clients = False  # injected clients stay the caller's to close
-        self._closed = False
+        self._clients = clients
 
     @classmethod
     def from_base_url(
@@ -265,7 +247,7 @@ class OpenAICompatibleEngine:
             max_retries=max_retries,
             extra=extra,
         )
-        engine._owns_clients = True
+        engine._clients.owned = True
         return engine
 
     def close(self) -> None:
@@ -274,44 +256,15 @@ class OpenAICompatibleEngine:
         Injected clients are left open for their owner. An async client needs
         :meth:`aclose`, from its event loop.
         """
-        if self._owns_clients:
-            self._closed = True
-            if self._client is not None:
-                self._client.close()
-
-    @contextlib.asynccontextmanager
-    async def _async_session(self) -> AsyncIterator[Any]:
-        """The async client for one call.
-
-        An ``AsyncOpenAI`` client's connections belong to the event loop that opened
-        them, and a pooled connection outliving its loop is closed by nobody. So an engine
-        that built its clients (:meth:`from_base_url`) opens a client per call and closes
-        it in the same loop (one new connection per segment); an injected client is used
-        as given, within its owner's loop (the SDK's rule).
-        """
-        client = self._async_client
-        if client is None:  # pragma: no cover - acomplete checks first
-            raise ConfigurationError("acomplete() needs an async client")
-        if not self._owns_clients:
-            yield client
-            return
-        fresh = self._sdk.AsyncOpenAI(
-            base_url=str(client.base_url), api_key=client.api_key
-        ).with_options(timeout=self.timeout, max_retries=self.max_retries)
-        try:
-            yield fresh
-        finally:
-            await fresh.close()
+        self._clients.close()
 
     async def aclose(self) -> None:
         """Close both clients if this engine built them (:meth:`from_base_url`)."""
-        self.close()
-        if self._owns_clients and self._async_client is not None:
-            await self._async_client.close()
+        await self._clients.aclose()
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(base_url={self._base_url!r}, model={self.model!r}, "
+            f"{type(self).__name__}(base_url={self._clients.base_url!r}, model={self.model!r}, "
             f"server={self.server!r}, endpoint={self.endpoint!r})"
         )
 
@@ -325,47 +278,30 @@ class OpenAICompatibleEngine:
             BackendError: the server failed, timed out, was unreachable, or answered with
                 something that is not a completion.
         """
-        if self._client is None:
-            raise ConfigurationError(
-                "complete() needs a synchronous client: pass client=openai.OpenAI(...) "
-                "(or call acomplete())"
-            )
-        self._check_open()
+        client = self._clients.sync()
         kwargs = self._request(call)
         try:
             if self.endpoint == "chat":
-                raw = self._client.chat.completions.with_raw_response.create(**kwargs)
+                raw = client.chat.completions.with_raw_response.create(**kwargs)
             else:
-                raw = self._client.completions.with_raw_response.create(**kwargs)
-        except self._sdk.OpenAIError as exc:
-            raise self._error(exc) from _cause(exc, self._secrets)
+                raw = client.completions.with_raw_response.create(**kwargs)
+        except self._clients.sdk.OpenAIError as exc:
+            raise self._error(exc) from _cause(exc, self._clients.secrets)
         return self._result(raw.content, call)
 
     async def acomplete(self, call: SegmentCall) -> SegmentResult:
         """Generate one segment on the async client (see :meth:`complete`)."""
-        if self._async_client is None:
-            raise ConfigurationError(
-                "acomplete() needs an async client: pass async_client=openai.AsyncOpenAI(...) "
-                "(or call complete())"
-            )
-        self._check_open()
+        self._clients.check_async()
         kwargs = self._request(call)
         try:
-            async with self._async_session() as client:
+            async with self._clients.session() as client:
                 if self.endpoint == "chat":
                     raw = await client.chat.completions.with_raw_response.create(**kwargs)
                 else:
                     raw = await client.completions.with_raw_response.create(**kwargs)
-        except self._sdk.OpenAIError as exc:
-            raise self._error(exc) from _cause(exc, self._secrets)
+        except self._clients.sdk.OpenAIError as exc:
+            raise self._error(exc) from _cause(exc, self._clients.secrets)
         return self._result(raw.content, call)
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise BackendClosedError(
-                "this OpenAICompatibleEngine was closed and its HTTP clients with it; "
-                "build a new engine"
-            )
 
     def _request(self, call: SegmentCall) -> dict[str, Any]:
         """The SDK keyword arguments for ``call``, its grammar emitted and checked."""
@@ -412,41 +348,20 @@ class OpenAICompatibleEngine:
         try:
             return _parse_response(payload, endpoint=self.endpoint, call=call)
         except BackendError as exc:
-            text = f"the {_SERVER_NAMES[self.server]} at {self._base_url} sent {exc}"
-            raise BackendError(_redact(text, self._secrets)) from _cause(exc, self._secrets)
+            text = f"the {_SERVER_NAMES[self.server]} at {self._clients.base_url} sent {exc}"
+            secrets = self._clients.secrets
+            raise BackendError(_redact(text, secrets)) from _cause(exc, secrets)
 
     def _error(self, exc: Exception) -> BackendError:
         """Map an SDK error to a BackendError whose message names no secret."""
-        sdk = self._sdk
-        where = f"the {_SERVER_NAMES[self.server]} at {self._base_url}"
-        tries = f"after {self.max_retries} retr{'y' if self.max_retries == 1 else 'ies'}"
-        if isinstance(exc, sdk.APITimeoutError):
-            text = (
-                f"{where} did not answer within {self.timeout:g} s ({tries}); raise timeout= "
-                "or check that the server is not overloaded"
-            )
-        elif isinstance(exc, sdk.APIConnectionError):
-            reason = f": {exc.__cause__}" if exc.__cause__ is not None else ""
-            text = (
-                f"the connection to {where} failed ({tries}){reason}; check that the server "
-                "is running and answers whole responses"
-            )
-        elif isinstance(exc, sdk.RateLimitError):
-            text = (
-                f"{where} is rate limiting (HTTP 429) {tries}: {_status_message(exc)}; lower "
-                "the request rate or raise max_retries"
-            )
-        elif isinstance(exc, sdk.APIStatusError) and exc.status_code >= 500:
-            text = f"{where} failed with HTTP {exc.status_code} {tries}: {_status_message(exc)}"
-        elif isinstance(exc, sdk.APIStatusError):
-            text = (
-                f"{where} refused the request with HTTP {exc.status_code}: "
-                f"{_status_message(exc)}; check model={self.model!r}, the server kind "
-                f"({self.server!r}) and the API key"
-            )
-        else:
-            text = f"the request to {where} failed: {type(exc).__name__}: {exc}"
-        return BackendError(_redact(text, self._secrets))
+        return self._clients.error(
+            exc,
+            where=f"the {_SERVER_NAMES[self.server]} at {self._clients.base_url}",
+            refused_hint=(
+                f"check model={self.model!r}, the server kind ({self.server!r}) and the API key"
+            ),
+            unreachable_hint="check that the server is running and answers whole responses",
+        )
 
 
 def _parse_response(payload: bytes, *, endpoint: Endpoint, call: SegmentCall) -> SegmentResult:
@@ -522,13 +437,17 @@ def _hit_stop(choice: Mapping[str, Any], generated: str) -> bool:
     return _OPEN_MARKER.search(generated) is not None
 
 
-def _usage(usage: object) -> tuple[int, int]:
+def _usage(
+    usage: object, keys: tuple[str, str] = ("prompt_tokens", "completion_tokens")
+) -> tuple[int, int]:
+    """The prompt and completion token counts of a ``usage`` object, under ``keys``
+    (0 where absent)."""
     if usage is None:
         return 0, 0
     if not isinstance(usage, dict):
         raise BackendError(f"usage that is not an object: {_excerpt(usage)}")
     counts = []
-    for key in ("prompt_tokens", "completion_tokens"):
+    for key in keys:
         value = usage.get(key, 0)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise BackendError(f"usage.{key} that is not a token count: {value!r}")
@@ -774,6 +693,174 @@ def _import_openai() -> ModuleType:
             feature="OpenAICompatibleEngine", extra="openai", module="openai"
         ) from exc
     return openai
+
+
+class _Clients:
+    """An engine's copies of its OpenAI SDK clients, and what it does with them.
+
+    Shared by every engine over the SDK (:class:`OpenAICompatibleEngine` and the hosted
+    engines of :mod:`citebacktrack.backends.openai_hosted`): the copies carry the engine's
+    ``timeout`` and ``max_retries`` (the clients given stay as they were), their API keys
+    are kept for redaction, SDK errors are mapped to :class:`BackendError` here, and only
+    clients the engine built (``owned``) are closed by it.
+
+    Raises:
+        ConfigurationError: neither client, or a bad ``timeout``/``max_retries``.
+        MissingDependencyError: the ``openai`` package is not installed.
+    """
+
+    def __init__(
+        self,
+        engine: str,
+        client: OpenAI | None,
+        async_client: AsyncOpenAI | None,
+        *,
+        timeout: float,
+        max_retries: int,
+        example: str = "",
+    ) -> None:
+        self.sdk = _import_openai()
+        first = client or async_client
+        if first is None:
+            raise ConfigurationError(
+                f"{engine} needs a client: pass client=openai.OpenAI({example}) for complete() "
+                f"and/or async_client=openai.AsyncOpenAI({example}) for acomplete()"
+            )
+        if not timeout > 0:
+            raise ConfigurationError(f"timeout must be a positive number of seconds, got {timeout}")
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise ConfigurationError(f"max_retries must be an integer >= 0, got {max_retries!r}")
+        self.engine = engine
+        self.timeout = float(timeout)
+        self.max_retries = max_retries
+        self.client = (
+            None
+            if client is None
+            else client.with_options(timeout=timeout, max_retries=max_retries)
+        )
+        self.async_client = (
+            None
+            if async_client is None
+            else async_client.with_options(timeout=timeout, max_retries=max_retries)
+        )
+        keys = {
+            getattr(c, name, None)
+            for c in (client, async_client)
+            if c is not None
+            for name in ("api_key", "admin_api_key")
+        }
+        self.secrets: tuple[str, ...] = tuple(k for k in keys if isinstance(k, str) and k)
+        self.base_url = _without_userinfo(str(first.base_url))
+        self.owned = False
+        """Whether the engine built the clients (and so closes them); injected ones stay
+        the caller's to close."""
+        self.closed = False
+
+    def sync(self) -> OpenAI:
+        """The synchronous client for ``complete()``.
+
+        Raises:
+            ConfigurationError: none was given.
+            BackendClosedError: the engine closed the clients it built.
+        """
+        if self.client is None:
+            raise ConfigurationError(
+                "complete() needs a synchronous client: pass client=openai.OpenAI(...) "
+                "(or call acomplete())"
+            )
+        self._check_open()
+        return self.client
+
+    def check_async(self) -> None:
+        """Raise unless ``acomplete()`` can run (as :meth:`sync` for the async client)."""
+        if self.async_client is None:
+            raise ConfigurationError(
+                "acomplete() needs an async client: pass async_client=openai.AsyncOpenAI(...) "
+                "(or call complete())"
+            )
+        self._check_open()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise BackendClosedError(
+                f"this {self.engine} was closed and its HTTP clients with it; build a new engine"
+            )
+
+    @contextlib.asynccontextmanager
+    async def session(self) -> AsyncIterator[Any]:
+        """The async client for one call.
+
+        An ``AsyncOpenAI`` client's connections belong to the event loop that opened
+        them, and a pooled connection outliving its loop is closed by nobody. So an engine
+        that built its clients opens a client per call and closes it in the same loop (one
+        new connection per call); an injected client is used as given, within its owner's
+        loop (the SDK's rule).
+        """
+        client = self.async_client
+        if client is None:  # pragma: no cover - check_async comes first
+            raise ConfigurationError("acomplete() needs an async client")
+        if not self.owned:
+            yield client
+            return
+        fresh = self.sdk.AsyncOpenAI(
+            base_url=str(client.base_url),
+            api_key=client.api_key,
+            organization=client.organization,
+            project=client.project,
+        ).with_options(timeout=self.timeout, max_retries=self.max_retries)
+        try:
+            yield fresh
+        finally:
+            await fresh.close()
+
+    def close(self) -> None:
+        """Close the synchronous client if the engine built it."""
+        if self.owned:
+            self.closed = True
+            if self.client is not None:
+                self.client.close()
+
+    async def aclose(self) -> None:
+        """Close both clients if the engine built them."""
+        self.close()
+        if self.owned and self.async_client is not None:
+            await self.async_client.close()
+
+    def error(
+        self, exc: Exception, *, where: str, refused_hint: str, unreachable_hint: str
+    ) -> BackendError:
+        """Map an SDK error to a BackendError whose message names no secret.
+
+        ``where`` names the server or API; ``refused_hint`` says what to check after a
+        4xx, ``unreachable_hint`` after a connection failure. Chain the SDK error with
+        ``raise ... from _cause(exc, self.secrets)``.
+        """
+        sdk = self.sdk
+        retries = self.max_retries
+        tries = f"after {retries} retr{'y' if retries == 1 else 'ies'}"
+        if isinstance(exc, sdk.APITimeoutError):
+            text = (
+                f"{where} did not answer within {self.timeout:g} s ({tries}); raise timeout= "
+                "or check that the server is not overloaded"
+            )
+        elif isinstance(exc, sdk.APIConnectionError):
+            reason = f": {exc.__cause__}" if exc.__cause__ is not None else ""
+            text = f"the connection to {where} failed ({tries}){reason}; {unreachable_hint}"
+        elif isinstance(exc, sdk.RateLimitError):
+            text = (
+                f"{where} is rate limiting (HTTP 429) {tries}: {_status_message(exc)}; lower "
+                "the request rate or raise max_retries"
+            )
+        elif isinstance(exc, sdk.APIStatusError) and exc.status_code >= 500:
+            text = f"{where} failed with HTTP {exc.status_code} {tries}: {_status_message(exc)}"
+        elif isinstance(exc, sdk.APIStatusError):
+            text = (
+                f"{where} refused the request with HTTP {exc.status_code}: "
+                f"{_status_message(exc)}; {refused_hint}"
+            )
+        else:
+            text = f"the request to {where} failed: {type(exc).__name__}: {exc}"
+        return BackendError(_redact(text, self.secrets))
 
 
 class OpenAIBackend(SegmentBackend):

@@ -1,0 +1,182 @@
+"""LlamaCppServer: run llama-cpp-python's OpenAI-compatible server on loopback.
+
+For the ``eval`` command's ``segment`` system, the serving benchmark and the tests: it
+starts ``python -m llama_cpp.server`` with a GGUF file (the embedded model by default) on
+127.0.0.1 and a free port, waits until ``/v1/models`` answers, and stops the process on
+``close()`` (or at the end of a ``with`` block). Needs the ``server`` extra
+(``pip install "citebacktrack[server]"``).
+
+    with LlamaCppServer() as server, server.backend() as backend:
+        answer = Citeformer(backend).generate(question, sources)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self
+
+from citebacktrack.errors import BackendError, MissingDependencyError
+
+if TYPE_CHECKING:
+    from citebacktrack.backends.openai import OpenAIBackend
+
+__all__ = ["SERVER_MODULES", "LlamaCppServer"]
+
+SERVER_MODULES = ("openai", "llama_cpp", "uvicorn", "fastapi", "sse_starlette", "pydantic_settings")
+"""Modules ``python -m llama_cpp.server`` and :class:`OpenAIBackend` import."""
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class LlamaCppServer:
+    """A ``llama_cpp.server`` process on 127.0.0.1, started on construction.
+
+    Args:
+        model: GGUF file (default: the embedded SmolLM2-135M-Instruct).
+        n_ctx: the server's context size.
+        n_threads: CPU threads (default: llama.cpp's).
+        port: the port (default: a free one).
+        startup_timeout: seconds to wait for ``/v1/models`` to answer.
+        extra_args: more ``llama_cpp.server`` command-line arguments.
+
+    Raises:
+        MissingDependencyError: the ``server`` extra is not installed.
+        ModelLoadError: no ``model`` given and the embedded model is not installed.
+        BackendError: the server exited or did not answer in time (the message ends with
+            the tail of its log).
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] | None = None,
+        *,
+        n_ctx: int = 4096,
+        n_threads: int | None = None,
+        port: int | None = None,
+        startup_timeout: float = 180.0,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        for name in SERVER_MODULES:
+            if importlib.util.find_spec(name) is None:
+                raise MissingDependencyError(
+                    feature="the llama.cpp server", extra="server", module=name
+                )
+        if model is None:
+            from citebacktrack.models import default_model_path
+
+            model = default_model_path()
+        self.model = Path(model)
+        self.port = port or _free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        command = [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(self.model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--n_ctx",
+            str(n_ctx),
+        ]
+        if n_threads is not None:
+            command += ["--n_threads", str(n_threads)]
+        command += list(extra_args)
+        self._log_dir = tempfile.TemporaryDirectory(prefix="citebacktrack-server-")
+        self.log = Path(self._log_dir.name) / "server.log"
+        with self.log.open("wb") as sink:
+            self.process = subprocess.Popen(  # noqa: S603 - our command, this Python
+                command, stdout=sink, stderr=subprocess.STDOUT
+            )
+        try:
+            self._wait_until_up(startup_timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    def _wait_until_up(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise BackendError(
+                    f"llama_cpp.server exited with {self.process.returncode}:\n{self.log_tail()}"
+                )
+            try:
+                probe = f"{self.base_url}/models"  # http://127.0.0.1 only
+                with urllib.request.urlopen(probe, timeout=2) as response:  # noqa: S310
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.25)
+        raise BackendError(
+            f"llama_cpp.server did not answer {self.base_url}/models in {timeout:g} s:\n"
+            f"{self.log_tail()}"
+        )
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last ``lines`` lines of the server's output."""
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    @property
+    def running(self) -> bool:
+        """Whether the process is still alive."""
+        return self.process.poll() is None
+
+    def backend(self, **options: Any) -> OpenAIBackend:
+        """An :class:`OpenAIBackend` on this server (``server="llama.cpp"``; ``options``
+        go to :class:`~citebacktrack.backends.openai.OpenAICompatibleEngine`)."""
+        from citebacktrack.backends.openai import OpenAIBackend
+
+        options.setdefault("model", self.model.stem)
+        options.setdefault("server", "llama.cpp")
+        options.setdefault("timeout", 300.0)
+        return OpenAIBackend.from_base_url(self.base_url, **options)
+
+    def close(self) -> None:
+        """Stop the server (terminate, then kill after 15 s); idempotent."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=15)
+        self._log_dir.cleanup()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"LlamaCppServer({self.base_url!r}, model={self.model.name!r}, {state})"
