@@ -443,6 +443,25 @@ def test_standard_systems_share_one_prompt_and_reject_unknown_names() -> None:
         standard_systems(backend, ["best"])
     with pytest.raises(ConfigurationError, match="peer"):
         standard_systems(backend, ["citeformer"])
+    with pytest.raises(ConfigurationError, match="segment-level backend"):
+        standard_systems(backend, ["segment"])
+
+
+def test_segment_system_answers_through_the_segment_loop_with_the_same_validator() -> None:
+    from citebacktrack.backends.segment import SegmentBackend
+    from citebacktrack.testing import ScriptedSegmentEngine
+
+    example = next(e for e in load_dataset(TINY) if e.question == "What is the capital of France?")
+    engine = ScriptedSegmentEngine(SCRIPTS[example.question])
+    systems = standard_systems(
+        _scripted(SCRIPTS), ["segment"], segment_backend=SegmentBackend(engine)
+    )
+    output = systems["segment"](example)
+    # The unsupported [2] is rejected and resubmitted with only supported ids: [1].
+    assert output.text == "Paris is the capital of France [1]."
+    assert output.trace is not None
+    assert output.trace.rejections == 1
+    assert any(call.prefix.endswith("[") for call in engine.calls)
 
 
 # ---------------------------------------------------------------------------- peer

@@ -104,6 +104,7 @@ PUBLIC_MODULES = [
     "citebacktrack",
     "citebacktrack.answer",
     "citebacktrack.backends",
+    "citebacktrack.backends.anthropic",
     "citebacktrack.backends.base",
     "citebacktrack.backends.hf",
     "citebacktrack.backends.llamacpp",

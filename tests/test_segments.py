@@ -294,3 +294,32 @@ def test_one_call_async_equals_sync_and_stream_equals_generate() -> None:
         return await cf.agenerate(QUESTION, SOURCES)
 
     assert anyio.run(main) == answer
+
+
+def test_an_unsupported_sentence_is_regenerated_once_sampled_then_given_up() -> None:
+    script = "Bananas are blue and grow on Mars [1]."
+    cf, engine = _cf(script, budgets=Budgets(sentence_retries=1))
+    answer = cf.generate(QUESTION, SOURCES)
+    starts = [c for c in engine.calls if c.prefix == ""]
+    assert len(starts) == 2  # the first try and one regeneration
+    assert starts[0].temperature == 0.0
+    assert (starts[1].temperature, starts[1].seed) == (0.7, (starts[0].seed or 0) + 1)
+    assert answer.text == ""  # the scripted model writes the same sentence again
+    notes = [e.detail for e in answer.trace.entries if e.kind == "fallback"]
+    assert notes[0] == "no supported id: the sentence is regenerated, sampled"
+
+
+def test_engine_notes_become_trace_entries_and_a_one_call_engine_gets_the_whole_budget() -> None:
+    class Noting(OneCallEngine):
+        def complete(self, call: SegmentCall) -> SegmentResult:
+            self.calls.append(call)
+            return SegmentResult(
+                text=GOOD, finish="end", notes=("a citation of document 9 dropped",)
+            )
+
+    engine = Noting(GOOD)
+    cf = Citeformer(SegmentBackend(engine), budgets=Budgets(max_new_tokens=700))
+    answer = cf.generate(QUESTION, SOURCES)
+    assert answer.text == GOOD
+    assert engine.calls[0].max_tokens == 700
+    assert "a citation of document 9 dropped" in [e.detail for e in answer.trace.entries]

@@ -62,16 +62,24 @@ class SegmentOptions:
         top_p: nucleus sampling mass sent to the server (1.0: off).
         seed: seed sent to servers that accept one (``None``: none sent).
         max_segment_tokens: most tokens asked for in one call (one segment).
+        resample_temperature: the temperature of a sentence regeneration (when no source
+            supports a sentence, ``Budgets.sentence_retries`` times): a greedy server would
+            write the same sentence again. Its seed is ``seed`` (or 0) plus the retry number.
     """
 
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
     max_segment_tokens: int = 256
+    resample_temperature: float = 0.7
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0.0:
             raise ConfigurationError(f"temperature must be >= 0, got {self.temperature}")
+        if not self.resample_temperature >= 0.0:
+            raise ConfigurationError(
+                f"resample_temperature must be >= 0, got {self.resample_temperature}"
+            )
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigurationError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_segment_tokens < 1:

@@ -131,6 +131,9 @@ class SegmentResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     evidence: tuple[Evidence | None, ...] = ()
+    notes: tuple[str, ...] = ()
+    """What the engine left out of ``text`` and why (e.g. a citation of a document
+    index out of range); each becomes a trace entry."""
 
 
 @runtime_checkable
@@ -218,6 +221,9 @@ class SegmentLoop:
         self._accepted: list[_Accepted] = []
         self._bans: dict[int, set[int]] = {}
         self._retries: dict[int, int] = {}
+        """Sentence regenerations so far, by sentence start."""
+        self._resample = 0
+        """The next call regenerates a sentence: its retry number (0: not a retry)."""
         self._allowed: frozenset[int] | None = None
         """Ids the open marker may take at the next call (after a rejection)."""
         self._released = 0
@@ -246,6 +252,11 @@ class SegmentLoop:
             self._stop = StopReason.MAX_NEW_TOKENS
             return None
         prefix = self._draft.decode("utf-8", "replace")
+        temperature, seed = self.options.temperature, self.options.seed
+        if self._resample:
+            temperature = max(temperature, self.options.resample_temperature)
+            seed = (seed or 0) + self._resample
+            self._resample = 0
         return SegmentCall(
             messages=self.request.messages,
             sources=self.request.sources,
@@ -253,10 +264,13 @@ class SegmentLoop:
             prefix=prefix,
             grammar=self._grammar(prefix),
             stop=("]",) if self.constrained else (),
-            max_tokens=min(self.options.max_segment_tokens, remaining),
-            temperature=self.options.temperature,
+            # A one-call engine writes the whole answer in this call.
+            max_tokens=min(self.options.max_segment_tokens, remaining)
+            if self.continues_prefix
+            else remaining,
+            temperature=temperature,
             top_p=self.options.top_p,
-            seed=self.options.seed,
+            seed=seed,
         )
 
     def feed(self, result: SegmentResult) -> list[Event]:
@@ -268,6 +282,8 @@ class SegmentLoop:
         totals.prompt_tokens = max(totals.prompt_tokens, result.prompt_tokens)
         totals.generated += result.completion_tokens
         events: list[Event] = []
+        for note in result.notes:
+            self._note_at(self._char_offset(len(self._draft)), note)
         evidence = list(result.evidence)
         revised: str | None = None
         if self.constrained and not self.continues_prefix:
@@ -386,6 +402,17 @@ class SegmentLoop:
             # grammar would let the model stack the marker again).
             events.append(Rollback(depth=result.completion_tokens, reason="extra marker dropped"))
             self._end_answer(marker)
+            return False
+        retries = self._retries.get(sentence, 0)
+        if retries < self.budgets.sentence_retries:
+            # Escalation, as in the decoder: regenerate the sentence. A greedy server
+            # would write it again word for word and cannot be told to start differently,
+            # so the retry is sampled (SegmentOptions.resample_temperature, seeded).
+            self._retries[sentence] = retries + 1
+            self._truncate(sentence)
+            self._resample = retries + 1
+            self._note(sentence, "no supported id: the sentence is regenerated, sampled")
+            events.append(Rollback(depth=result.completion_tokens, reason="sentence regenerated"))
             return False
         events.append(Rollback(depth=result.completion_tokens, reason="no supported id"))
         self._give_up_sentence(marker, claim, events)

@@ -15,6 +15,7 @@ from citebacktrack.request import DecodingOptions, GenerationRequest, SegmentOpt
 from citebacktrack.types import ChatMessage
 
 if TYPE_CHECKING:
+    from citebacktrack.backends.anthropic import AnthropicBackend
     from citebacktrack.backends.hf import HFBackend
     from citebacktrack.backends.llamacpp import LlamaCppBackend
     from citebacktrack.backends.llamacpp_server import LlamaCppServer
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from citebacktrack.backends.vllm import VLLMBackend
 
 __all__ = [
+    "AnthropicBackend",
     "Backend",
     "ChatMessage",
     "DecodingOptions",
@@ -40,6 +42,7 @@ __all__ = [
 ]
 
 _LAZY = {
+    "AnthropicBackend": "citebacktrack.backends.anthropic",
     "HFBackend": "citebacktrack.backends.hf",
     "LlamaCppBackend": "citebacktrack.backends.llamacpp",
     "LlamaCppServer": "citebacktrack.backends.llamacpp_server",
