@@ -698,25 +698,23 @@ def test_the_key_appears_in_no_repr_and_no_error() -> None:
     assert API_KEY not in repr(backend)
 
 
-def test_from_api_key_reads_the_environment_only_when_no_key_is_given(
+def test_from_env_reads_the_key_from_the_environment_only(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("ANTHROPIC_API_KEY", API_KEY)
-    engine = AnthropicEngine.from_api_key(model=MODEL, base_url=BASE_URL)
+    engine = AnthropicEngine.from_env(model=MODEL, base_url=BASE_URL)
     assert engine._client is not None
     assert engine._client.api_key == API_KEY
     assert API_KEY not in repr(engine)
-    other = AnthropicEngine.from_api_key("sk-ant-other-0123456789", model=MODEL, base_url=BASE_URL)
-    assert other._client is not None
-    assert other._client.api_key == "sk-ant-other-0123456789"
+    with pytest.raises(TypeError):
+        AnthropicEngine.from_env("sk-ant-other-0123456789", model=MODEL)  # type: ignore[misc]
     monkeypatch.delenv("ANTHROPIC_API_KEY")
     with pytest.raises(ConfigurationError, match="ANTHROPIC_API_KEY"):
-        AnthropicEngine.from_api_key(model=MODEL)
+        AnthropicEngine.from_env(model=MODEL)
     monkeypatch.setenv("ANTHROPIC_API_KEY", "")
     with pytest.raises(ConfigurationError, match="no Anthropic API key"):
-        AnthropicBackend.from_api_key(model=MODEL)
+        AnthropicBackend.from_env(model=MODEL)
     engine.close()
-    other.close()
     with pytest.raises(BackendClosedError):
         engine.complete(call())
 
@@ -730,7 +728,8 @@ def test_an_owned_async_client_is_opened_per_call(monkeypatch: pytest.MonkeyPatc
         return original(**kwargs)
 
     monkeypatch.setattr(anthropic, "AsyncAnthropic", with_fake)
-    engine = AnthropicEngine.from_api_key(API_KEY, model=MODEL, base_url=BASE_URL)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", API_KEY)
+    engine = AnthropicEngine.from_env(model=MODEL, base_url=BASE_URL)
 
     async def go() -> SegmentResult:
         try:

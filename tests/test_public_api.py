@@ -112,6 +112,7 @@ PUBLIC_MODULES = [
     "citebacktrack.backends.local",
     "citebacktrack.backends.mock",
     "citebacktrack.backends.openai",
+    "citebacktrack.backends.openai_hosted",
     "citebacktrack.backends.segment",
     "citebacktrack.backends.vllm",
     "citebacktrack.decoding",

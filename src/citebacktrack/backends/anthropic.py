@@ -177,7 +177,7 @@ class AnthropicEngine:
             raise ConfigurationError(
                 "AnthropicEngine needs a client: pass client=anthropic.Anthropic() for "
                 "complete() and/or async_client=anthropic.AsyncAnthropic() for acomplete(), "
-                "or build both with AnthropicEngine.from_api_key()"
+                "or build both with AnthropicEngine.from_env()"
             )
         if not model:
             raise ConfigurationError("model must name a Claude model, e.g. 'claude-sonnet-4-6'")
@@ -214,9 +214,8 @@ class AnthropicEngine:
         self._closed = False
 
     @classmethod
-    def from_api_key(
+    def from_env(
         cls,
-        api_key: str | None = None,
         *,
         model: str,
         base_url: str | None = None,
@@ -227,23 +226,25 @@ class AnthropicEngine:
         max_retries: int = 2,
         extra: Mapping[str, JsonValue] | None = None,
     ) -> AnthropicEngine:
-        """Build both clients for ``api_key`` (else ``ANTHROPIC_API_KEY`` from the environment).
+        """Build both clients with the key in ``ANTHROPIC_API_KEY``.
 
-        The engine owns them: :meth:`close` / :meth:`aclose` close them. The key is
-        given to the SDK explicitly, so no other credential source (profiles, workload
-        identity) is consulted, and it is never logged or shown. ``base_url`` defaults to
+        A key is taken only from the environment (here) or from an injected client,
+        never as a string argument that could end up in code or logs. The engine owns the
+        clients: :meth:`close` / :meth:`aclose` close them. The key is given to the SDK
+        explicitly, so no other credential source (profiles, workload identity) is
+        consulted, and it is never logged or shown. ``base_url`` defaults to
         the SDK's (``ANTHROPIC_BASE_URL``, else Anthropic's API). Other arguments are the
         constructor's.
 
         Raises:
-            ConfigurationError: no key given and ``ANTHROPIC_API_KEY`` unset or empty.
+            ConfigurationError: ``ANTHROPIC_API_KEY`` unset or empty.
         """
         sdk = _import_anthropic()
-        key = api_key if api_key is not None else os.environ.get("ANTHROPIC_API_KEY", "")
+        key = os.environ.get("ANTHROPIC_API_KEY", "")
         if not key:
             raise ConfigurationError(
-                "no Anthropic API key: pass api_key=... or set the ANTHROPIC_API_KEY "
-                "environment variable"
+                "no Anthropic API key: set the ANTHROPIC_API_KEY environment variable, or "
+                "pass client=anthropic.Anthropic(...) built with your own credentials"
             )
         engine = cls(
             client=sdk.Anthropic(api_key=key, base_url=base_url),
@@ -268,7 +269,7 @@ class AnthropicEngine:
     # ------------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
-        """Close the synchronous client if this engine built it (:meth:`from_api_key`).
+        """Close the synchronous client if this engine built it (:meth:`from_env`).
 
         Injected clients are left open for their owner; an async client needs
         :meth:`aclose`, from its event loop.
@@ -279,7 +280,7 @@ class AnthropicEngine:
                 self._client.close()
 
     async def aclose(self) -> None:
-        """Close both clients if this engine built them (:meth:`from_api_key`)."""
+        """Close both clients if this engine built them (:meth:`from_env`)."""
         self.close()
         if self._owns_clients and self._async_client is not None:
             await self._async_client.close()
@@ -295,7 +296,7 @@ class AnthropicEngine:
         """The async client for one call.
 
         An async client's connections belong to the event loop that opened them. So an
-        engine that built its clients (:meth:`from_api_key`) opens one per call and
+        engine that built its clients (:meth:`from_env`) opens one per call and
         closes it in the same loop; an injected client is used as given, within its
         owner's loop (the SDK's rule).
         """
@@ -880,7 +881,7 @@ class AnthropicBackend(SegmentBackend):
 
     Takes the :class:`AnthropicEngine` arguments (injected ``client`` and/or
     ``async_client``, ``model``, ``stream``, ...), or a ready ``engine``;
-    :meth:`from_api_key` builds the clients. The segment loop asks once and revises the
+    :meth:`from_env` builds the clients. The segment loop asks once and revises the
     answer with the request's validator (a rejected marker is replaced or dropped, an
     unsupported sentence dropped under the required policy); :meth:`close` closes the
     clients the engine built.
@@ -894,10 +895,10 @@ class AnthropicBackend(SegmentBackend):
         super().__init__(engine)
 
     @classmethod
-    def from_api_key(cls, api_key: str | None = None, **options: Any) -> AnthropicBackend:
-        """A backend for ``api_key`` or ``ANTHROPIC_API_KEY`` (see
-        :meth:`AnthropicEngine.from_api_key` for the options)."""
-        return cls(AnthropicEngine.from_api_key(api_key, **options))
+    def from_env(cls, **options: Any) -> AnthropicBackend:
+        """A backend with the key in ``ANTHROPIC_API_KEY`` (see
+        :meth:`AnthropicEngine.from_env` for the options)."""
+        return cls(AnthropicEngine.from_env(**options))
 
     async def aclose(self) -> None:
         """Close the engine's clients from async code."""

@@ -51,7 +51,7 @@ from citebacktrack.errors import (
     MissingDependencyError,
 )
 from citebacktrack.grammar.emit import Dialect, emit
-from citebacktrack.segments import SegmentCall, SegmentResult
+from citebacktrack.segments import SegmentCall, SegmentEngine, SegmentResult
 from citebacktrack.types import ChatMessage
 
 if TYPE_CHECKING:
@@ -72,6 +72,8 @@ ChatTemplate = Callable[[Sequence[ChatMessage], str], str]
 
 Server = Literal["llama.cpp", "vllm"]
 Endpoint = Literal["completions", "chat"]
+HostedMode = Literal["json_schema", "cfg"]
+Mode = Literal["server", "json_schema", "cfg"]
 
 _SERVER_NAMES: dict[str, str] = {"llama.cpp": "llama.cpp server", "vllm": "vLLM server"}
 _DIALECTS: dict[str, tuple[Dialect, ...]] = {
@@ -669,10 +671,16 @@ def _redact(text: str, secrets: Sequence[str]) -> str:
 
 
 def _cause(exc: BaseException, secrets: Sequence[str]) -> BaseException | None:
-    """The SDK error to chain, or None when its text would show an API key."""
-    rendered = f"{exc!s} {exc!r} {getattr(exc, 'body', '')}"
-    if any(len(s) >= _SHORTEST_REDACTED_KEY and s in rendered for s in secrets):
-        return None
+    """The SDK error to chain, or None when its text, or that of an error it was raised
+    from (a transport error quoting a URL or header), would show an API key."""
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        rendered = f"{link!s} {link!r} {getattr(link, 'body', '')}"
+        if any(len(s) >= _SHORTEST_REDACTED_KEY and s in rendered for s in secrets):
+            return None
+        link = link.__cause__ or link.__context__
     return exc
 
 
@@ -864,20 +872,40 @@ class _Clients:
 
 
 class OpenAIBackend(SegmentBackend):
-    """Segment-level backtracking over an OpenAI-compatible server (llama.cpp, vLLM).
+    """Segment-level backtracking over the OpenAI SDK: a served model or hosted OpenAI.
 
-    Takes the :class:`OpenAICompatibleEngine` arguments (injected ``client`` and/or
-    ``async_client``, ``model``, ``server``, ``endpoint``, ...), or a ready ``engine``;
-    :meth:`from_base_url` builds the clients for a server URL. Every marker is checked by
-    the shared segment loop (:mod:`citebacktrack.segments`) with the request's validator;
-    :meth:`close` closes the clients the engine built.
+    ``mode`` picks how the citation grammar reaches the model, and so the engine:
+
+    * ``"server"`` (default): an OpenAI-compatible server (llama.cpp, vLLM) that takes the
+      grammar itself and continues the accepted text (:class:`OpenAICompatibleEngine`);
+    * ``"cfg"``: hosted OpenAI, the grammar in Lark as the input format of a forced custom
+      tool, the accepted text of a continuation in a user turn
+      (:class:`~citebacktrack.backends.openai_hosted.OpenAIGrammarToolEngine`);
+    * ``"json_schema"``: hosted OpenAI, Structured Outputs with the ids as an enum, one
+      call per answer revised by the validator
+      (:class:`~citebacktrack.backends.openai_hosted.OpenAIJsonSchemaEngine`).
+
+    The other keyword arguments are that engine's (injected ``client`` and/or
+    ``async_client``, ``model``, ...); or pass a ready ``engine``. :meth:`from_base_url`
+    builds the clients for a server URL, :meth:`from_env` those of hosted OpenAI from
+    ``OPENAI_API_KEY``. Every marker is checked by the shared segment loop
+    (:mod:`citebacktrack.segments`) with the request's validator; :meth:`close` closes the
+    clients the engine built.
+
+    Raises:
+        ConfigurationError: an unknown ``mode``, both an engine and options, or what the
+            engine refuses.
     """
 
-    def __init__(self, engine: OpenAICompatibleEngine | None = None, **options: Any) -> None:
+    def __init__(
+        self, engine: SegmentEngine | None = None, *, mode: Mode = "server", **options: Any
+    ) -> None:
         if engine is None:
-            engine = OpenAICompatibleEngine(**options)
-        elif options:
-            raise ConfigurationError("pass either a ready engine or the engine's options, not both")
+            engine = _engine_for(mode, options)
+        elif options or mode != "server":
+            raise ConfigurationError(
+                "pass either a ready engine or a mode and the engine's options, not both"
+            )
         super().__init__(engine)
 
     @classmethod
@@ -886,8 +914,40 @@ class OpenAIBackend(SegmentBackend):
         :meth:`OpenAICompatibleEngine.from_base_url` for the options)."""
         return cls(OpenAICompatibleEngine.from_base_url(base_url, **options))
 
+    @classmethod
+    def from_env(
+        cls, *, model: str, mode: HostedMode = "json_schema", **options: Any
+    ) -> OpenAIBackend:
+        """A backend for hosted OpenAI with the key in ``OPENAI_API_KEY`` (see
+        :meth:`~citebacktrack.backends.openai_hosted.OpenAIJsonSchemaEngine.from_env` for
+        the options).
+
+        Raises:
+            ConfigurationError: ``OPENAI_API_KEY`` is unset, or ``mode`` is not hosted.
+        """
+        from citebacktrack.backends.openai_hosted import HOSTED_ENGINES
+
+        engine_class = HOSTED_ENGINES.get(mode)
+        if engine_class is None:
+            raise ConfigurationError(
+                f"from_env() builds hosted OpenAI backends: mode must be 'json_schema' or "
+                f"'cfg', got {mode!r} (a server is reached with from_base_url())"
+            )
+        return cls(engine_class.from_env(model=model, **options))
+
     async def aclose(self) -> None:
         """Close the engine's clients from async code."""
-        engine = self.engine
-        if isinstance(engine, OpenAICompatibleEngine):
-            await engine.aclose()
+        close = getattr(self.engine, "aclose", None)
+        if callable(close):
+            await close()
+
+
+def _engine_for(mode: str, options: dict[str, Any]) -> SegmentEngine:
+    if mode == "server":
+        return OpenAICompatibleEngine(**options)
+    from citebacktrack.backends.openai_hosted import HOSTED_ENGINES
+
+    engine_class = HOSTED_ENGINES.get(mode)
+    if engine_class is None:
+        raise ConfigurationError(f"mode must be 'server', 'json_schema' or 'cfg', got {mode!r}")
+    return engine_class(**options)
