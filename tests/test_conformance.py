@@ -3,7 +3,8 @@
 Each backend answers the same questions through ``Citeformer``: ids always in range and
 at their ``[N]`` in the text, stream equals generate, async equals sync, usage reported,
 bad input a typed error, and a cancelled ``astream`` leaves the backend usable. Real
-engines (llama.cpp, transformers, servers) are slow-marked; the rest runs in the default
+engines (llama.cpp, transformers, servers) are slow-marked; the rest (mock, scripted segments,
+the vLLM fake, hosted OpenAI and Anthropic over HTTP-level fakes) runs in the default
 suite.
 """
 
@@ -93,6 +94,79 @@ def _llama_server() -> Iterator[Backend]:
     assert not server.running, "the server was not shut down"
 
 
+def _hosted_openai(mode: str) -> Callable[[], Iterator[Backend]]:
+    """OpenAIBackend in a hosted mode over the real SDK and an HTTP-level fake that gives
+    a recorded-shape Responses body for every request (``tests/test_openai_hosted.py``)."""
+
+    def factory() -> Iterator[Backend]:
+        import json
+
+        from citebacktrack.backends import OpenAIBackend
+        from test_openai_hosted import FakeAPI, answer
+
+        good = "The Eiffel Tower was completed in 1889 [2]. It is 330 metres tall [2]."
+        sentences = [  # [1] is not the Eiffel Tower's source: the validator re-cites it
+            {"text": "The Eiffel Tower was completed in 1889.", "citations": [1]},
+            {"text": "It is 330 metres tall.", "citations": [2]},
+        ]
+        text = good if mode == "cfg" else json.dumps({"sentences": sentences})
+
+        class Always(FakeAPI):
+            def handle(self, request: object) -> object:
+                self.script(answer(mode, "responses", text))
+                return super().handle(request)
+
+        fake = Always()
+        with OpenAIBackend(mode=mode, model="gpt-5", max_retries=0, **fake.clients()) as backend:
+            yield backend
+
+    return factory
+
+
+def _anthropic() -> Iterator[Backend]:
+    """AnthropicBackend over the real SDK and an HTTP-level fake with Claude's native
+    citations (``tests/test_anthropic_backend.py``)."""
+    from citebacktrack.backends import AnthropicBackend
+    from test_anthropic_backend import Fake, async_client, message, respond, sync_client, text
+
+    eiffel = SOURCES[1].text
+
+    def cite(quoted: str) -> dict[str, object]:
+        start = eiffel.index(quoted)
+        return {
+            "type": "char_location",
+            "cited_text": quoted,
+            "document_index": 1,
+            "document_title": SOURCES[1].title,
+            "start_char_index": start,
+            "end_char_index": start + len(quoted),
+        }
+
+    content = [
+        text(
+            "The Eiffel Tower was completed in 1889",
+            cite("The Eiffel Tower was completed in 1889."),
+        ),
+        text(". "),
+        text("It is 330 metres tall", cite("It is 330 metres tall.")),
+        text("."),
+    ]
+
+    class Always(Fake):
+        def __call__(self, request: object) -> object:
+            self.replies.append(respond(message(content)))
+            return super().__call__(request)
+
+    fake = Always()
+    with AnthropicBackend(
+        client=sync_client(fake),
+        async_client=async_client(fake),
+        model="claude-sonnet-4-6",
+        max_retries=0,
+    ) as backend:
+        yield backend
+
+
 def _llama() -> Iterator[Backend]:
     from citebacktrack.backends import LlamaCppBackend
 
@@ -111,6 +185,9 @@ FACTORIES: dict[str, Callable[[], Iterator[Backend]]] = {
     "mock": _mock,
     "segments": _segments,
     "vllm (fake of 0.33)": _vllm_fake,
+    "openai json_schema (HTTP fake)": _hosted_openai("json_schema"),
+    "openai cfg (HTTP fake)": _hosted_openai("cfg"),
+    "anthropic citations (HTTP fake)": _anthropic,
     "llama.cpp": _llama,
     "llama.cpp server (OpenAI protocol)": _llama_server,
     "transformers": _hf,
