@@ -355,7 +355,9 @@ def test_the_request_separates_the_task_from_each_mechanisms_options() -> None:
         "budgets",
         "decoding",
         "segments",
+        "question",
     }
+    assert request.question == QUESTION
     with pytest.raises(ConfigurationError, match="built for 3 sources"):
         dataclasses.replace(request, sources=SOURCES[:2])
     with pytest.raises(ConfigurationError, match="top_p"):

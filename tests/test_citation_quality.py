@@ -36,9 +36,11 @@ BOTH = [
 ]
 
 
-def answer(script: str, sources: list[Source], **policy: Any) -> Answer:
+def answer(
+    script: str, sources: list[Source], question: str = "question", **policy: Any
+) -> Answer:
     cf = Citeformer(MockBackend([script]), policy=Policy(**policy))
-    return cf.generate("question", sources)
+    return cf.generate(question, sources)
 
 
 # ------------------------------------------------------------------ marker after the period
@@ -102,15 +104,24 @@ def test_stacking_does_not_pay() -> None:
 # ------------------------------------------------------------------ recovery
 
 
-def test_an_unsupportable_answer_quotes_the_best_supported_source() -> None:
+def test_an_unsupportable_answer_quotes_the_source_most_relevant_to_the_question() -> None:
     script = "Stephen King loved purple elephants dancing in Paris [3]."
-    result = answer(script, BRIDGE)
+    result = answer(script, BRIDGE, "Which 1986 horror film did Stephen King direct?")
     text = result.text
     assert result.stop_reason is StopReason.END
     assert text == (
         "Maximum Overdrive is a 1986 American horror film written and directed by Stephen King [1]."
     )
     assert any("quoted the evidence" in e.detail for e in result.trace.entries)
+
+
+def test_no_source_relevant_to_the_question_is_quoted() -> None:
+    """The model's claim is unsupported and no source is about the question: the
+    answer abstains rather than quote a source the claim merely resembles."""
+    script = "Stephen King directed the Sydney Opera House film [1]."
+    result = answer(script, BRIDGE, "Who designed the Sydney Opera House?")
+    assert result.text == ""
+    assert result.stop_reason is StopReason.NO_SUPPORTED_ANSWER
 
 
 def test_nothing_supportable_is_an_explicit_abstention() -> None:

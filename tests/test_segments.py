@@ -304,9 +304,12 @@ def test_an_unsupported_sentence_is_regenerated_once_sampled_then_given_up() -> 
     assert len(starts) == 2  # the first try and one regeneration
     assert starts[0].temperature == 0.0
     assert (starts[1].temperature, starts[1].seed) == (0.7, (starts[0].seed or 0) + 1)
-    assert answer.text == ""  # the scripted model writes the same sentence again
+    # The scripted model writes the same sentence again; then the fallback quotes the
+    # sentence of the source most relevant to the question.
+    assert answer.text == "The Eiffel Tower was completed in 1889 [2]."
     notes = [e.detail for e in answer.trace.entries if e.kind == "fallback"]
     assert notes[0] == "no supported id: the sentence is regenerated, sampled"
+    assert notes[-1] == "quoted the evidence of source [2]"
 
 
 def test_engine_notes_become_trace_entries_and_a_one_call_engine_gets_the_whole_budget() -> None:

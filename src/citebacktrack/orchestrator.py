@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import overload
+from typing import cast, overload
 
 from citebacktrack.answer import abuild, acollect, build, collect
 from citebacktrack.backends.base import Backend
@@ -16,9 +16,9 @@ from citebacktrack.errors import (
     InvalidQuestionError,
     InvalidSourcesError,
 )
-from citebacktrack.grammar.citations import MAX_SOURCES, citation_grammar
+from citebacktrack.grammar.citations import citation_grammar
 from citebacktrack.prompts import DEFAULT_DEMO, Demo, build_messages
-from citebacktrack.request import DecodingOptions, GenerationRequest, SegmentOptions
+from citebacktrack.request import DecodingOptions, GenerationRequest, SegmentOptions, check_sources
 from citebacktrack.support import LexicalSupportScorer, SupportScorer
 from citebacktrack.types import Answer, Event, Policy, Source
 from citebacktrack.validation import CitationValidator
@@ -134,13 +134,23 @@ class Citeformer:
         """Validate the input and build the backend request (overrides for this call only).
 
         Raises:
-            InvalidQuestionError: the question is not a string or is only whitespace.
-            InvalidSourcesError: no sources, too many, empty text or duplicate ids.
+            InvalidQuestionError: the question is not a string, is only whitespace, or is
+                not valid Unicode (a lone surrogate).
+            InvalidSourcesError: no sources, too many, empty text, duplicate ids, or an
+                item that is neither a Source nor a str.
         """
         if not isinstance(question, str) or not question.strip():
             raise InvalidQuestionError(
                 f"the question must be a non-empty string, got {question!r}; ask something"
             )
+        try:
+            question.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidQuestionError(
+                f"the question holds a lone surrogate {question[exc.start]!r} at offset "
+                f"{exc.start}, which is not Unicode text; decode the original bytes with "
+                "errors='replace'"
+            ) from exc
         policy = policy or self.policy
         sampling = sampling or self.sampling
         if not isinstance(policy, Policy):
@@ -151,6 +161,7 @@ class Citeformer:
             n_sources=n,
             policy=policy,
             scorer=self.scorer(normalized) if self.scorer is not None else None,
+            question=question,
         )
         return GenerationRequest(
             messages=build_messages(question, normalized, policy, demo=self.demo),
@@ -342,37 +353,18 @@ class Citeformer:
 
 
 def _normalize_sources(sources: Sequence[Source | str]) -> tuple[Source, ...]:
+    """The sources as ``Source``s with their ids filled in, checked by :func:`check_sources`."""
     if isinstance(sources, str | Source):
         raise InvalidSourcesError("sources must be a list of Source (or str), not a single item")
-    items = list(sources)
-    if not items:
-        raise InvalidSourcesError("no sources given; pass at least one Source to cite")
-    if len(items) > MAX_SOURCES:
-        raise InvalidSourcesError(
-            f"{len(items)} sources given but at most {MAX_SOURCES} are supported; "
-            "retrieve fewer passages"
-        )
-    normalized: list[Source] = []
-    seen: dict[str, int] = {}
+    items: list[object] = list(sources)
     for number, item in enumerate(items, start=1):
         if isinstance(item, str):
-            item = Source(text=item)
-        elif not isinstance(item, Source):
-            raise ConfigurationError(
-                f"source {number} is a {type(item).__name__}; pass Source(text=...) or a str"
-            )
-        if not item.text.strip():
-            raise InvalidSourcesError(
-                f"source {number} (id {item.id!r}) has empty text; drop it or fill it"
-            )
-        source_id = item.id if item.id is not None else str(number)
-        if source_id in seen:
-            raise InvalidSourcesError(
-                f"sources {seen[source_id]} and {number} share the id {source_id!r}; "
-                "ids must be unique"
-            )
-        seen[source_id] = number
-        normalized.append(
-            item if item.id == source_id else item.model_copy(update={"id": source_id})
-        )
-    return tuple(normalized)
+            try:
+                items[number - 1] = Source(text=item)
+            except InvalidSourcesError as exc:
+                raise InvalidSourcesError(f"source {number}: {exc}") from exc
+    check_sources(items)
+    return tuple(
+        item if item.id is not None else item.model_copy(update={"id": str(number)})
+        for number, item in enumerate(cast(list[Source], items), start=1)
+    )

@@ -30,7 +30,7 @@ import dataclasses
 import itertools
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
@@ -41,7 +41,6 @@ from citebacktrack.syntax import (
     CLOSERS,
     TERMINATORS,
     leading_space,
-    quotable_sentence,
     split_sentences,
     strip_markers,
 )
@@ -249,7 +248,7 @@ class SegmentLoop:
             return None
         remaining = self.budgets.max_new_tokens - self._totals.kept
         if remaining <= 0:
-            self._stop = StopReason.MAX_NEW_TOKENS
+            self._out_of_tokens()
             return None
         prefix = self._draft.decode("utf-8", "replace")
         temperature, seed = self.options.temperature, self.options.seed
@@ -308,7 +307,7 @@ class SegmentLoop:
         if result.finish == "end" or (result.finish == "stop" and not closed):
             self._stop = StopReason.END
         elif result.finish == "length":
-            self._stop = StopReason.MAX_NEW_TOKENS
+            self._out_of_tokens()
         if revised is not None and not self._accepted and self.policy.mode is CitationMode.REQUIRED:
             # Nothing in the one-call answer survived: the policy's fallback, as when the
             # token-level decoder finds no supported sentence.
@@ -415,7 +414,7 @@ class SegmentLoop:
             events.append(Rollback(depth=result.completion_tokens, reason="sentence regenerated"))
             return False
         events.append(Rollback(depth=result.completion_tokens, reason="no supported id"))
-        self._give_up_sentence(marker, claim, events)
+        self._give_up_sentence(marker.sentence_start, marker.start, claim)
         return False
 
     def _supported_before(self, marker: ClosedMarker) -> bool:
@@ -476,12 +475,33 @@ class SegmentLoop:
             self._stop = StopReason.ROLLED_BACK_TOKEN_BUDGET
         return self._stop is not None
 
-    def _give_up_sentence(self, marker: ClosedMarker, claim: str, events: list[Event]) -> None:
+    def _out_of_tokens(self) -> None:
+        """The token budget ran out: as in the token-level decoder (``Decoder._out_of_tokens``),
+        a sentence still waiting for its citation under REQUIRED is judged as it stands,
+        and when no source would support it the answer ends as for a sentence no citation
+        can be found for, not with ``max_new_tokens``."""
+        self._stop = StopReason.MAX_NEW_TOKENS
+        state = self._state
+        if (
+            not self.constrained
+            or self.policy.mode is not CitationMode.REQUIRED
+            or self.validator.scorer is None
+            or not (state.dangling or state.in_marker)
+        ):
+            return
+        sentence = state.sentence_start
+        end = state.marker_start if state.in_marker else len(self._draft)
+        claim = self._claim(sentence, end)
+        if self._supported_ids(claim, state.sentence_ids, self._bans.get(sentence, set())):
+            return
+        self._note(end, "the token budget ran out in an unsupported sentence")
+        self._give_up_sentence(sentence, end, claim)
+
+    def _give_up_sentence(self, sentence: int, marker_start: int, claim: str) -> None:
         """No source supports the sentence: drop it and apply the policy's fallback."""
-        sentence = marker.sentence_start
         self._note(sentence, "no valid citation for this sentence")
         if self.policy.mode is CitationMode.AUTO:
-            self._truncate(marker.start)  # drop the marker, keep the prose
+            self._truncate(marker_start)  # drop the marker, keep the prose
             self._stop = None
             return
         self._truncate(sentence)
@@ -497,13 +517,13 @@ class SegmentLoop:
             self._stop = StopReason.NO_SUPPORTED_ANSWER
 
     def _quote(self, claim: str) -> bool:
-        """Write the best-supported source's evidence sentence with its citation."""
-        best = self.validator.best_sources(claim)
-        if not best or best[0][1] <= 0.0:
+        """Write the evidence sentence the validator picks (relevant to the question)
+        with its citation."""
+        picked = self.validator.quote(claim)
+        if picked is None:
             return False
-        source = best[0][0]
-        text = quotable_sentence(self.validator.evidence(claim, source))
-        if not text or len(split_sentences(text + ".")) != 1:
+        source, text = picked
+        if len(split_sentences(text + ".")) != 1:
             return False
         lead = b"" if not self._draft or self._draft[-1:].isspace() else b" "
         piece = lead + f"{text} [{source}].".encode()
@@ -816,7 +836,9 @@ def run_segments(engine: SegmentEngine, request: GenerationRequest) -> Iterator[
     yield from loop.finish()
 
 
-async def arun_segments(engine: SegmentEngine, request: GenerationRequest) -> AsyncIterator[Event]:
+async def arun_segments(
+    engine: SegmentEngine, request: GenerationRequest
+) -> AsyncGenerator[Event, None]:
     """Drive a :class:`SegmentLoop` over ``engine`` with its native async client."""
     loop = _loop_for(engine, request)
     while (call := loop.next_call()) is not None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from citebacktrack.errors import ConfigurationError
 from citebacktrack.support import SetSupportScorer, SupportResult, SupportScorer
-from citebacktrack.syntax import strip_markers
+from citebacktrack.syntax import quotable_sentence, strip_markers
 from citebacktrack.types import Evidence, Policy, RejectionReason
 
 __all__ = ["CitationValidator", "Verdict", "strip_markers"]
@@ -83,6 +83,7 @@ class CitationValidator:
         scorer: SupportScorer | None,
         min_gain: float = 0.1,
         partial_support: float = 0.25,
+        question: str | None = None,
     ) -> None:
         for name, value in (("min_gain", min_gain), ("partial_support", partial_support)):
             if not 0.0 <= value <= 1.0:
@@ -92,6 +93,8 @@ class CitationValidator:
         self.scorer = scorer
         self.min_gain = min_gain
         self.partial_support = partial_support
+        self.question = question
+        """The question the answer is for: what a quote must be relevant to."""
 
     def forbidden_ids(
         self, sentence_ids: Collection[int], banned: Collection[int]
@@ -178,6 +181,28 @@ class CitationValidator:
         scored = [(i, self.scorer.score(claim, i).score) for i in range(1, self.n_sources + 1)]
         scored.sort(key=lambda pair: (-pair[1], pair[0]))
         return scored[:count]
+
+    def quote(self, claim: str) -> tuple[int, str] | None:
+        """What to quote when no sentence of the answer could be supported (the quote
+        fallback of every backend): ``(source, sentence)``, or None to abstain.
+
+        With the question known, the quote is the sentence of the source that covers the
+        question best, and only if that source supports the question as it would a claim
+        (the scorer's own threshold): a source unrelated to the question is never quoted.
+        Without it, the sentence of the source that best supports ``claim``.
+        """
+        if self.scorer is None:
+            return None
+        query = self.question if self.question is not None else claim
+        best = self.best_sources(query)
+        if not best or best[0][1] <= 0.0:
+            return None
+        source = best[0][0]
+        result = self.scorer.score(query, source)
+        if self.question is not None and not result.is_supported:
+            return None
+        text = quotable_sentence(result.evidence)
+        return (source, text) if text else None
 
     def evidence(self, claim: str, source_index: int) -> str:
         """The passage of ``source_index`` that best supports ``claim`` ("" if unknown)."""

@@ -44,7 +44,7 @@ from citebacktrack.decoding.runtime import Logits, TokenRuntime
 from citebacktrack.decoding.sampling import SamplingConfig, propose, sample, sample_masked
 from citebacktrack.decoding.tracker import ClosedMarker, TextState, advance
 from citebacktrack.decoding.vocab_index import VocabularyIndex
-from citebacktrack.syntax import leading_space, quotable_sentence
+from citebacktrack.syntax import leading_space
 from citebacktrack.types import (
     Citation,
     CitationAccepted,
@@ -189,7 +189,7 @@ class Decoder:
                 run.stop = StopReason.WALL_TIME
                 break
             if len(run.steps) >= self.budgets.max_new_tokens:
-                run.stop = StopReason.MAX_NEW_TOKENS
+                self._out_of_tokens(run, prompt_len)
                 break
             yield from self._step(run, prompt_len)
         yield from self._release(run, final=True)
@@ -331,7 +331,7 @@ class Decoder:
                         if not (new_sentence or (pending == 1 and index.space_first[token])):
                             return False
                 room = self._ramble_room(run)
-                reach = int(index.open_pos[token]) if opens else int(index.lengths[token])
+                reach = int(index.open_chars[token]) if opens else int(index.chars[token])
                 if room is not None and reach > room:
                     return False  # past the bound: the fallbacks need the whole mask
         return self.matcher.accept_token(token)
@@ -408,8 +408,8 @@ class Decoder:
         return last.marker.end == state.length and not last.verdict.is_complete
 
     def _ramble_room(self, run: _Run) -> int | None:
-        """Bytes of prose left before ``max_uncited_chars``, or None while no token is long
-        enough to reach the bound."""
+        """Characters (code points) of prose left before ``max_uncited_chars``, or None
+        while no token is long enough to reach the bound."""
         room = max(0, self.policy.max_uncited_chars - run.state.uncited_run)
         return room if room < self.index.max_length else None
 
@@ -482,13 +482,13 @@ class Decoder:
         Where the bound falls inside a construct the grammar will not let ``[`` interrupt
         (an ellipsis, ``e.g.``, a decimal point, a URL), the construct is finished first,
         by the shortest tokens that can (see ``VocabularyIndex.closing``): the bound may be
-        overshot by those few bytes, but never becomes a dead end.
+        overshot by those few characters, but never becomes a dead end.
         """
         room = self._ramble_room(run)
         if room is None:
             return
-        lengths, open_pos = self.index.lengths, self.index.open_pos
-        within = ~np.where(open_pos >= 0, open_pos > room, lengths > room)
+        chars, open_chars = self.index.chars, self.index.open_chars
+        within = ~np.where(open_chars >= 0, open_chars > room, chars > room)
         if (allowed & within).any():
             allowed &= within
             return
@@ -637,6 +637,45 @@ class Decoder:
             self._note(run, "fallback", marker_token, "dropped marker: no valid citation")
             yield from self._rollback(run, marker_token, prompt_len, "drop marker")
             return
+        self._give_up(run, state, prompt_len)
+
+    def _out_of_tokens(self, run: _Run, prompt_len: int) -> None:
+        """The token budget ran out. Under REQUIRED a sentence still waiting for its
+        citation is judged as it stands, as if its marker were due now: when no source
+        would support it, it ends the way a sentence no citation can be found for ends
+        (:meth:`_give_up`: the quote, ``no_supported_answer``, or ``no_valid_citation``
+        after supported sentences), so the stop reason names the cause rather than the
+        budget. It stays ``max_new_tokens`` when some source would support the sentence
+        (the budget did cut it) or there is nothing to judge."""
+        run.stop = StopReason.MAX_NEW_TOKENS
+        state = run.state
+        if (
+            not self.constrained
+            or self.policy.mode is not CitationMode.REQUIRED
+            or self.validator.scorer is None
+            or not (state.dangling or state.in_marker)
+        ):
+            return
+        end = state.marker_start if state.in_marker else len(run.out)
+        claim = self._claim(run, state.sentence_start, end)
+        banned = run.bans.get(state.sentence_start, set())
+        for source_index in range(1, self._n_sources + 1):
+            if source_index in banned or source_index in state.sentence_ids:
+                continue
+            verdict = self.validator.check(
+                source_index=source_index, sentence_ids=state.sentence_ids, claim=claim
+            )
+            if verdict.is_accepted:
+                return
+        self._note(
+            run, "fallback", len(run.steps), "the token budget ran out in an unsupported sentence"
+        )
+        self._give_up(run, state, prompt_len)
+
+    def _give_up(self, run: _Run, state: TextState, prompt_len: int) -> None:
+        """End the answer before the sentence of ``state``, which no citation can be found
+        for: the policy's fallback for it, and the stop reason that says so."""
+        sentence, sentence_token = state.sentence_start, state.sentence_token
         end = state.marker_start if state.in_marker else len(run.out)
         claim = self._claim(run, sentence, max(sentence, end))
         self._note(run, "fallback", sentence_token, "no valid citation for this sentence")
@@ -655,24 +694,22 @@ class Decoder:
             run.stop = StopReason.NO_SUPPORTED_ANSWER
 
     def _quote(self, run: _Run, claim: str, prompt_len: int) -> bool:
-        """Write the evidence sentence of the source that best supports ``claim``, verbatim,
-        with its citation: a sentence constrained to what that source says. It goes
+        """Write the evidence sentence the validator picks (:meth:`CitationValidator.quote`:
+        relevant to the question), verbatim, with its citation: a sentence constrained to
+        what that source says. It goes
         through the grammar and the validator like any other; False if either refuses it
         (nothing is then changed)."""
-        best = self.validator.best_sources(claim)
-        score, source = (best[0][1], best[0][0]) if best else (0.0, 0)
-        if run.best_refused[0] > score:
-            score, source, claim = run.best_refused
-        if score <= 0.0:
+        if run.best_refused[0] > 0.0 and self.validator.question is None:
+            claim = run.best_refused[2]  # the refused claim that came closest
+        picked = self.validator.quote(claim)
+        if picked is None:
             return False
-        text = quotable_sentence(self.validator.evidence(claim, source))
-        if not text:
-            return False
+        source, text = picked
         lead = b"" if not run.out or run.out[-1:].isspace() else b" "
         tokens = self.index.encode(lead + text.encode("utf-8") + f" [{source}].".encode())
-        if tokens is None:
-            return False
         start = len(run.steps)
+        if tokens is None or start + len(tokens) > self.budgets.max_new_tokens:
+            return False  # not writable, or past the token budget
         for token in tokens:
             if not self.matcher.accept_token(token):
                 self._truncate_to(run, start, prompt_len)  # undoes the tokens taken so far
