@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -214,3 +215,35 @@ def test_an_unsupported_citation_is_rejected_and_resubmitted_through_the_server(
     rejected = [e for e in events if isinstance(e, CitationRejected)]
     assert all(e.source_index != 3 for e in rejected)
     assert answer.trace.forward_passes > len(answer.citations)
+
+
+def test_a_killed_caller_leaves_no_server_behind(tmp_path: Path) -> None:
+    """SIGKILL the process that started a LlamaCppServer: the server exits by itself."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "caller.py"
+    script.write_text(
+        "import os\n"
+        "from citebacktrack.backends.llamacpp_server import LlamaCppServer\n"
+        "server = LlamaCppServer(n_ctx=512)\n"
+        "print(server.process.pid, flush=True)\n"
+        "os.kill(os.getpid(), 9)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    pid = int(done.stdout.split()[0])
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.25)
+    os.kill(pid, signal.SIGKILL)
+    pytest.fail("the server outlived its killed caller")

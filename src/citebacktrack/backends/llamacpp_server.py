@@ -44,6 +44,23 @@ def _free_port() -> int:
         return port
 
 
+# Runs llama_cpp.server with a watchdog thread that exits when the parent goes away (its
+# parent pid changes), so a killed caller (SIGKILL, an interrupted benchmark) never leaves
+# a server behind. Thread-safe, unlike a preexec_fn, and independent of which thread of
+# the caller started it.
+_GUARDED = (
+    "import os, runpy, sys, threading, time\n"
+    "parent = int(sys.argv.pop(1))\n"
+    "def watch():\n"
+    "    while os.getppid() == parent:\n"
+    "        time.sleep(0.5)\n"
+    "    os._exit(0)\n"
+    "threading.Thread(target=watch, daemon=True).start()\n"
+    "sys.argv[0] = 'llama_cpp.server'\n"
+    "runpy.run_module('llama_cpp.server', run_name='__main__', alter_sys=True)\n"
+)
+
+
 class LlamaCppServer:
     """A ``llama_cpp.server`` process on 127.0.0.1, started on construction.
 
@@ -86,8 +103,9 @@ class LlamaCppServer:
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         command = [
             sys.executable,
-            "-m",
-            "llama_cpp.server",
+            "-c",
+            _GUARDED,
+            str(os.getpid()),
             "--model",
             str(self.model),
             "--host",
@@ -104,7 +122,9 @@ class LlamaCppServer:
         self.log = Path(self._log_dir.name) / "server.log"
         with self.log.open("wb") as sink:
             self.process = subprocess.Popen(  # noqa: S603 - our command, this Python
-                command, stdout=sink, stderr=subprocess.STDOUT
+                command,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
             )
         try:
             self._wait_until_up(startup_timeout)
