@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -198,7 +199,9 @@ def main() -> None:
         ("full regeneration of the answer", full, full_tokens),
         ("any other segment", segs, [r.completion_tokens for r in rows if r.kind == "segment"]),
     ):
-        p90 = f"{sorted(values)[int(0.9 * (len(values) - 1))] * 1000:.0f}" if values else "–"
+        # Nearest rank: the smallest value with at least 90% of the values at or below it.
+        rank = max(1, math.ceil(0.9 * len(values)))
+        p90 = f"{sorted(values)[rank - 1] * 1000:.0f}" if values else "–"
         tok = f"{statistics.median(tokens):.0f}" if tokens else "–"
         print(f"| {name} | {len(values)} | {_median(values)} | {p90} | {tok} |")
     if resub and full:

@@ -98,10 +98,12 @@ def ask(
     from citebacktrack.retrieval import PassageIndex, load_passages, sample_docs_path
 
     console = Console(stderr=True)
+    skipped: list[tuple[Path, str]] = []
     try:
         folder = docs if docs is not None else sample_docs_path()
         with console.status("Indexing documents…"):
-            sources = PassageIndex(load_passages(folder)).search(question, k)
+            passages = load_passages(folder, on_skip=lambda path, why: skipped.append((path, why)))
+            sources = PassageIndex(passages).search(question, k)
         with console.status(f"Loading the model ({backend.value})…"):
             engine = _build_backend(backend, model)
         with engine:  # frees the model as soon as the answer is built
@@ -115,6 +117,9 @@ def ask(
                 answer = cf.generate(question, sources)
     except (CitebacktrackError, ValueError) as exc:
         _fail(exc)
+    finally:
+        for path, why in skipped:
+            console.print(f"[yellow]note:[/] skipped {escape(str(path))}: {escape(why)}")
     if as_json:
         payload = {
             "answer": answer.model_dump(mode="json"),

@@ -4,7 +4,7 @@ Every error the library raises on purpose derives from :class:`CitebacktrackErro
 
     CitebacktrackError
     ├── ConfigurationError            a value passed to us is unusable (and says which)
-    │   ├── InvalidSourcesError       no sources, duplicate ids, empty text, too many
+    │   ├── InvalidSourcesError       no sources, duplicate ids, empty text, too many, bad field
     │   ├── InvalidQuestionError      empty or whitespace-only question
     │   ├── GrammarError              an IR that cannot be emitted in a dialect
     │   └── DatasetError              an evaluation dataset is missing, not JSON or malformed
@@ -47,7 +47,8 @@ class ConfigurationError(CitebacktrackError, ValueError):
 
 
 class InvalidSourcesError(ConfigurationError):
-    """The list of sources is empty, has duplicate ids, empty texts, or is too long."""
+    """The list of sources is empty, has duplicate ids, empty texts, or is too long, or a
+    ``Source`` cannot be built from a field's value (named in the message)."""
 
 
 class InvalidQuestionError(ConfigurationError):

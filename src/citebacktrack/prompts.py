@@ -4,6 +4,15 @@ Documents are shown ALCE-style (``Document [1](Title: ...): text``). Square brac
 inside a source's text are shown to the model as parentheses, so a source that itself
 contains ``[3]`` cannot teach the model a marker it did not earn; the source's own text
 (used for support checks) is unchanged.
+
+Sources and the question are data, never markup: every ``<`` in them is shown as ``‹``
+(U+2039). Chat templates are rendered and tokenized with their special tokens parsed
+(llama.cpp, transformers and chat servers all do), and those tokens are spelled with
+``<`` (``<|im_end|>``, ``<|eot_id|>``, ``</s>``, ``<start_of_turn>``) or ``[``
+(``[INST]``), so no source or question can close its turn and open a fake system or
+assistant turn. Values are inserted with plain string formatting: ``{}``, ``%s`` or
+``{{ x }}`` in a source reach the model as written and are never evaluated (the
+template sees them as one variable's value).
 """
 
 from __future__ import annotations
@@ -16,7 +25,10 @@ from citebacktrack.types import CitationMode, Policy, Source
 
 __all__ = ["DEFAULT_DEMO", "Demo", "build_messages", "format_sources", "instruction"]
 
-_BRACKETS = str.maketrans({"[": "(", "]": ")"})
+_MARKUP = {"<": "\u2039"}
+"""Characters that spell chat-template control tokens, and how they are shown instead."""
+_DATA = str.maketrans(_MARKUP)
+_BRACKETS = str.maketrans({"[": "(", "]": ")", **_MARKUP})
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +94,8 @@ def instruction(policy: Policy) -> str:
 
 
 def format_sources(sources: Sequence[Source]) -> str:
-    """Number the sources for the prompt (brackets in their text shown as parentheses)."""
+    """Number the sources for the prompt (brackets in their text shown as parentheses,
+    ``<`` as ``‹``)."""
     lines = []
     for number, source in enumerate(sources, start=1):
         title = source.title.translate(_BRACKETS).strip() or "untitled"
@@ -92,7 +105,7 @@ def format_sources(sources: Sequence[Source]) -> str:
 
 
 def _user_turn(question: str, sources: Sequence[Source]) -> str:
-    return f"{format_sources(sources)}\n\nQuestion: {question.strip()}"
+    return f"{format_sources(sources)}\n\nQuestion: {question.strip().translate(_DATA)}"
 
 
 def build_messages(

@@ -25,14 +25,51 @@ from typing import TYPE_CHECKING
 from citebacktrack.decoding.budgets import Budgets
 from citebacktrack.decoding.operators import Operator
 from citebacktrack.decoding.sampling import SamplingConfig
-from citebacktrack.errors import ConfigurationError
+from citebacktrack.errors import ConfigurationError, InvalidSourcesError
+from citebacktrack.grammar.citations import MAX_SOURCES
 from citebacktrack.types import ChatMessage, Policy, Source
 
 if TYPE_CHECKING:
     from citebacktrack.grammar.ir import Grammar
     from citebacktrack.validation import CitationValidator
 
-__all__ = ["DecodingOptions", "GenerationRequest", "SegmentOptions"]
+__all__ = ["DecodingOptions", "GenerationRequest", "SegmentOptions", "check_sources"]
+
+
+def check_sources(sources: Sequence[object]) -> None:
+    """The one rule for the sources of a request, however it was built: at least one and
+    at most :data:`~citebacktrack.grammar.MAX_SOURCES`, each a :class:`Source` with text
+    that is not blank, and no two with the same id (a source without one is named by its
+    1-based position, so ``Source(id="2")`` and an id-less second source collide).
+
+    Raises:
+        InvalidSourcesError: the first rule broken, with the source's number and what to do.
+    """
+    if not sources:
+        raise InvalidSourcesError("no sources given; pass at least one Source to cite")
+    if len(sources) > MAX_SOURCES:
+        raise InvalidSourcesError(
+            f"{len(sources)} sources given but at most {MAX_SOURCES} are supported; "
+            f"retrieve fewer passages (e.g. the best {MAX_SOURCES} by score)"
+        )
+    seen: dict[str, int] = {}
+    for number, source in enumerate(sources, start=1):
+        if not isinstance(source, Source):
+            raise InvalidSourcesError(
+                f"source {number} is of type {type(source).__name__}, not Source; "
+                "pass Source(text=...) (or, to Citeformer, a str)"
+            )
+        if not source.text.strip():
+            raise InvalidSourcesError(
+                f"source {number} (id {source.id!r}) has empty text; drop it or fill it"
+            )
+        source_id = source.id if source.id is not None else str(number)
+        if source_id in seen:
+            raise InvalidSourcesError(
+                f"sources {seen[source_id]} and {number} share the id {source_id!r}; "
+                "ids must be unique"
+            )
+        seen[source_id] = number
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -116,8 +153,10 @@ class GenerationRequest:
             request was built from messages only.
 
     Raises:
-        ConfigurationError: no messages or no sources, or a validator built for another
-            number of sources.
+        ConfigurationError: no messages, or a validator built for another number of
+            sources.
+        InvalidSourcesError: sources that break :func:`check_sources` (the same checks
+            ``Citeformer.build_request`` makes).
     """
 
     messages: Sequence[ChatMessage]
@@ -135,8 +174,7 @@ class GenerationRequest:
         object.__setattr__(self, "sources", tuple(self.sources))
         if not self.messages:
             raise ConfigurationError("a request needs at least one chat message")
-        if not self.sources:
-            raise ConfigurationError("a request needs at least one source to cite")
+        check_sources(self.sources)
         validator = self.validator
         if validator is not None and validator.n_sources != len(self.sources):
             raise ConfigurationError(

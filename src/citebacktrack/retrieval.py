@@ -5,12 +5,19 @@ paragraphs (long paragraphs are split at sentence ends, by
 :func:`citebacktrack.syntax.split_sentences`) of about ``passage_words`` words;
 each passage becomes a :class:`~citebacktrack.types.Source` whose id is
 ``"<file>#<n>"``. Scoring uses the maintained ``bm25s`` library.
+
+The folder's files are data, read only from inside it: a file (or a link) whose real
+path is outside the folder is not read, nor is a file over :data:`MAX_DOCUMENT_BYTES`
+(its size is read from the file system first, so a huge or sparse file costs nothing),
+a binary file (one holding a NUL byte) or one that cannot be read. Each is skipped with
+a reason (``load_passages(..., on_skip=...)``; the CLI prints them as notes). Bytes that
+are not UTF-8 are read as U+FFFD.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -19,9 +26,20 @@ from citebacktrack.errors import ConfigurationError, MissingDependencyError
 from citebacktrack.syntax import split_sentences
 from citebacktrack.types import Source
 
-__all__ = ["Passage", "PassageIndex", "chunk_text", "load_passages", "sample_docs_path"]
+__all__ = [
+    "MAX_DOCUMENT_BYTES",
+    "Passage",
+    "PassageIndex",
+    "chunk_text",
+    "load_passages",
+    "sample_docs_path",
+]
 
 SUFFIXES = frozenset({".txt", ".md", ".markdown", ".rst"})
+
+MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
+"""Largest document read (16 MiB, about 2.5 million words); a larger file is skipped:
+split it into smaller files."""
 
 
 def sample_docs_path() -> Path:
@@ -82,8 +100,40 @@ def _title(path: Path, text: str) -> str:
     return path.stem.replace("_", " ").replace("-", " ").strip()
 
 
-def load_passages(folder: Path, *, passage_words: int = 80) -> list[Passage]:
+def _read(path: Path, root: Path) -> str:
+    """The text of the document at ``path``; raises ``_SkippedError`` saying why it is not read."""
+    real = path.resolve()
+    if not real.is_relative_to(root):
+        raise _SkippedError(f"it links to {str(real)!r}, outside the folder; not followed")
+    try:
+        size = real.stat().st_size
+        if size > MAX_DOCUMENT_BYTES:
+            raise _SkippedError(
+                f"it is {size:,} bytes, over the {MAX_DOCUMENT_BYTES:,}-byte limit; "
+                "split it into smaller files"
+            )
+        data = real.read_bytes()
+    except OSError as exc:
+        raise _SkippedError(f"it cannot be read ({exc.strerror or exc})") from exc
+    if b"\x00" in data:
+        raise _SkippedError("it is a binary file (it holds NUL bytes), not text")
+    return data.decode("utf-8", errors="replace")
+
+
+class _SkippedError(Exception):
+    """A document that is not read; the message says why."""
+
+
+def load_passages(
+    folder: Path,
+    *,
+    passage_words: int = 80,
+    on_skip: Callable[[Path, str], None] | None = None,
+) -> list[Passage]:
     """Read every document under ``folder`` (recursively) and chunk it.
+
+    Files outside the folder (through a link), over :data:`MAX_DOCUMENT_BYTES`, binary
+    or unreadable are skipped; ``on_skip(path, reason)`` is called for each.
 
     Raises:
         ConfigurationError: the folder does not exist or holds no readable document.
@@ -92,11 +142,17 @@ def load_passages(folder: Path, *, passage_words: int = 80) -> list[Passage]:
         raise ConfigurationError(
             f"--docs {str(folder)!r} is not a folder; pass a folder of .txt/.md files"
         )
+    root = folder.resolve()
     passages: list[Passage] = []
     for path in sorted(
         p for p in folder.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file()
     ):
-        text = path.read_text(encoding="utf-8", errors="replace")
+        try:
+            text = _read(path, root)
+        except _SkippedError as skipped:
+            if on_skip is not None:
+                on_skip(path, str(skipped))
+            continue
         title = _title(path, text)
         for number, chunk in enumerate(chunk_text(text, passage_words=passage_words), start=1):
             passages.append(Passage(path=path, number=number, title=title, text=chunk))

@@ -34,12 +34,19 @@ from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
+from citebacktrack.decoding.trace_log import TraceLog
 from citebacktrack.decoding.tracker import ClosedMarker, TextState, advance
-from citebacktrack.grammar.citations import citation_grammar, continuation_grammar
+from citebacktrack.errors import BackendError, GrammarError
+from citebacktrack.grammar.citations import (
+    citation_grammar,
+    continuation_grammar,
+    is_answer_prefix,
+)
 from citebacktrack.grammar.ir import Grammar
 from citebacktrack.syntax import (
     CLOSERS,
     TERMINATORS,
+    cite_sentence,
     leading_space,
     split_sentences,
     strip_markers,
@@ -169,10 +176,13 @@ class _Totals:
     prompt_tokens: int = 0
     generated: int = 0
     kept: int = 0
+    spent: int = 0
+    """Tokens counted against ``max_new_tokens``: each kept segment at least one, so an
+    engine that reports no count (0) still runs out of budget."""
     wasted: int = 0
     backtracks: int = 0
     rejections: int = 0
-    entries: list[TraceEntry] = field(default_factory=list)
+    entries: TraceLog = field(default_factory=TraceLog)
 
 
 class SegmentLoop:
@@ -239,14 +249,19 @@ class SegmentLoop:
         return self._stop
 
     def next_call(self) -> SegmentCall | None:
-        """What to ask the engine next; ``None`` once the answer has ended."""
+        """What to ask the engine next; ``None`` once the answer has ended.
+
+        Raises:
+            BackendError: the answer so far has no continuation (the engine ran past the
+                ``]`` stop string, or wrote what its grammar refuses).
+        """
         if self._stop is not None:
             return None
         limit = self.budgets.max_wall_time_s
         if limit is not None and self._clock() - self._started > limit:
             self._stop = StopReason.WALL_TIME
             return None
-        remaining = self.budgets.max_new_tokens - self._totals.kept
+        remaining = self.budgets.max_new_tokens - self._totals.spent
         if remaining <= 0:
             self._out_of_tokens()
             return None
@@ -273,9 +288,23 @@ class SegmentLoop:
         )
 
     def feed(self, result: SegmentResult) -> list[Event]:
-        """Take the engine's segment; return the events it releases."""
+        """Take the engine's segment; return the events it releases.
+
+        Each kept segment counts as at least one token of ``max_new_tokens`` (an engine
+        that reports no count still runs out); negative counts are read as 0.
+
+        Raises:
+            BackendError: a continuing engine wrote what the grammar it was sent refuses
+                (its server does not enforce grammars or the ``]`` stop string).
+        """
         if self._stop is not None:
             raise RuntimeError("the segment loop has ended; call finish()")
+        if result.completion_tokens < 0 or result.prompt_tokens < 0:  # counts: 0 if unknown
+            result = dataclasses.replace(
+                result,
+                prompt_tokens=max(result.prompt_tokens, 0),
+                completion_tokens=max(result.completion_tokens, 0),
+            )
         totals = self._totals
         totals.calls += 1
         totals.prompt_tokens = max(totals.prompt_tokens, result.prompt_tokens)
@@ -296,6 +325,9 @@ class SegmentLoop:
             state, more = advance(state, b"]", totals.calls)  # the stop string itself
             piece += b"]"
             closed = (*closed, *more)
+        ends = result.finish == "end" or (result.finish == "stop" and not closed)
+        if self.constrained and self.continues_prefix:
+            self._check_grammatical(bytes(self._draft + piece), complete=ends)
         self._draft += piece
         self._state = state
         self._allowed = None
@@ -304,7 +336,8 @@ class SegmentLoop:
             if not self._check(marker, result, before, events, given):
                 return events
         totals.kept += result.completion_tokens
-        if result.finish == "end" or (result.finish == "stop" and not closed):
+        totals.spent += max(result.completion_tokens, 1)
+        if ends:
             self._stop = StopReason.END
         elif result.finish == "length":
             self._out_of_tokens()
@@ -328,15 +361,47 @@ class SegmentLoop:
 
     # ------------------------------------------------------------------ markers
 
+    def _check_grammatical(self, draft: bytes, *, complete: bool) -> None:
+        """Raise unless the grammar the engine was sent accepts ``draft`` (as a whole
+        answer when the engine ended it): a server that does not enforce the grammar
+        would otherwise slip ungrammatical markers (``["[3]``) and prose into the answer.
+
+        Raises:
+            BackendError: the grammar refuses the engine's text.
+        """
+        text = draft.decode("utf-8", "replace")
+        if not text.strip():
+            return  # nothing written (an empty answer: the model wrote nothing)
+        if is_answer_prefix(self.n_sources, self.policy, text, bounded=True, complete=complete):
+            return
+        what = "a whole answer" if complete else "the start of an answer"
+        raise BackendError(
+            f"the engine wrote an answer the citation grammar it was sent refuses as {what} "
+            f"(...{text[-40:]!r}); check that the server enforces grammars (and the stop "
+            "string ']')"
+        )
+
     def _grammar(self, prefix: str) -> Grammar | None:
+        """The grammar of what may follow ``prefix``.
+
+        Raises:
+            BackendError: the engine wrote text the citation grammar refuses (its server
+                does not enforce the grammar it is sent), so no continuation exists.
+        """
         if not self.constrained:
             return None
         policy = self.policy
         if not prefix.strip():
             return citation_grammar(self.n_sources, policy, bounded=True)
-        return continuation_grammar(
-            self.n_sources, policy, prefix, allowed_ids=self._allowed, bounded=True
-        )
+        try:
+            return continuation_grammar(
+                self.n_sources, policy, prefix, allowed_ids=self._allowed, bounded=True
+            )
+        except GrammarError as exc:
+            raise BackendError(
+                f"the engine wrote an answer the citation grammar it was sent refuses ({exc}); "
+                "check that the server enforces grammars (and the stop string ']')"
+            ) from exc
 
     def _claim(self, start: int, end: int) -> str:
         return strip_markers(self._draft[start:end].decode("utf-8", "replace")).strip()
@@ -611,7 +676,10 @@ class SegmentLoop:
         out: bytearray,
         events: list[Event],
     ) -> tuple[bytes, list[Evidence | None]]:
-        """One sentence ``data[a:b]`` revised: its kept markers where its last one was."""
+        """One sentence ``data[a:b]`` revised: its kept markers in one group, where its last
+        one was or, under REQUIRED, where the grammar ends a sentence with its group
+        (:func:`~citebacktrack.syntax.cite_sentence`). Every marker is judged on the claim
+        before that group, the claim ``feed`` checks it against in the revised text."""
         required = self.policy.mode is CitationMode.REQUIRED
         body = data[a:b]
         offset = len(out[leading_space(out) :].decode("utf-8", "replace")) if out else 0
@@ -619,14 +687,22 @@ class SegmentLoop:
             if required and any(c.isalnum() for c in body.decode("utf-8", "replace")):
                 self._note_at(offset, "a sentence without citations was dropped")
                 return b"", []
-            return body, []
+            return _prose(body), []
         last = group[-1][0]
         head = data[a : last.start]
-        claim = strip_markers(head.decode("utf-8", "replace")).strip()
+        # Under REQUIRED the group goes at the end (words after it would leave the sentence
+        # open, running it into the next one); elsewhere where the last marker was.
+        sentence = _prose(body).decode("utf-8", "replace")
+        core = sentence.strip()
+        if required:
+            placed = cite_sentence(core, "[0]")
+            claim = strip_markers(placed[: placed.rindex("[0]")]).strip()
+        else:
+            claim = _prose(head).decode("utf-8", "replace").strip()
         kept: list[tuple[int, Verdict, Evidence | None]] = []
         banned: set[int] = set()
         for marker, given in group:
-            said = strip_markers(data[a : marker.start].decode("utf-8", "replace")).strip()
+            said = claim  # every kept marker lands in the one group
             prior = tuple(i for i, _, _ in kept)
             if marker.source_index in prior:
                 continue
@@ -669,10 +745,14 @@ class SegmentLoop:
             if required:
                 self._note_at(offset, "no valid citation for this sentence: dropped")
                 return b"", []
-            return _without_markers(data[a:b]), []
-        tail = _without_markers(data[last.end : b])
-        marks = "".join(f"[{i}]" for i, _, _ in kept).encode()
-        text = _without_markers(head).rstrip() + b" " + marks + tail
+            return _prose(data[a:b]), []
+        marks = "".join(f"[{i}]" for i, _, _ in kept)
+        if required:
+            lead = sentence[: len(sentence) - len(sentence.lstrip())]
+            trail = sentence[len(sentence.rstrip()) :]
+            return (lead + cite_sentence(core, marks) + trail).encode(), [e for _, _, e in kept]
+        tail = _prose(data[last.end : b])
+        text = _prose(head).rstrip() + b" " + marks.encode() + tail
         return text, [e for _, _, e in kept]
 
     def _best_id(self, claim: str, prior: tuple[int, ...], banned: set[int]) -> int | None:
@@ -795,7 +875,8 @@ class SegmentLoop:
         totals = self._totals
         stop = self._stop or StopReason.END
         trace = Trace(
-            entries=tuple(totals.entries),
+            entries=totals.entries.entries(),
+            dropped_entries=totals.entries.dropped,
             backtracks=totals.backtracks,
             rejections=totals.rejections,
             tokens_wasted=totals.wasted,
@@ -817,8 +898,14 @@ def _final(finish: Literal["stop", "end", "length"]) -> Literal["end", "length"]
     return "length" if finish == "length" else "end"
 
 
-def _without_markers(data: bytes) -> bytes:
-    return _MARKER_BYTES.sub(b"", data)
+def _prose(data: bytes) -> bytes:
+    """``data`` without its ``[N]`` markers, any other square bracket written as a
+    parenthesis: prose holds no marker characters (the tracker would read ``[99.`` as
+    the start of a marker), as in the grammar."""
+    return _MARKER_BYTES.sub(b"", data).translate(_PARENTHESES)
+
+
+_PARENTHESES = bytes.maketrans(b"[]", b"()")
 
 
 _MARKER_BYTES = re.compile(rb"\s*\[[0-9]*\]")

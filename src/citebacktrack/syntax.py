@@ -35,6 +35,7 @@ __all__ = [
     "SENTENCE_END_RE",
     "TERMINATORS",
     "WHITESPACE",
+    "cite_sentence",
     "leading_space",
     "period_is_absorbed",
     "quotable_sentence",
@@ -160,6 +161,24 @@ def split_sentences(text: str) -> list[str]:
     states the rules; each is stripped of surrounding whitespace and none is empty.
     """
     return [text[start:end] for start, end in sentence_spans(text)]
+
+
+def cite_sentence(sentence: str, markers: str) -> str:
+    """One sentence (no markers, no surrounding whitespace) with ``markers`` placed where
+    the citation grammar puts a sentence's group: before its final terminator
+    (``completed in 1889 [1].``), after it when closing quotes follow it (``he said
+    "no." [1]``) or the period belongs to an abbreviation (``in the U.S. [1].``); a
+    sentence without a terminator gets a period."""
+    body = sentence.rstrip(CLOSERS)
+    ends = body[-1:] in tuple(TERMINATORS) and not period_is_absorbed(body.encode())
+    if not ends:
+        return f"{sentence} {markers}." if markers else f"{sentence}."
+    if not markers:
+        return sentence
+    if body != sentence:  # closers after the terminator: the group follows them
+        return f"{sentence} {markers}"
+    stem = body.rstrip(TERMINATORS).rstrip()
+    return f"{stem} {markers}{body[-1]}"
 
 
 def strip_markers(text: str) -> str:

@@ -9,11 +9,21 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import ErrorDetails
 
-from citebacktrack.errors import InvalidSourcesError
+from citebacktrack.errors import ConfigurationError, InvalidSourcesError
 
 __all__ = [
     "Answer",
@@ -41,6 +51,50 @@ __all__ = [
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
 
+class _Input(BaseModel):
+    """A value the caller builds (``Source``, ``Policy``): a value it cannot be built from
+    raises this library's typed error (``_error``), naming the field, what was wrong with
+    it and ``_hint``, instead of pydantic's ``ValidationError`` (``raise ... from`` keeps
+    pydantic's report). Only ``Model(...)`` maps; ``model_validate`` is pydantic's own."""
+
+    _error: ClassVar[type[ConfigurationError]] = ConfigurationError
+    _hint: ClassVar[str] = ""
+
+    def __init__(self, /, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            problems = "; ".join(_problem(error) for error in exc.errors()[:3])
+            raise self._error(f"invalid {type(self).__name__}: {problems}; {self._hint}") from exc
+
+
+def _problem(error: ErrorDetails) -> str:
+    """One pydantic error as ``field: what is wrong (got value)``."""
+    where = ".".join(str(part) for part in error["loc"]) or "value"
+    cause = error.get("ctx", {}).get("error")
+    what = str(cause) if error["type"] == "value_error" and cause else error["msg"]
+    return f"{where}: {what[:1].lower()}{what[1:]} (got {_short(error.get('input'))})"
+
+
+def _short(value: object) -> str:
+    """``repr(value)``, cut to a length an error message can carry."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
+def _encodable(value: str | None) -> str | None:
+    """``value`` unchanged if it is text UTF-8 can carry (every prompt is sent as UTF-8)."""
+    if value is not None:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"it holds a lone surrogate {value[exc.start]!r} at offset {exc.start}, which "
+                "is not Unicode text; decode the original bytes with errors='replace'"
+            ) from None
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class ChatMessage:
     """One chat turn of a prompt."""
@@ -49,14 +103,22 @@ class ChatMessage:
     content: str
 
 
-class Source(BaseModel):
+class Source(_Input):
     """One numbered document the answer may cite.
 
     Build one directly, or from a retriever's result with :meth:`from_langchain` or
-    :meth:`from_llamaindex`.
+    :meth:`from_llamaindex`. A field it cannot be built from (text that is not a string
+    or is not valid Unicode, an empty id, metadata that is not a mapping of JSON values,
+    an unknown field) raises :class:`~citebacktrack.errors.InvalidSourcesError` naming
+    the field.
     """
 
     model_config = _FROZEN
+    _error = InvalidSourcesError
+    _hint = (
+        "pass Source(text=str) and optionally id (a non-empty str), title (str), url (str), "
+        "metadata (a dict of JSON values: convert dates to ISO strings) and score (a number)"
+    )
 
     text: str = Field(
         description="The passage text the model reads and citations are checked against."
@@ -76,6 +138,13 @@ class Source(BaseModel):
         description="The retriever's relevance score, if any; copied to the Reference. "
         "Never used to judge support.",
     )
+
+    @field_validator("text", "id", "title", "url")
+    @classmethod
+    def _check_text(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if info.field_name == "id" and value is not None and not value.strip():
+            raise ValueError("an id must be a non-empty string, or None for the source's position")
+        return _encodable(value)
 
     @classmethod
     def from_langchain(cls, document: object, *, score: float | None = None) -> Source:
@@ -223,10 +292,18 @@ class MarkerStyle(StrEnum):
     """``[N]``; several sources are written ``[1][2]``, never ``[1, 2]`` or ranges."""
 
 
-class Policy(BaseModel):
-    """What counts as a well-cited answer. The grammar and the validator both follow it."""
+class Policy(_Input):
+    """What counts as a well-cited answer. The grammar and the validator both follow it.
+
+    A value out of range or of the wrong type raises
+    :class:`~citebacktrack.errors.ConfigurationError` naming the field.
+    """
 
     model_config = _FROZEN
+    _hint = (
+        "mode is one of 'required', 'auto', 'quotes_only'; max_citations_per_sentence "
+        "1..10; fallback 'quote' or 'abstain'; max_uncited_chars 20..2000"
+    )
 
     mode: CitationMode = Field(default=CitationMode.REQUIRED, description="When citations are due.")
     max_citations_per_sentence: int = Field(
@@ -253,7 +330,8 @@ class Policy(BaseModel):
         ge=20,
         le=2000,
         description=(
-            "Under REQUIRED, the most UTF-8 bytes of prose since the last citation (or the start) "
+            "Under REQUIRED, the most characters (Unicode code points, as the grammar counts "
+            "them) of prose since the last citation (or the start) "
             "before the next token must open a citation (overshot only by what it takes to "
             "finish an ellipsis, abbreviation, decimal or URL in progress); stops a model "
             "rambling uncited. "
@@ -405,11 +483,25 @@ class TraceEntry(BaseModel):
 
 
 class Trace(BaseModel):
-    """Everything the decoder did besides emitting kept tokens."""
+    """Everything the decoder did besides emitting kept tokens.
+
+    ``entries`` holds at most :attr:`MAX_ENTRIES`: a decode with more (tens of thousands
+    of rollbacks under large budgets) keeps the first and the last half of that many and
+    counts the others in ``dropped_entries``, so its memory does not grow with every
+    rollback; the counts (``backtracks``, ``rejections``, ...) always count everything.
+    """
 
     model_config = _FROZEN
 
+    MAX_ENTRIES: ClassVar[int] = 1000
+    """Most entries one trace keeps (the first and the last half of them)."""
+
     entries: tuple[TraceEntry, ...] = Field(default=(), description="Events in order.")
+    dropped_entries: int = Field(
+        default=0,
+        description="Entries left out between the first and the last "
+        "``MAX_ENTRIES // 2`` (0 unless the trace outgrew ``MAX_ENTRIES``).",
+    )
     backtracks: int = Field(default=0, description="Rollbacks performed.")
     rejections: int = Field(default=0, description="Citations rejected by the validator.")
     tokens_wasted: int = Field(default=0, description="Generated tokens discarded by rollbacks.")

@@ -43,6 +43,7 @@ from pydantic import JsonValue
 from citebacktrack.backends.openai import (
     _cause,
     _excerpt,
+    _load_json,
     _redact,
     _status_message,
     _without_userinfo,
@@ -634,10 +635,7 @@ def _parse_message(payload: bytes) -> _Reply:
     Raises:
         BackendError: the body is not JSON or not a message.
     """
-    try:
-        data = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BackendError(f"a response that is not JSON: {_excerpt(payload)}") from exc
+    data = _load_json(payload, "a response")
     if not isinstance(data, dict):
         raise BackendError(f"a JSON {type(data).__name__} instead of a message object")
     if data.get("type") == "error" or "content" not in data:

@@ -10,8 +10,9 @@ override ``astream`` only; sync and async then still share the same state machin
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from typing import Self
 
 import anyio
@@ -25,8 +26,13 @@ from citebacktrack.types import Answer, ChatMessage, Event
 __all__ = ["Backend", "ChatMessage", "GenerationRequest", "iterate_in_thread"]
 
 
-async def iterate_in_thread(iterator: Iterator[Event]) -> AsyncIterator[Event]:
-    """Pull ``iterator`` one item per worker-thread hop, so the event loop never blocks."""
+async def iterate_in_thread(iterator: Iterator[Event]) -> AsyncGenerator[Event, None]:
+    """Pull ``iterator`` one item per worker-thread hop, so the event loop never blocks.
+
+    However it ends (exhausted, an error, cancelled, or closed with ``aclose()``) it closes
+    ``iterator`` before it returns, so the stream's cleanup has run by then. A step in
+    flight when the caller is cancelled finishes first (a thread cannot be interrupted).
+    """
     try:
         while True:
             event = await anyio.to_thread.run_sync(next, iterator, None)
@@ -36,7 +42,10 @@ async def iterate_in_thread(iterator: Iterator[Event]) -> AsyncIterator[Event]:
     finally:
         close = getattr(iterator, "close", None)
         if close is not None:
-            await anyio.to_thread.run_sync(close)
+            # Shielded: in a cancelled scope an unshielded await would raise at once and
+            # leave the stream open (its cleanup deferred to the garbage collector).
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(close)
 
 
 class Backend(ABC):
@@ -73,8 +82,9 @@ class Backend(ABC):
 
     async def astream(self, request: GenerationRequest) -> AsyncIterator[Event]:
         """Async :meth:`stream`: drives the sync stream on a worker thread, event by event."""
-        async for event in iterate_in_thread(self.stream(request)):
-            yield event
+        async with contextlib.aclosing(iterate_in_thread(self.stream(request))) as events:
+            async for event in events:
+                yield event
 
     async def agenerate(self, request: GenerationRequest) -> Answer:
         """Async :meth:`generate`."""

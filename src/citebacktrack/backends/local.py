@@ -10,6 +10,7 @@ prefix's KV is computed once and kept, and the decoder needs no change.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 from abc import abstractmethod
@@ -290,13 +291,21 @@ class LocalBackend(Backend):
             self._lock.release()
 
     async def astream(self, request: GenerationRequest) -> AsyncIterator[Event]:
-        """Async :meth:`stream`; waits for the model in the event loop, not on a thread."""
+        """Async :meth:`stream`; waits for the model in the event loop, not on a thread.
+
+        Cancelled or closed early (``aclose()``, a client that went away), it waits for
+        the decode step in flight, closes the decode, and only then frees the model for
+        the next request.
+        """
         self._check_open()
         async with self._gate():
             await self._acquire_model()
             try:
-                async for event in iterate_in_thread(self._steps(request)):
-                    yield event
+                # Closed here, not by the garbage collector: the decode's cleanup runs
+                # before the next request can take the model.
+                async with contextlib.aclosing(iterate_in_thread(self._steps(request))) as events:
+                    async for event in events:
+                        yield event
             finally:
                 self._lock.release()
 

@@ -14,6 +14,7 @@ Use them in your own tests::
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -70,14 +71,16 @@ class FunctionBackend(Backend):
         yield from self._decode(request, script)
 
     async def astream(self, request: GenerationRequest) -> AsyncIterator[Event]:
-        if not self._is_async:
-            async for event in super().astream(request):
+        if self._is_async:
+            self.requests.append(request)
+            script = await cast(Callable[[GenerationRequest], Awaitable[str]], self._fn)(request)
+            decoded = self._decode(request, script)
+        else:
+            decoded = self.stream(request)
+        # Closed here when the caller stops early, not later by the garbage collector.
+        async with contextlib.aclosing(iterate_in_thread(decoded)) as events:
+            async for event in events:
                 yield event
-            return
-        self.requests.append(request)
-        script = await cast(Callable[[GenerationRequest], Awaitable[str]], self._fn)(request)
-        async for event in iterate_in_thread(self._decode(request, script)):
-            yield event
 
 
 class MockBackend(FunctionBackend):

@@ -36,6 +36,7 @@ import contextlib
 import functools
 import json
 import re
+import reprlib
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -380,10 +381,7 @@ def _parse_response(payload: bytes, *, endpoint: Endpoint, call: SegmentCall) ->
         BackendError: the body is not JSON, carries an error, or lacks choices, text or a
             known finish reason.
     """
-    try:
-        data = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BackendError(f"a response that is not JSON: {_excerpt(payload)}") from exc
+    data = _load_json(payload, "a response")
     if not isinstance(data, dict):
         raise BackendError(f"a JSON {type(data).__name__} instead of a completion object")
     choices = data.get("choices")
@@ -412,6 +410,19 @@ def _parse_response(payload: bytes, *, endpoint: Endpoint, call: SegmentCall) ->
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
     )
+
+
+def _load_json(payload: bytes | str, what: str) -> Any:
+    """``payload`` parsed as JSON, or a BackendError naming ``what`` it was.
+
+    Besides malformed JSON and bytes that are not UTF-8, Python's reader refuses an integer
+    of more than 4300 digits (``ValueError``) and nesting deeper than the interpreter's
+    recursion limit (``RecursionError``); a server's body is refused alike for all of them.
+    """
+    try:
+        return json.loads(payload)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise BackendError(f"{what} that is not JSON: {_excerpt(payload)}") from exc
 
 
 def _choice_text(choice: Mapping[str, Any], endpoint: Endpoint) -> str:
@@ -659,7 +670,10 @@ def _excerpt(value: object, limit: int = 200) -> str:
     elif isinstance(value, str):
         text = value
     else:
-        text = json.dumps(value, default=str)
+        try:
+            text = json.dumps(value, default=str)
+        except (ValueError, RecursionError):  # nested too deep to print (json.loads took it)
+            text = reprlib.repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
 
 

@@ -74,6 +74,7 @@ from citebacktrack.backends.openai import (
     _Clients,
     _excerpt,
     _import_openai,
+    _load_json,
     _redact,
     _usage,
     check_grammar_text,
@@ -82,11 +83,9 @@ from citebacktrack.errors import BackendError, ConfigurationError
 from citebacktrack.grammar.emit import Dialect, emit
 from citebacktrack.segments import SegmentCall, SegmentResult
 from citebacktrack.syntax import (
-    CLOSERS,
     MARKER_CLOSE,
     MARKER_OPEN,
-    TERMINATORS,
-    period_is_absorbed,
+    cite_sentence,
     split_sentences,
     strip_markers,
 )
@@ -221,22 +220,8 @@ def render_answer(sentences: Iterable[tuple[str, Sequence[int]]]) -> str:
     for text, ids in sentences:
         prose = " ".join(strip_markers(text).translate(_BRACKETS).split())
         markers = "".join(f"{MARKER_OPEN}{i}{MARKER_CLOSE}" for i in dict.fromkeys(ids))
-        parts.extend(_cite(sentence, markers) for sentence in split_sentences(prose))
+        parts.extend(cite_sentence(sentence, markers) for sentence in split_sentences(prose))
     return " ".join(parts)
-
-
-def _cite(sentence: str, markers: str) -> str:
-    """One sentence with its markers placed where the citation grammar puts them."""
-    body = sentence.rstrip(CLOSERS)
-    ends = body[-1:] in tuple(TERMINATORS) and not period_is_absorbed(body.encode())
-    if not ends:
-        return f"{sentence} {markers}." if markers else f"{sentence}."
-    if not markers:
-        return sentence
-    if body != sentence:  # closers after the terminator: the group follows them
-        return f"{sentence} {markers}"
-    stem = body.rstrip(TERMINATORS).rstrip()
-    return f"{stem} {markers}{body[-1]}"
 
 
 def _read_sentences(data: object) -> list[tuple[str, tuple[int, ...]]]:
@@ -272,7 +257,7 @@ def _complete_sentences(text: str) -> list[tuple[str, tuple[int, ...]]]:
             position += 1
         try:
             item, position = decoder.raw_decode(text, position)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # see _load_json
             break
         items.append(item)
     return _read_sentences({"sentences": items})
@@ -280,11 +265,11 @@ def _complete_sentences(text: str) -> list[tuple[str, tuple[int, ...]]]:
 
 def _parse_answer(text: str, *, cut: bool) -> list[tuple[str, tuple[int, ...]]]:
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
+        data = _load_json(text, "an answer")
+    except BackendError:
         if cut:
             return _complete_sentences(text)
-        raise BackendError(f"an answer that is not JSON: {_excerpt(text)}") from exc
+        raise
     return _read_sentences(data)
 
 
@@ -304,10 +289,7 @@ class _Reply:
 
 
 def _body(payload: bytes) -> dict[str, Any]:
-    try:
-        data = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BackendError(f"a response that is not JSON: {_excerpt(payload)}") from exc
+    data = _load_json(payload, "a response")
     if not isinstance(data, dict):
         raise BackendError(f"a JSON {type(data).__name__} instead of a response object")
     return data
@@ -394,7 +376,10 @@ def _read_chat(data: Mapping[str, Any]) -> _Reply:
         reply.texts.append(content)
     if isinstance(refusal, str):
         reply.refusals.append(refusal)
-    for tool_call in message.get("tool_calls") or ():
+    tool_calls = message.get("tool_calls") or []
+    if not isinstance(tool_calls, list):
+        raise BackendError(f"tool_calls that are not a list: {_excerpt(tool_calls)}")
+    for tool_call in tool_calls:
         custom = tool_call.get("custom") if isinstance(tool_call, dict) else None
         if not isinstance(custom, dict) or custom.get("name") != ANSWER_TOOL:
             continue

@@ -8,6 +8,7 @@ validator and rule as the token-level decoder and resubmits on rejection.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Iterator
 
 from citebacktrack.backends.base import Backend
@@ -48,8 +49,10 @@ class SegmentBackend(Backend):
     async def astream(self, request: GenerationRequest) -> AsyncIterator[Event]:
         """Answer ``request`` with the engine's native async calls."""
         self._check(request)
-        async for event in arun_segments(self.engine, request):
-            yield event
+        # Closed here when the caller stops early, not later by the garbage collector.
+        async with contextlib.aclosing(arun_segments(self.engine, request)) as events:
+            async for event in events:
+                yield event
 
     def close(self) -> None:
         """Close the engine if it has a ``close()`` (e.g. its HTTP clients)."""

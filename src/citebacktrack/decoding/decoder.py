@@ -42,6 +42,7 @@ from citebacktrack.decoding.matcher import TokenMatcher
 from citebacktrack.decoding.operators import Operator, StepStats, StepView
 from citebacktrack.decoding.runtime import Logits, TokenRuntime
 from citebacktrack.decoding.sampling import SamplingConfig, propose, sample, sample_masked
+from citebacktrack.decoding.trace_log import TraceLog
 from citebacktrack.decoding.tracker import ClosedMarker, TextState, advance
 from citebacktrack.decoding.vocab_index import VocabularyIndex
 from citebacktrack.syntax import leading_space
@@ -70,6 +71,10 @@ _MORE_BYTES = 8
 
 _RECENT_LOGITS = 2
 """Steps whose logits are kept besides checkpoints (covers rollback of the current token)."""
+
+_VERDICT_CLAIMS = 64
+"""Claims whose verdicts are cached: enough for every marker a sentence retries, and a
+decode that rolls back thousands of times does not keep the verdicts of each claim."""
 
 
 @dataclass(slots=True)
@@ -114,8 +119,9 @@ class _Run:
     """The best-supported claim refused so far: (score, source, claim), for the quote."""
     verdicts: dict[tuple[str, tuple[int, ...]], dict[int, Verdict]] = field(default_factory=dict)
     """The validator's verdict on every id for (claim, prior ids): the ids it would
-    refuse are masked before the id is sampled."""
-    trace: list[TraceEntry] = field(default_factory=list)
+    refuse are masked before the id is sampled. The last ``_VERDICT_CLAIMS`` claims used,
+    least recently used first (a retry at the same marker finds its claim here)."""
+    trace: TraceLog = field(default_factory=TraceLog)
     backtracks: int = 0
     rejections: int = 0
     wasted: int = 0
@@ -384,7 +390,7 @@ class Decoder:
         state = run.state
         claim = self._claim(run, state.sentence_start, state.marker_start)
         key = (claim, state.sentence_ids)
-        verdicts = run.verdicts.get(key)
+        verdicts = run.verdicts.pop(key, None)
         if verdicts is None:
             if self.validator.scorer is None:
                 verdicts = {}
@@ -396,7 +402,9 @@ class Decoder:
                     for i in range(1, self._n_sources + 1)
                     if i not in state.sentence_ids
                 }
-            run.verdicts[key] = verdicts
+            if len(run.verdicts) >= _VERDICT_CLAIMS:
+                del run.verdicts[next(iter(run.verdicts))]  # the least recently used
+        run.verdicts[key] = verdicts
         return verdicts
 
     def _needs_more(self, run: _Run) -> bool:
@@ -619,8 +627,11 @@ class Decoder:
             return
         yield from self._escalate(run, prompt_len, marker_token=marker.token_index)
 
-    def _escalate(self, run: _Run, prompt_len: int, *, marker_token: int | None) -> Iterator[Event]:
-        """Regenerate the sentence, or apply the policy's fallback when that is used up."""
+    def _escalate(
+        self, run: _Run, prompt_len: int, *, marker_token: int | None, stuck: bool = False
+    ) -> Iterator[Event]:
+        """Regenerate the sentence, or apply the policy's fallback when that is used up
+        (``stuck``: the grammar itself allowed no token, see :meth:`_give_up`)."""
         state = run.steps[marker_token].state if marker_token is not None else run.state
         sentence, sentence_token = state.sentence_start, state.sentence_token
         redone = run.sentence_retries.get(sentence, 0) + 1
@@ -637,7 +648,7 @@ class Decoder:
             self._note(run, "fallback", marker_token, "dropped marker: no valid citation")
             yield from self._rollback(run, marker_token, prompt_len, "drop marker")
             return
-        self._give_up(run, state, prompt_len)
+        self._give_up(run, state, prompt_len, stuck=stuck)
 
     def _out_of_tokens(self, run: _Run, prompt_len: int) -> None:
         """The token budget ran out. Under REQUIRED a sentence still waiting for its
@@ -672,15 +683,20 @@ class Decoder:
         )
         self._give_up(run, state, prompt_len)
 
-    def _give_up(self, run: _Run, state: TextState, prompt_len: int) -> None:
+    def _give_up(
+        self, run: _Run, state: TextState, prompt_len: int, *, stuck: bool = False
+    ) -> None:
         """End the answer before the sentence of ``state``, which no citation can be found
-        for: the policy's fallback for it, and the stop reason that says so."""
+        for: the policy's fallback for it, and the stop reason that says so. ``stuck``:
+        the grammar itself (with the token bans) allowed nothing, whatever the citation
+        rules: that is no citation failure, and the answer ends with ``dead_end``."""
         sentence, sentence_token = state.sentence_start, state.sentence_token
         end = state.marker_start if state.in_marker else len(run.out)
         claim = self._claim(run, sentence, max(sentence, end))
-        self._note(run, "fallback", sentence_token, "no valid citation for this sentence")
+        why = "the grammar allows no token" if stuck else "no valid citation"
+        self._note(run, "fallback", sentence_token, f"{why} for this sentence")
         self._truncate_to(run, sentence_token, prompt_len)
-        if self.policy.mode is CitationMode.AUTO:
+        if stuck or self.policy.mode is CitationMode.AUTO:
             run.stop = StopReason.DEAD_END
         elif run.accepted or self.validator.scorer is None:
             run.stop = StopReason.NO_VALID_CITATION
@@ -743,11 +759,21 @@ class Decoder:
         return True
 
     def _dead_end(self, run: _Run, prompt_len: int) -> Iterator[Event]:
-        """Nothing may be sampled here: treat it as this sentence failing to find a citation."""
+        """Nothing may be sampled here: treat it as this sentence failing to find a
+        citation, unless the grammar itself allows nothing (then regenerating the sentence
+        is all that may help, and the answer ends with ``dead_end`` when it does not)."""
         if not run.steps:
             run.stop = StopReason.DEAD_END
             return
         state = run.state
+        grammar = self.matcher.allowed() & self.index.unblocked
+        for token in run.token_bans.get(len(run.steps), ()):
+            grammar[token] = False
+        if not grammar.any():
+            self._note(run, "fallback", len(run.steps), "the grammar allows no token here")
+            marker_token = state.marker_token if state.in_marker else None
+            yield from self._escalate(run, prompt_len, marker_token=marker_token, stuck=True)
+            return
         if state.in_marker and self.validator.scorer is not None:
             yield from self._unsupported_claim(run, prompt_len)
             return
@@ -968,7 +994,8 @@ class Decoder:
     def _done(self, run: _Run, prompt_len: int) -> Done:
         kept = len(run.steps) if run.stop is StopReason.END else _kept_tokens(run)
         trace = Trace(
-            entries=tuple(run.trace),
+            entries=run.trace.entries(),
+            dropped_entries=run.trace.dropped,
             backtracks=run.backtracks,
             rejections=run.rejections,
             tokens_wasted=run.wasted,

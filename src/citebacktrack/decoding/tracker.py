@@ -82,7 +82,9 @@ class TextState:
     partial_id: str = ""
     """Digits typed so far inside the open marker."""
     uncited_run: int = 0
-    """Bytes of prose since the last citation (or the start): the ramble bound counts these."""
+    """Characters (code points) of prose since the last citation (or the start): what the
+    ramble bound counts. UTF-8 continuation bytes are not counted, so ``日本`` is 2, as
+    the bounded grammar counts it, not 6."""
     strict: bool = False
     """REQUIRED: a sentence only ends after a marker group with no words after it (as in the
     grammar), so an uncited run of prose never counts as a finished sentence."""
@@ -171,7 +173,8 @@ def advance(
                     sentence_start, sentence_token = length, token_index
                     sentence_ids, group_ids = (), ()
                 pending, initial, dangling = 0, False, True
-            run += 1
+            if byte & 0xC0 != 0x80:  # a character's first byte
+                run += 1
         length += 1
     new = TextState(  # not dataclasses.replace: that introspects the fields on every call
         length=length,

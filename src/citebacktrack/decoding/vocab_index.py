@@ -38,13 +38,21 @@ def import_xgrammar() -> ModuleType:
 _DIGITS = b"0123456789"
 
 
+def _chars(piece: bytes) -> int:
+    """Code points ``piece`` starts: its bytes that are not UTF-8 continuation bytes."""
+    return sum(1 for byte in piece if byte & 0xC0 != 0x80)
+
+
 class VocabularyIndex:
     """Token facts as arrays, plus the XGrammar tokenizer info and grammar compiler.
 
     Attributes:
         tokens: each id's bytes (padding ids and control tokens map to ``b""``).
         lengths: byte length of each token.
+        chars: characters (Unicode code points) each token starts: its bytes that are not
+            UTF-8 continuation bytes. The ramble bound counts these, as the grammar does.
         open_pos: offset of the first ``[`` in each token, -1 if none.
+        open_chars: characters before the first ``[`` in each token, -1 if none.
         unblocked: False for control tokens, padding ids and tokens holding a NUL byte
             (never sampled; no answer wants a NUL, and llama.cpp's GBNF sampler cannot
             match one while XGrammar can, so both engines now give the same masks).
@@ -77,6 +85,12 @@ class VocabularyIndex:
         self.max_length = int(self.lengths.max(initial=1))
         self.open_pos: npt.NDArray[np.int32] = np.fromiter(
             (t.find(_OPEN) for t in tokens), np.int32, size
+        )
+        self.chars: npt.NDArray[np.int32] = np.fromiter((_chars(t) for t in tokens), np.int32, size)
+        self.open_chars: npt.NDArray[np.int32] = np.fromiter(
+            (_chars(t[:p]) if p >= 0 else -1 for t, p in zip(tokens, self.open_pos, strict=True)),
+            np.int32,
+            size,
         )
         unblocked = np.ones(size, dtype=bool)
         unblocked[sorted(blocked)] = False

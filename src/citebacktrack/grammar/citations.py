@@ -103,7 +103,13 @@ from citebacktrack.syntax import (
 )
 from citebacktrack.types import CitationMode, Policy
 
-__all__ = ["MAX_SENTENCE_BREAKS", "MAX_SOURCES", "citation_grammar", "continuation_grammar"]
+__all__ = [
+    "MAX_SENTENCE_BREAKS",
+    "MAX_SOURCES",
+    "citation_grammar",
+    "continuation_grammar",
+    "is_answer_prefix",
+]
 
 MAX_SOURCES = 500
 """Most sources one grammar (and one prompt) supports."""
@@ -466,6 +472,33 @@ class _Derivation:
 @functools.lru_cache(maxsize=16)
 def _derivation(n_sources: int, policy: Policy, bounded: bool) -> _Derivation:
     return _Derivation(citation_grammar(n_sources, policy, bounded=bounded))
+
+
+def is_answer_prefix(
+    n_sources: int,
+    policy: Policy | None,
+    text: str,
+    *,
+    bounded: bool = False,
+    complete: bool = False,
+) -> bool:
+    """Whether ``citation_grammar(n_sources, policy, bounded=bounded)`` accepts ``text``
+    as the start of an answer (``complete``: as a whole answer).
+
+    What a segment engine wrote can be checked with it: a server that enforces the grammar
+    it is sent never writes text for which this is False.
+
+    Raises:
+        InvalidSourcesError: ``n_sources`` is below 1 or above :data:`MAX_SOURCES`.
+    """
+    derivation = _derivation(n_sources, policy or Policy(), bounded)
+    try:
+        stacks = derivation.read(text)
+    except GrammarError:
+        return False
+    if not complete:
+        return True
+    return any(all(derivation.is_nullable(item) for item in stack) for stack in stacks)
 
 
 _W, _C, _T = (re.escape(chars) for chars in (WHITESPACE, CLOSERS, TERMINATORS))

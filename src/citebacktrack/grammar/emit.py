@@ -32,6 +32,7 @@ from citebacktrack.grammar.ir import (
     Repeat,
     RuleRef,
     Sequence,
+    walk,
 )
 
 __all__ = ["Dialect", "emit"]
@@ -55,8 +56,9 @@ class _DialectRules:
     max_repeat: int | None
     lark: bool
     # llama.cpp multiplies the rules generated inside a parenthesised group by the group's
-    # repetition count and refuses the grammar past 2000 (``(x [^a]{0,300}){0,8}``); a
-    # group repeated more than once is therefore printed as a rule of its own.
+    # repetition count and refuses the grammar past 2000 (``(x [^a]{0,300}){0,8}``,
+    # ``(x*){0,2000}``, ``(x{0,2000})?``); a group repeated more than once, or holding an
+    # ``{m,n}`` repeat, is therefore printed as a rule of its own.
     hoist_repeated_groups: bool = False
 
 
@@ -133,6 +135,14 @@ def _class_body(node: CharClass, escape: Callable[[str], str] = _class_char) -> 
 def _lark_class(node: CharClass, suffix: str = "") -> str:
     if not node.ranges:
         return rf"/[\s\S]{suffix}/"
+    if not node.negated and node.ranges[0][0] == "^":
+        # XGrammar's Lark reader (vLLM's xgrammar backend) takes an escaped ``^`` first in
+        # a class for negation (``[\^-a]`` as ``[^-a]``): put ``^`` itself last.
+        others = [(lo, hi) for lo, hi in node.ranges if lo != "^"]
+        widened = [("_", hi) for lo, hi in node.ranges if lo == "^" and hi > "^"]  # "_" follows "^"
+        if not others and not widened:
+            return rf"/\^{suffix}/"
+        node = CharClass((*others, *widened, ("^", "^")))
     return f"/[{_class_body(node, _lark_class_char)}]{suffix}/"
 
 
@@ -198,13 +208,19 @@ class _Printer:
             if lo == 0:
                 return _lark_class(node.item, _brace_suffix(1, hi)) + "?"
             return _lark_class(node.item, _brace_suffix(lo, hi))
-        group = isinstance(node.item, Sequence | Choice)
-        if self.rules.hoist_repeated_groups and group and (lo if hi is None else hi) > 1:
+        # A repeated Repeat is a group too (``(x*){0,2000}``), and a group holding a counted
+        # repeat is hoisted even under ``?`` or ``*``: its {m,n} generates n rules.
+        group = isinstance(node.item, Sequence | Choice | Repeat)
+        if (
+            self.rules.hoist_repeated_groups
+            and group
+            and ((lo if hi is None else hi) > 1 or _has_counted_repeat(node.item))
+        ):
             inner = self.hoist(node.item)
         else:
             inner = self.node(node.item, atomic=True)
-        if isinstance(node.item, Repeat):
-            inner = f"({inner})"  # ``x*?`` is a syntax error in XGrammar and Lark
+            if isinstance(node.item, Repeat):
+                inner = f"({inner})"  # ``x*?`` is a syntax error in XGrammar and Lark
         if (lo, hi) == (0, None):
             return f"{inner}*"
         if (lo, hi) == (1, None):
@@ -216,6 +232,11 @@ class _Printer:
                 return f"({inner} ~ {lo} {inner}*)"
             return f"({inner} ~ {lo})" if lo == hi else f"({inner} ~ {lo}..{hi})"
         return f"{inner}{_brace_suffix(lo, hi)}"
+
+
+def _has_counted_repeat(node: Node) -> bool:
+    """Whether ``node`` holds an ``{m,n}`` repeat with ``n > 1`` (not behind a rule name)."""
+    return any(isinstance(n, Repeat) and (n.max or 0) > 1 for n in walk(node))
 
 
 def _brace_suffix(lo: int, hi: int | None) -> str:
