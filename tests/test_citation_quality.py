@@ -36,9 +36,7 @@ BOTH = [
 ]
 
 
-def answer(
-    script: str, sources: list[Source], question: str = "question", **policy: Any
-) -> Answer:
+def answer(script: str, sources: list[Source], question: str = "question", **policy: Any) -> Answer:
     cf = Citeformer(MockBackend([script]), policy=Policy(**policy))
     return cf.generate(question, sources)
 
