@@ -167,9 +167,11 @@ def test_literal_escapes(dialect: Dialect, char: str, escaped: str) -> None:
         ("&", "&", "\\&"),
         ("~", "~", "\\~"),
         ("\n", "\\n", "\\n"),
-        ("é", "\\u00E9", "\\u00E9"),
-        ("😀", "\\U0001F600", "\\U0001F600"),
-        ("\x01", "\\u0001", "\\u0001"),
+        # Lark classes write other characters as themselves: XGrammar's Lark reader takes
+        # \u escapes greedily ([\u00E9a-b] as U+0E9A-b, tests/test_fuzz_inputs.py).
+        ("é", "\\u00E9", "é"),
+        ("😀", "\\U0001F600", "😀"),
+        ("\x01", "\\u0001", "\x01"),
     ],
 )
 def test_class_escapes(char: str, ebnf: str, lark: str) -> None:

@@ -121,7 +121,14 @@ _LARK_CLASS_ESCAPES = {
 
 
 def _lark_class_char(char: str) -> str:
-    return _LARK_CLASS_ESCAPES.get(char) or _escape_char(char, frozenset())
+    """A character inside a Lark regexp class: written as itself, except the class's
+    metacharacters, line breaks, tab and NUL. XGrammar's Lark reader (vLLM's xgrammar
+    backend) takes ``\\u`` and ``\\x`` escapes greedily (``\\u00E9a`` as U+0E9A), and a
+    literal character reads the same everywhere."""
+    escaped = _LARK_CLASS_ESCAPES.get(char)
+    if escaped is not None:
+        return escaped
+    return _escape_char(char, frozenset()) if char in "\n\r\t\x00" else char
 
 
 def _class_body(node: CharClass, escape: Callable[[str], str] = _class_char) -> str:
@@ -143,6 +150,10 @@ def _lark_class(node: CharClass, suffix: str = "") -> str:
         if not others and not widened:
             return rf"/\^{suffix}/"
         node = CharClass((*others, *widened, ("^", "^")))
+    if ("\x00", "\x00") in node.ranges:
+        # The one escape left that a character could extend (``\u0000`` then ``a``): last.
+        rest = tuple(r for r in node.ranges if r != ("\x00", "\x00"))
+        node = CharClass((*rest, ("\x00", "\x00")), node.negated)
     return f"/[{_class_body(node, _lark_class_char)}]{suffix}/"
 
 
