@@ -42,7 +42,7 @@ from hypothesis import strategies as st
 
 from citebacktrack.backends.local import decode
 from citebacktrack.decoding.budgets import Budgets
-from citebacktrack.decoding.decoder import Decoder
+from citebacktrack.decoding.decoder import Decoder, _kept_tokens
 from citebacktrack.decoding.matcher import TokenMatcher, XGrammarMatcher
 from citebacktrack.decoding.runtime import Logits, TokenRuntime, Vocabulary
 from citebacktrack.decoding.sampling import SamplingConfig
@@ -310,6 +310,8 @@ def recording(record: Record, clock: Clock) -> Iterator[None]:
     def truncating(self: Decoder, run: Any, target: int, prompt_len: int) -> None:
         if target < len(run.steps):
             record.timeline.append(("cut", run.steps[target].state.sentence_start))
+            # Streamed text is final: no rollback or fallback may cut into it.
+            assert target >= _kept_tokens(run), f"cut to step {target}, into released text"
         truncate(self, run, target, prompt_len)
 
     def quoting(self: Decoder, *args: Any) -> bool:
@@ -1138,3 +1140,28 @@ def test_a_one_call_answer_judges_each_marker_on_the_claim_it_ends_up_after() ->
     assert done.trace.stop_reason is StopReason.END
     assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "Rome is old [2]."
     assert [e.source_index for e in events if isinstance(e, CitationRejected)] == [1]
+
+
+def test_a_group_after_a_released_sentence_never_rolls_the_sentence_back() -> None:
+    """ "Paris is big [1]. " is streamed once the next sentence starts; rolled back to just
+    before it, a marker there belongs to the released sentence (``claim. [2]``), and its
+    dead end regenerated that sentence: a rollback of 17 tokens into streamed text, which
+    then ended with ``no_supported_answer`` while the stream showed a cited sentence."""
+    case = DecodeCase(
+        model="same-sentence",
+        scorer="only-1",
+        mode=CitationMode.QUOTES_ONLY,
+        n_sources=3,
+        budgets=Budgets(max_new_tokens=18, retries_per_checkpoint=0, max_backtracks=2),
+        sampling=SamplingConfig(),
+        max_per_sentence=2,
+        max_uncited=20,
+        step_s=0.001,
+        dead_after=17,
+        seed=0,
+    )
+    run = run_decoder(case)
+    check_decode(run)
+    assert run.text == "Paris is big [1]. "
+    assert run.done.trace.stop_reason is StopReason.DEAD_END
+    assert [e.depth for e in run.events if isinstance(e, Rollback)] == [1]

@@ -334,6 +334,15 @@ class SegmentLoop:
         for k, marker in enumerate(closed if self.constrained else ()):
             given = evidence[k] if k < len(evidence) else None
             if not self._check(marker, result, before, events, given):
+                if not self.continues_prefix and self._stop is None:
+                    # The revision's own markers are accepted (tests/test_fuzz.py checks
+                    # it); should one not be, a one-call engine is never asked again.
+                    self._truncate(marker.sentence_start)
+                    self._allowed = None
+                    self._note(marker.sentence_start, "a revised marker was rejected")
+                    self._stop = (
+                        StopReason.END if self._accepted else StopReason.NO_SUPPORTED_ANSWER
+                    )
                 return events
         totals.kept += result.completion_tokens
         totals.spent += max(result.completion_tokens, 1)
@@ -662,6 +671,10 @@ class SegmentLoop:
                 continue
             group = [(m, e) for m, e in markers if a <= m.start < b]
             piece, spans = self._revise_sentence(data, a, b, group, len(out), out, events)
+            if out and piece and not out[-1:].isspace() and not piece[:1].isspace():
+                # A sentence whose whitespace came before its terminator ("x\n."): once
+                # revised, nothing would separate it from the next one.
+                out += b" "
             out += piece
             kept_evidence += spans
         return out.decode("utf-8", "replace"), kept_evidence

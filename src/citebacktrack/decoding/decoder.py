@@ -275,7 +275,7 @@ class Decoder:
                 yield from self._reject(run, marker, verdict, prompt_len)
                 return
             if not marker.prior_ids and self._repeats(run, marker):
-                target = self._token_at(run, marker.sentence_start)
+                target = max(self._token_at(run, marker.sentence_start), _kept_tokens(run))
                 self._note(run, "fallback", target, "repeated sentence: the answer ends here")
                 self._truncate_to(run, target, prompt_len)
                 run.stop = StopReason.END
@@ -636,7 +636,14 @@ class Decoder:
         sentence, sentence_token = state.sentence_start, state.sentence_token
         redone = run.sentence_retries.get(sentence, 0) + 1
         run.sentence_retries[sentence] = redone
-        if redone <= self.budgets.sentence_retries and sentence_token < len(run.steps):
+        # A group right after a released sentence's end (``claim. [2]``) belongs to it:
+        # that sentence is streamed already and cannot be regenerated.
+        released = sentence_token < _kept_tokens(run)
+        if (
+            redone <= self.budgets.sentence_retries
+            and sentence_token < len(run.steps)
+            and not released
+        ):
             run.marker_retries[sentence] = 0
             # Retries never repeat themselves: the regenerated sentence starts differently.
             first = run.steps[sentence_token].token
@@ -695,7 +702,8 @@ class Decoder:
         claim = self._claim(run, sentence, max(sentence, end))
         why = "the grammar allows no token" if stuck else "no valid citation"
         self._note(run, "fallback", sentence_token, f"{why} for this sentence")
-        self._truncate_to(run, sentence_token, prompt_len)
+        # Never into released text (a group after a released sentence's end reopens it).
+        self._truncate_to(run, max(sentence_token, _kept_tokens(run)), prompt_len)
         if stuck or self.policy.mode is CitationMode.AUTO:
             run.stop = StopReason.DEAD_END
         elif run.accepted or self.validator.scorer is None:
