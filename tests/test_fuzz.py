@@ -904,6 +904,10 @@ def check_segments(run: SegmentRun) -> None:
             source_index=citation.source_index, sentence_ids=prior, claim=citation.claim
         )
         assert verdict.is_accepted, (citation, verdict)
+    if not case.continues_prefix:
+        # A one-call answer is revised into markers the loop then accepts, every one.
+        refused = ("a revised marker was rejected", "a marker that could not be placed")
+        assert not any(e.detail.startswith(refused) for e in trace.entries), trace.entries
     if case.scorer == "reject-all":
         assert not accepted
     if case.engine.startswith("empty"):
@@ -1090,10 +1094,15 @@ def test_an_engine_without_token_counts_still_runs_out_of_budget(engine: str) ->
         # Brackets left in prose: "[99. is old [1]" reads as one marker (id 991), and the
         # bracket of "[2." stayed in the text; read again after the revision, the
         # leftover was a marker and the one-call engine was asked to continue.
+        # The whitespace of "\n." came before the terminator: revised, "Rome [1]." ran
+        # into "Paris", and its [1] was a duplicate in one sentence.
+        (CitationMode.REQUIRED, "Rome [1]\n.Paris [1]", "Rome [1]. Paris [1]."),
         (
             CitationMode.REQUIRED,
             "Rome [99. is old [1]. Paris [2.",
-            "Rome (99. is old [1]. ",  # the uncited "Paris (2." is dropped
+            # "Rome (99." and "Paris (2." are sentences of their own (as the grammar
+            # reads "99. "), uncited: dropped.
+            "is old [1]. ",
         ),
     ],
 )
@@ -1165,3 +1174,38 @@ def test_a_group_after_a_released_sentence_never_rolls_the_sentence_back() -> No
     assert run.text == "Paris is big [1]. "
     assert run.done.trace.stop_reason is StopReason.DEAD_END
     assert [e.depth for e in run.events if isinstance(e, Rollback)] == [1]
+
+
+@pytest.mark.parametrize(
+    ("scorer", "mode", "seed"),
+    [
+        # "U.S. [1].] is. [2]é[] big": the revision's "U.S..) is.é [1]" ends a sentence
+        # after "U.S..)", so [1] was judged on another claim than the loop's ("is.é").
+        ("random", CitationMode.AUTO, 1643),
+        # "...\n[. [2]!": revised twice, a sentence with no words was given the best id,
+        # a marker the loop then rejected ("a marker with no words to cite").
+        ("none", CitationMode.REQUIRED, 2144),
+    ],
+)
+def test_a_one_call_revision_stands_when_read_again(
+    scorer: str, mode: CitationMode, seed: int
+) -> None:
+    """Found by the segment fuzz at scale 20: the loop rejected a marker of the revised
+    answer (and ended with ``backtrack_budget``, or would have asked again)."""
+    case = SegmentCase(
+        engine="random-answer",
+        scorer=scorer,
+        mode=mode,
+        n_sources=1,
+        budgets=Budgets(
+            max_new_tokens=1,
+            retries_per_checkpoint=0,
+            sentence_retries=0,
+            max_backtracks=1,
+            max_rolled_back_tokens=1,
+        ),
+        max_segment_tokens=1,
+        step_s=0.001,
+        seed=seed,
+    )
+    check_segments(run_segment_loop(case))

@@ -317,6 +317,13 @@ class SegmentLoop:
         if self.constrained and not self.continues_prefix:
             revised = strip_markers(result.text).strip()  # the claim a quote must support
             text, evidence = self._revise(result.text, evidence, events)
+            for _ in range(_REVISIONS - 1):
+                # Taking a marker or a bracket out can move a sentence boundary ("U.S. [1].]"
+                # becomes "U.S..)", which ends there): revise the revision until it stands.
+                again, again_evidence = self._revise(text, evidence, events)
+                if again == text:
+                    break
+                text, evidence = again, again_evidence
             result = dataclasses.replace(result, text=text, finish=_final(result.finish))
         piece = result.text.encode("utf-8")
         before = len(self._draft)
@@ -334,7 +341,7 @@ class SegmentLoop:
         for k, marker in enumerate(closed if self.constrained else ()):
             given = evidence[k] if k < len(evidence) else None
             if not self._check(marker, result, before, events, given):
-                if not self.continues_prefix and self._stop is None:
+                if not self.continues_prefix:
                     # The revision's own markers are accepted (tests/test_fuzz.py checks
                     # it); should one not be, a one-call engine is never asked again.
                     self._truncate(marker.sentence_start)
@@ -743,8 +750,8 @@ class SegmentLoop:
             )
             self._totals.backtracks += 1
             banned.add(marker.source_index)
-        if not kept or not kept[-1][1].is_complete:
-            prior = tuple(i for i, _, _ in kept)
+        if (not kept or not kept[-1][1].is_complete) and any(c.isalnum() for c in claim):
+            prior = tuple(i for i, _, _ in kept)  # (a claim with no words gets no marker)
             best = self._best_id(claim, prior, banned)
             if best is not None:
                 verdict = self.validator.check(source_index=best, sentence_ids=prior, claim=claim)
@@ -904,6 +911,11 @@ class SegmentLoop:
             forward_passes=totals.calls,
         )
         return Done(usage=usage, trace=trace)
+
+
+_REVISIONS = 3
+"""Most passes of the one-call revision (the second and third only when the one before
+moved a sentence boundary)."""
 
 
 def _final(finish: Literal["stop", "end", "length"]) -> Literal["end", "length"]:
