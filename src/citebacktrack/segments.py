@@ -538,16 +538,24 @@ class SegmentLoop:
         self, claim: str, prior: tuple[int, ...], banned: set[int]
     ) -> frozenset[int]:
         """Ids the validator accepts for the next marker of this sentence."""
+        return frozenset(self._supported_scores(claim, prior, banned))
+
+    def _supported_scores(
+        self, claim: str, prior: tuple[int, ...], banned: set[int]
+    ) -> dict[int, float]:
+        """The ids the validator accepts for the next marker, with their scores (0.0
+        without a scorer, where every free id is accepted)."""
         if self.validator.scorer is None:
             taken = set(prior) | banned
-            return frozenset(i for i in range(1, self.n_sources + 1) if i not in taken)
-        return frozenset(
-            i
-            for i in range(1, self.n_sources + 1)
-            if i not in banned
-            and i not in prior
-            and self.validator.check(source_index=i, sentence_ids=prior, claim=claim).is_accepted
-        )
+            return {i: 0.0 for i in range(1, self.n_sources + 1) if i not in taken}
+        scores: dict[int, float] = {}
+        for i in range(1, self.n_sources + 1):
+            if i in banned or i in prior:
+                continue
+            verdict = self.validator.check(source_index=i, sentence_ids=prior, claim=claim)
+            if verdict.is_accepted:
+                scores[i] = verdict.score or 0.0
+        return scores
 
     def _out_of_rollbacks(self) -> bool:
         if self._totals.backtracks > self.budgets.max_backtracks:
@@ -776,14 +784,11 @@ class SegmentLoop:
         return text, [e for _, _, e in kept]
 
     def _best_id(self, claim: str, prior: tuple[int, ...], banned: set[int]) -> int | None:
-        allowed = self._supported_ids(claim, prior, banned)
-        if not allowed or self.validator.scorer is None:
-            return min(allowed) if allowed else None
-        scored = [
-            (self.validator.check(source_index=i, sentence_ids=prior, claim=claim).score or 0.0, -i)
-            for i in allowed
-        ]
-        return -max(scored)[1]
+        """The accepted id with the best score (the lowest id on a tie), if any."""
+        scores = self._supported_scores(claim, prior, banned)
+        if not scores:
+            return None
+        return min(scores, key=lambda i: (-scores[i], i))
 
     def _rejection_at(
         self,
