@@ -12,10 +12,16 @@ setup: $(STAMP)
 
 # torch is pinned and installed first: an unpinned torch (pulled in by xgrammar or
 # transformers) would download several GB of CUDA packages.
+# llama-cpp-python compiles llama.cpp; a native build (-march=native) takes AMX tile
+# instructions wherever the CPU advertises them, and a VM whose kernel does not grant the
+# tile state kills the process with SIGILL at the first batched matmul. A portable AVX2
+# build runs everywhere this project runs.
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
 demo: setup

@@ -106,6 +106,11 @@ CASES: dict[str, tuple[str, dict[str, object], StopReason]] = {
         },
         StopReason.NO_VALID_CITATION,
     ),
+    "only a grounded copy": (
+        "Bananas are blue and grow on Mars [1].",
+        {},
+        StopReason.FALLBACK,
+    ),
     "abstention": (
         "Bananas are blue [1].",
         {

@@ -17,6 +17,7 @@ from citebacktrack import (
     Event,
     Evidence,
     Policy,
+    SentenceOrigin,
     Source,
     StopReason,
     TextDelta,
@@ -112,7 +113,7 @@ def test_text_is_released_a_sentence_at_a_time() -> None:
     assert deltas == ["The Eiffel Tower was completed in 1889 [2].", " It is 330 metres tall [2]."]
 
 
-def test_nothing_supported_quotes_the_best_source_or_abstains() -> None:
+def test_nothing_supported_copies_a_source_sentence_quotes_or_abstains() -> None:
     script = "Gustave built it in 1889 [1]."
     never = table_scorer(lambda claim, i: False)
     quoted = _cf(script, scorer=lambda sources: never)[0].generate(QUESTION, SOURCES)
@@ -120,17 +121,42 @@ def test_nothing_supported_quotes_the_best_source_or_abstains() -> None:
     strict = _cf(script, policy=Policy(fallback="abstain"))[0].generate(QUESTION, SOURCES)
     assert strict.text == ""
     assert strict.stop_reason is StopReason.NO_SUPPORTED_ANSWER
-    answer = _cf(script)[0].generate(QUESTION, SOURCES)
-    assert answer.stop_reason is StopReason.END
-    assert answer.text == "The Eiffel Tower was completed in 1889 [2]."
-    assert any("quoted the evidence" in e.detail for e in answer.trace.entries)
+    quote = _cf(script, policy=Policy(fallback="quote"))[0].generate(QUESTION, SOURCES)
+    assert quote.stop_reason is StopReason.FALLBACK
+    assert quote.is_fallback
+    assert quote.text == "The Eiffel Tower was completed in 1889 [2]."
+    assert [c.origin for c in quote.citations] == [SentenceOrigin.QUOTE]
+    assert any("quoted the evidence" in e.detail for e in quote.trace.entries)
+    cf, engine = _cf(script)  # the default: a grounded copy
+    copy = cf.generate(QUESTION, SOURCES)
+    assert copy.stop_reason is StopReason.FALLBACK
+    assert copy.is_fallback
+    assert [c.origin for c in copy.citations] == [SentenceOrigin.COPY]
+    offered = engine.calls[-1].grammar
+    assert offered is not None
+    assert engine.calls[-1].stop == ()
+    assert copy.text in {
+        "The Eiffel Tower was completed in 1889 [2].",
+        "It is 330 metres tall [2].",
+    }
+    assert any("grounded copy" in e.detail for e in copy.trace.entries)
 
 
-def test_an_unsupported_second_sentence_ends_the_answer_after_the_first() -> None:
+def test_an_unsupported_second_sentence_is_replaced_by_a_copy_and_ends_the_answer() -> None:
     script = "The Eiffel Tower was completed in 1889 [2]. Bananas are blue [1]."
     answer = _cf(script)[0].generate(QUESTION, SOURCES)
-    assert answer.text == "The Eiffel Tower was completed in 1889 [2]."
-    assert answer.stop_reason is StopReason.NO_VALID_CITATION
+    first = "The Eiffel Tower was completed in 1889 [2]. "
+    assert answer.text.startswith(first)
+    assert answer.text[len(first) :] in {
+        "The Eiffel Tower was completed in 1889 [2].",
+        "It is 330 metres tall [2].",
+    }
+    assert [c.origin for c in answer.citations] == [SentenceOrigin.MODEL, SentenceOrigin.COPY]
+    assert answer.stop_reason is StopReason.END  # a sentence in the model's own words
+    assert not answer.is_fallback
+    kept = _cf(script, policy=Policy(fallback="quote"))[0].generate(QUESTION, SOURCES)
+    assert kept.text == "The Eiffel Tower was completed in 1889 [2]."
+    assert kept.stop_reason is StopReason.NO_VALID_CITATION
 
 
 @pytest.mark.parametrize(
@@ -298,7 +324,7 @@ def test_one_call_async_equals_sync_and_stream_equals_generate() -> None:
 
 def test_an_unsupported_sentence_is_regenerated_once_sampled_then_given_up() -> None:
     script = "Bananas are blue and grow on Mars [1]."
-    cf, engine = _cf(script, budgets=Budgets(sentence_retries=1))
+    cf, engine = _cf(script, budgets=Budgets(sentence_retries=1), policy=Policy(fallback="quote"))
     answer = cf.generate(QUESTION, SOURCES)
     starts = [c for c in engine.calls if c.prefix == ""]
     assert len(starts) == 2  # the first try and one regeneration

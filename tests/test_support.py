@@ -277,7 +277,9 @@ def test_no_span_without_a_matched_window() -> None:
 
 def test_a_last_clause_fallback_spans_the_window_of_that_clause() -> None:
     source = Source(text="Stephen Morris is a novel. Rain fell. Lonely Road is another one.")
-    result = LexicalSupportScorer([source]).score("Purple elephants, Lonely Road", 1)
+    result = LexicalSupportScorer([source], clause_fallback=True).score(
+        "Purple elephants, Lonely Road", 1
+    )
     assert "of the last" in result.detail
     assert [span.text for span in result.spans] == ["Lonely Road is another one."]
 
@@ -441,7 +443,7 @@ BOOKS = (
 
 
 def test_last_clause_can_stand_for_a_list_sentence() -> None:
-    scorer = LexicalSupportScorer(BOOKS)
+    scorer = LexicalSupportScorer(BOOKS, clause_fallback=True)
     result = scorer.score("Stephen Morris, Lonely Road", 2)
     assert result.is_supported
     assert result.score == pytest.approx(0.9)
@@ -450,8 +452,14 @@ def test_last_clause_can_stand_for_a_list_sentence() -> None:
     assert not strict.score("Stephen Morris, Lonely Road", 2).is_supported
 
 
+def test_the_whole_sentence_is_judged_by_default() -> None:
+    # A sentence-final marker vouches for the whole sentence: a reader refuses a citation
+    # that supports only its last clause (issue 19).
+    assert not LexicalSupportScorer(BOOKS).score("Stephen Morris, Lonely Road", 2).is_supported
+
+
 def test_an_unsupported_last_clause_is_not_rescued() -> None:
-    scorer = LexicalSupportScorer(BOOKS)
+    scorer = LexicalSupportScorer(BOOKS, clause_fallback=True)
     assert not scorer.score("Lonely Road, Stephen Morris", 2).is_supported
     assert scorer.score("Lonely Road, Stephen Morris", 1).is_supported
 
@@ -650,7 +658,7 @@ def test_scores_are_bounded_and_deterministic(
     second = LexicalSupportScorer(sources, cache_size=0).score(claim, index)
     assert 0.0 <= first.score <= 1.0
     assert first == second
-    assert first.is_supported == (first.score >= 0.4)
+    assert first.is_supported == (first.score >= LexicalSupportScorer(sources).threshold)
 
 
 @settings(max_examples=100, deadline=None)
@@ -744,13 +752,17 @@ def test_alce_gold_citations_are_supported_and_uncited_passages_rejected(alce: l
             uncited += 1
             uncited_rejected += not result.is_supported
             below_gold += result.score < weakest_gold
-    # Measured at the defaults: 53/60 gold supported, 187/199 uncited rejected, 183/199
-    # uncited scored below every gold citation of their claim. Some uncited passages do
-    # support the claim (ALCE cites one of several), so 100% rejection is not the target.
+    # Measured at the defaults: 21/60 gold citations supported each on its own,
+    # 196/199 uncited rejected, 171/199 uncited scored below every gold citation of their
+    # claim. The strict judgment (issue 19: the whole sentence, its names and numbers in
+    # one passage of the cited source, polarity) refuses most single citations of ALCE's
+    # hand-written list and synthesis sentences: with the last-clause fallback on, 45/60.
+    # Before it (threshold 0.4, names anywhere in the source, clause fallback): 53/60
+    # and 187/199, the judge refusing three in four of what that accepted on HotpotQA.
     assert (gold, uncited) == (60, 199)
-    assert gold_supported >= 51
-    assert uncited_rejected >= 180
-    assert below_gold >= 175
+    assert gold_supported >= 20
+    assert uncited_rejected >= 194
+    assert below_gold >= 165
 
 
 def test_alce_passages_of_other_questions_are_rejected(alce: list[Case]) -> None:

@@ -142,7 +142,8 @@ BRIDGE = [
     ),
     Source(
         title="Leland, North Carolina",
-        text="Leland is a town in Brunswick County, North Carolina.\n\nThe film was shot there.",
+        text="Leland is a town in Brunswick County, North Carolina.\n\n"
+        "Maximum Overdrive was shot there.",
     ),
     Source(title="Myrtle Beach", text="Myrtle Beach is a city on the coast of South Carolina."),
 ]
@@ -223,7 +224,8 @@ class LopsidedScorer:
 
 def test_a_union_verdict_always_spans_the_marker_s_own_source() -> None:
     v = CitationValidator(n_sources=3, policy=Policy(), scorer=LopsidedScorer())
-    verdict = v.check(source_index=3, sentence_ids=(1,), claim="claim")
+    # The claim's words are the spans' own: what it asserts is in the passages.
+    verdict = v.check(source_index=3, sentence_ids=(1,), claim="1 3")
     assert verdict.is_accepted
     assert [(span.source_index, span.text) for span in verdict.spans] == [(1, "1"), (3, "3")]
 

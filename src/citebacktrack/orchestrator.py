@@ -162,6 +162,7 @@ class Citeformer:
             policy=policy,
             scorer=self.scorer(normalized) if self.scorer is not None else None,
             question=question,
+            sources=normalized,
         )
         return GenerationRequest(
             messages=build_messages(question, normalized, policy, demo=self.demo),

@@ -42,7 +42,7 @@ from citebacktrack.grammar.citations import (
     continuation_grammar,
     is_answer_prefix,
 )
-from citebacktrack.grammar.ir import Grammar
+from citebacktrack.grammar.ir import Grammar, choice, lit
 from citebacktrack.syntax import (
     CLOSERS,
     TERMINATORS,
@@ -62,6 +62,7 @@ from citebacktrack.types import (
     Evidence,
     RejectionReason,
     Rollback,
+    SentenceOrigin,
     Source,
     StopReason,
     TextDelta,
@@ -168,6 +169,7 @@ class _Accepted:
     claim: str
     evidence: Evidence | None = None
     """The engine's own span for this marker, checked against the source text."""
+    origin: SentenceOrigin = SentenceOrigin.MODEL
 
 
 @dataclass(slots=True)
@@ -240,6 +242,11 @@ class SegmentLoop:
         self._totals = _Totals()
         self._stop: StopReason | None = None
         self._done = False
+        self._copy: tuple[str, ...] = ()
+        """Grounded recovery: the sentences (with their markers) the next call must write
+        one of; empty when the next call is an ordinary one."""
+        self._copy_claim = ""
+        """The unsupported claim the copy replaces (what a quote falls back on)."""
 
     # ------------------------------------------------------------------ driving
 
@@ -266,6 +273,19 @@ class SegmentLoop:
             self._out_of_tokens()
             return None
         prefix = self._draft.decode("utf-8", "replace")
+        if self._copy:
+            return SegmentCall(
+                messages=self.request.messages,
+                sources=self.request.sources,
+                question=self.request.question,
+                prefix=prefix,
+                grammar=Grammar((("root", choice(*(lit(text) for text in self._copy))),)),
+                stop=(),
+                max_tokens=remaining,
+                temperature=0.0,
+                top_p=1.0,
+                seed=self.options.seed,
+            )
         temperature, seed = self.options.temperature, self.options.seed
         if self._resample:
             temperature = max(temperature, self.options.resample_temperature)
@@ -340,6 +360,20 @@ class SegmentLoop:
         self._allowed = None
         for k, marker in enumerate(closed if self.constrained else ()):
             given = evidence[k] if k < len(evidence) else None
+            if (
+                self._copy
+                and not self.validator.check(
+                    source_index=marker.source_index,
+                    sentence_ids=marker.prior_ids,
+                    claim=self._claim(marker.sentence_start, marker.start),
+                ).is_accepted
+            ):
+                # A copy's markers were accepted when it was offered; should one not be,
+                # the answer ends as without a copy rather than retrying it.
+                self._copy = ()
+                self._truncate(before)
+                self._no_copy(self._copy_claim)
+                return events
             if not self._check(marker, result, before, events, given):
                 if not self.continues_prefix:
                     # The revision's own markers are accepted (tests/test_fuzz.py checks
@@ -353,6 +387,9 @@ class SegmentLoop:
                 return events
         totals.kept += result.completion_tokens
         totals.spent += max(result.completion_tokens, 1)
+        if self._copy:
+            self._copied(before, result.text)
+            return events + self._release(final=False)
         if ends:
             self._stop = StopReason.END
         elif result.finish == "length":
@@ -360,8 +397,8 @@ class SegmentLoop:
         if revised is not None and not self._accepted and self.policy.mode is CitationMode.REQUIRED:
             # Nothing in the one-call answer survived: the policy's fallback, as when the
             # token-level decoder finds no supported sentence.
-            quoted = self.policy.fallback == "quote" and revised and self._quote(revised)
-            self._stop = StopReason.END if quoted else StopReason.NO_SUPPORTED_ANSWER
+            quoted = self.policy.fallback != "abstain" and revised and self._quote(revised)
+            self._stop = StopReason.FALLBACK if quoted else StopReason.NO_SUPPORTED_ANSWER
         events += self._release(final=False)
         return events
 
@@ -594,16 +631,61 @@ class SegmentLoop:
             self._stop = None
             return
         self._truncate(sentence)
-        if self._accepted or self.validator.scorer is None:
+        required = self.policy.mode is CitationMode.REQUIRED
+        if self.validator.scorer is None:
+            self._stop = StopReason.NO_VALID_CITATION
+        elif required and self.policy.fallback == "copy" and self._plan_copy(claim):
+            self._stop = None  # the next call writes the copy
+        else:
+            self._no_copy(claim)
+
+    def _no_copy(self, claim: str) -> None:
+        """The end of an answer whose unsupported sentence was not replaced by a copy:
+        the supported sentences before it, else the quote, else the abstention."""
+        if self._accepted:
             self._stop = StopReason.NO_VALID_CITATION
         elif (
             self.policy.mode is CitationMode.REQUIRED
-            and self.policy.fallback == "quote"
+            and self.policy.fallback != "abstain"
             and self._quote(claim)
         ):
-            self._stop = StopReason.END
+            self._stop = StopReason.FALLBACK
         else:
             self._stop = StopReason.NO_SUPPORTED_ANSWER
+
+    def _plan_copy(self, claim: str) -> bool:
+        """Grounded recovery, as in the token-level decoder (``Decoder._copy``): the next
+        call is sent a grammar that allows only one of the sentences the validator offers
+        (:meth:`CitationValidator.grounding`), each with its marker, and the engine's
+        likelihood picks one. False when there is nothing to copy or the engine cannot
+        continue a prefix."""
+        if not self.continues_prefix:
+            return False
+        lead = "" if not self._draft or self._draft[-1:].isspace() else " "
+        self._copy = tuple(
+            f"{lead}{text} [{source}]." for source, text in self.validator.grounding(claim)
+        )
+        self._copy_claim = claim
+        return bool(self._copy)
+
+    def _copied(self, before: int, text: str) -> None:
+        """Ends the answer after a copy call: its markers marked as copies when the engine
+        wrote one of the sentences it was offered, else the answer ends as without one."""
+        offered, self._copy = self._copy, ()
+        if text in offered:
+            for item in self._accepted:
+                if item.marker.start >= before:
+                    item.origin = SentenceOrigin.COPY
+            self._note(before, "grounded copy of a source sentence")
+            self._stop = (
+                StopReason.END
+                if any(a.origin is SentenceOrigin.MODEL for a in self._accepted)
+                else StopReason.FALLBACK
+            )
+            return
+        self._truncate(before)
+        self._note(before, "the engine did not write a sentence it was offered")
+        self._no_copy(self._copy_claim)
 
     def _quote(self, claim: str) -> bool:
         """Write the evidence sentence the validator picks (relevant to the question)
@@ -628,7 +710,7 @@ class SegmentLoop:
             if not verdict.is_accepted:
                 self._truncate(start)
                 return False
-            self._accepted.append(_Accepted(marker, verdict, said))
+            self._accepted.append(_Accepted(marker, verdict, said, origin=SentenceOrigin.QUOTE))
         self._note(start, f"quoted the evidence of source [{source}]")
         return True
 
@@ -849,7 +931,7 @@ class SegmentLoop:
 
     def _safe_offset(self, *, final: bool) -> int:
         """Bytes that can no longer be taken back: up to the current sentence's start."""
-        if final and (self._stop is StopReason.END or not self.constrained):
+        if final and (self._stop in (StopReason.END, StopReason.FALLBACK) or not self.constrained):
             return len(self._draft)
         state = self._state
         if final:
@@ -894,6 +976,7 @@ class SegmentLoop:
             support=item.verdict.score,
             evidence=item.evidence
             or self.validator.citation_evidence(item.verdict, item.claim, marker.source_index),
+            origin=item.origin,
         )
 
     def _done_event(self) -> Done:

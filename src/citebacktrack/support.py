@@ -42,7 +42,7 @@ import unicodedata
 from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from numbers import Real
 from typing import Generic, Protocol, TypeVar, runtime_checkable
@@ -58,6 +58,8 @@ __all__ = [
     "SetSupportScorer",
     "SupportResult",
     "SupportScorer",
+    "content_stems",
+    "is_negated",
 ]
 
 
@@ -319,9 +321,26 @@ def _terms(tokens: Sequence[_Token]) -> _Terms:
     return _Terms(tuple(words), tuple(numbers.items()), tuple(names.items()))
 
 
-def _content_stems(text: str) -> frozenset[str]:
-    """Returns the set of content stems (numbers included) of ``text``."""
+def content_stems(text: str) -> frozenset[str]:
+    """The content stems of ``text`` (numbers included, stop-words dropped, lightly
+    stemmed): the words support is judged on. The validator compares a claim's with its
+    question's to find what the claim adds."""
     return frozenset(token.stem for token in _tokens(text))
+
+
+_content_stems = content_stems
+
+_NEGATION_RE = re.compile(
+    r"\b(?:not|no|never|neither|nor|none|nothing|nobody|cannot|without)\b|n't\b", re.IGNORECASE
+)
+"""Words that turn a statement into its negation. They are stop-words for coverage (they
+say nothing about what a passage is about) but decide polarity: a claim and a passage
+must agree on whether they negate."""
+
+
+def is_negated(text: str) -> bool:
+    """Whether ``text`` contains a negation (``not``, ``no``, ``never``, ``n't``, ...)."""
+    return _NEGATION_RE.search(_fold(text)) is not None
 
 
 # --- caching ---------------------------------------------------------------------------------
@@ -410,6 +429,11 @@ class _Window:
     """Offset in the source text of the first sentence's first character."""
     end: int
     """Offset in the source text just past the last sentence."""
+    negated: bool = False
+    """Whether the window negates something (see :func:`is_negated`)."""
+    names: frozenset[str] = frozenset()
+    """Stems of its capitalised words and numbers: the entities it is about, which link
+    it to another source's passage (see ``_linked``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -419,6 +443,8 @@ class _Claim:
     whole: _Terms
     last: _Terms | None
     """Terms after the claim's last clause break (``, ; : ( ) -``); None if it has none."""
+    negated: bool = False
+    """Whether the claim negates (polarity must match the passage it rests on)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -470,13 +496,13 @@ class LexicalSupportScorer:
         self,
         sources: Sequence[Source],
         *,
-        threshold: float = 0.4,
+        threshold: float = 0.6,
         min_content_words: int = 1,
         name_weight: float = 1.5,
         prefix_credit: float = 0.5,
         missing_number_factor: float = 0.5,
-        missing_name_factor: float = 0.7,
-        clause_fallback: bool = True,
+        missing_name_factor: float = 0.5,
+        clause_fallback: bool = False,
         clause_credit: float = 0.9,
         cache_size: int = 512,
     ) -> None:
@@ -546,9 +572,13 @@ class LexicalSupportScorer:
         spans = _sentence_spans(source.text)
         sentences = [source.text[start:end] for start, end in spans]
         stems = [_content_stems(sentence) for sentence in sentences]
+        negated = [is_negated(sentence) for sentence in sentences]
+        names = [_name_stems(sentence) for sentence in sentences]
         windows = [
-            _Window(text, words, start, end)
-            for text, words, (start, end) in zip(sentences, stems, spans, strict=True)
+            _Window(text, words, start, end, negation, named)
+            for text, words, (start, end), negation, named in zip(
+                sentences, stems, spans, negated, names, strict=True
+            )
         ]
         # A pair's evidence joins its sentences by one space; its span covers the source's
         # own text between them, whatever whitespace that is.
@@ -558,6 +588,8 @@ class LexicalSupportScorer:
                 stems[i] | stems[i + 1],
                 spans[i][0],
                 spans[i + 1][1],
+                negated[i] or negated[i + 1],
+                names[i] | names[i + 1],
             )
             for i in range(len(sentences) - 1)
         )
@@ -588,7 +620,7 @@ class LexicalSupportScorer:
                 last = _terms([token for token in tokens if token.clause == final_clause])
                 if len(last.words) == len(whole.words):
                     last = None
-            analysed = _Claim(whole, last)
+            analysed = _Claim(whole, last, is_negated(claim))
             self._claims.put(claim, analysed)
         return analysed
 
@@ -639,7 +671,7 @@ class LexicalSupportScorer:
         if len(analysed.whole.words) < self._min_content_words:
             return self.score(claim, indices[0])
         sources = [self._indexed[i - 1] for i in indices]
-        matches = [self._match(analysed.whole, source) for source in sources]
+        matches = [self._match(analysed.whole, source, analysed.negated) for source in sources]
         singles = [
             self._result(analysed.whole, source, match, 1.0)
             for source, match in zip(sources, matches, strict=True)
@@ -665,6 +697,10 @@ class LexicalSupportScorer:
         score = min(1.0, max(0.0, score))
         if score <= best.score:
             result = best
+        elif not _linked(analysed.whole, sources, matches):
+            # A sentence stitched from passages about different things is supported by
+            # none of them: the union counts no more than its best source.
+            result = replace(best, detail=f"{best.detail}; sources {list(indices)} not linked")
         else:
             ids = ", ".join(str(i) for i in indices)
             detail = f"coverage {coverage:.2f} by sources {ids} together"
@@ -706,20 +742,23 @@ class LexicalSupportScorer:
                     f"fewer than min_content_words={self._min_content_words}"
                 ),
             )
-        whole = self._score_terms(claim.whole, source, 1.0)
+        whole = self._score_terms(claim.whole, source, 1.0, claim.negated)
         if claim.last is None or whole.score >= self._clause_credit:
             return whole
         # Earlier clauses may be backed by earlier markers of the same sentence; the marker
         # must at least vouch for the clause right before it.
-        last = self._score_terms(claim.last, source, self._clause_credit)
+        last = self._score_terms(claim.last, source, self._clause_credit, claim.negated)
         return last if last.score > whole.score else whole
 
-    def _match(self, terms: _Terms, source: _IndexedSource) -> _Match:
+    def _match(self, terms: _Terms, source: _IndexedSource, negated: bool) -> _Match:
         """Matches claim terms against one indexed source's best window and title.
 
-        The best window covers the most claim weight, title included; among equals, the
-        one whose own words cover the most, then the first (single sentences come before
-        pairs, so the shortest passage wins).
+        Only windows of the claim's polarity count (``negated``: both negate, or neither
+        does). The best window covers the most claim weight, title included; among equals,
+        the one whose own words cover the most, then the first (single sentences come
+        before pairs, so the shortest passage wins). A number or name of the claim is
+        missing unless that window or the title has it: what a claim asserts must be
+        found together in one place.
         """
         names = {stem for stem, _ in terms.entities}
         names.update(number for number, _ in terms.numbers)
@@ -738,7 +777,12 @@ class LexicalSupportScorer:
         best_window = ""
         best_span: tuple[int, int] | None = None
         best_credits: dict[str, float] = {}
+        best_names: frozenset[str] = frozenset()
+        opposed = False
         for window in source.windows or (_Window("", frozenset(), 0, 0),):
+            if window.negated is not negated:
+                opposed = opposed or not window.stems.isdisjoint(weights)
+                continue
             covered = own = 0.0  # all credit, and the credit of the window's own words
             credit_of: dict[str, float] = {}
             for word, weight in weights.items():
@@ -756,19 +800,26 @@ class LexicalSupportScorer:
             if (covered, own) > best:
                 best, best_window, best_credits = (covered, own), window.text, credit_of
                 best_span = (window.start, window.end) if own > 0 else None
-        missing_numbers = tuple(
-            surface for number, surface in terms.numbers if number not in source.vocabulary
+                best_names = window.names
+        found = best_credits.keys()
+        missing_numbers = tuple(surface for number, surface in terms.numbers if number not in found)
+        missing_names = tuple(surface for stem, surface in terms.entities if stem not in found)
+        return _Match(
+            weights,
+            best_credits,
+            best_window,
+            best_span,
+            missing_numbers,
+            missing_names,
+            best_names | source.title_stems,
+            polarity_only=opposed and not best_credits,
         )
-        missing_names = tuple(
-            surface
-            for stem, surface in terms.entities
-            if stem not in source.vocabulary and stem not in prefixed
-        )
-        return _Match(weights, best_credits, best_window, best_span, missing_numbers, missing_names)
 
-    def _score_terms(self, terms: _Terms, source: _IndexedSource, credit: float) -> SupportResult:
+    def _score_terms(
+        self, terms: _Terms, source: _IndexedSource, credit: float, negated: bool
+    ) -> SupportResult:
         """Scores claim terms against one indexed source, scaled by ``credit``."""
-        return self._result(terms, source, self._match(terms, source), credit)
+        return self._result(terms, source, self._match(terms, source, negated), credit)
 
     def _result(
         self, terms: _Terms, source: _IndexedSource, match: _Match, credit: float
@@ -792,6 +843,8 @@ class LexicalSupportScorer:
             detail += f"; missing number {', '.join(missing_numbers[:3])}"
         if missing_names:
             detail += f"; missing name {', '.join(missing_names[:3])}"
+        if match.polarity_only:
+            detail += "; polarity differs: only passages of the opposite polarity share its words"
         return SupportResult(
             score=score,
             is_supported=score >= self._threshold,
@@ -813,7 +866,41 @@ class _Match:
     span: tuple[int, int] | None
     """The best window's offsets in the source text; None if none of its words matched."""
     missing_numbers: tuple[str, ...]
+    """Numbers of the claim neither the best window nor the title has."""
     missing_names: tuple[str, ...]
+    """Names of the claim neither the best window nor the title has."""
+    names: frozenset[str] = frozenset()
+    """The entities of the best window and the title: what links sources in a union."""
+    polarity_only: bool = False
+    """No window of the claim's polarity shares a word with it, though one of the
+    opposite polarity may: the claim is negated where the source is not, or the reverse."""
+
+
+def _linked(terms: _Terms, sources: Sequence[_IndexedSource], matches: Sequence[_Match]) -> bool:
+    """Whether sources may combine to support a claim: each is titled by something the
+    claim says (a comparison of two entities, each passage about its own), or their best
+    passages form one connected group, two linked when they name a common entity (a
+    bridge: the film's passage names its director, whose own passage says where she
+    lives, though the claim may never name her)."""
+    if all(not source.title_stems.isdisjoint(terms.words) for source in sources):
+        return True
+    reached = {0}
+    frontier = [0]
+    while frontier:
+        here = matches[frontier.pop()].names
+        for other, match in enumerate(matches):
+            if other not in reached and not here.isdisjoint(match.names):
+                reached.add(other)
+                frontier.append(other)
+    return len(reached) == len(matches)
+
+
+def _name_stems(text: str) -> frozenset[str]:
+    """Stems of the capitalised words (first words of sentences included) and numbers of
+    passage text: what the passage names."""
+    return frozenset(
+        token.stem for token in _tokens(text) if token.is_number or token.surface[:1].isupper()
+    )
 
 
 def _spans(source: _IndexedSource, match: _Match) -> tuple[Evidence, ...]:

@@ -40,6 +40,7 @@ __all__ = [
     "Reference",
     "RejectionReason",
     "Rollback",
+    "SentenceOrigin",
     "Source",
     "StopReason",
     "TextDelta",
@@ -302,7 +303,7 @@ class Policy(_Input):
     model_config = _FROZEN
     _hint = (
         "mode is one of 'required', 'auto', 'quotes_only'; max_citations_per_sentence "
-        "1..10; fallback 'quote' or 'abstain'; max_uncited_chars 20..2000"
+        "1..10; fallback 'copy', 'quote' or 'abstain'; max_uncited_chars 20..2000"
     )
 
     mode: CitationMode = Field(default=CitationMode.REQUIRED, description="When citations are due.")
@@ -316,13 +317,18 @@ class Policy(_Input):
         ),
     )
     marker_style: MarkerStyle = Field(default=MarkerStyle.BRACKET, description="Marker syntax.")
-    fallback: Literal["quote", "abstain"] = Field(
-        default="quote",
+    fallback: Literal["copy", "quote", "abstain"] = Field(
+        default="copy",
         description=(
-            "REQUIRED: what to do when no sentence the model writes can be supported and "
-            "nothing has been accepted yet: 'quote' writes the best-supported source's "
-            "evidence sentence verbatim with its citation (checked like any other); "
-            "'abstain' ends with stop reason no_supported_answer and an empty text."
+            "REQUIRED: what to do with a sentence that no source supports after its "
+            "retries. 'copy' (grounded recovery) regenerates it constrained to the "
+            "sentences of the best-supported sources, the model's likelihood choosing "
+            "which, cited to its source, and ends the answer after it; when no copy can "
+            "be made and nothing has been accepted yet, it quotes as 'quote' does. "
+            "'quote' keeps the supported sentences before it, or, when nothing has been "
+            "accepted yet, writes the best-supported source's evidence sentence verbatim "
+            "with its citation (checked like any other). 'abstain' keeps the supported "
+            "sentences or ends with stop reason no_supported_answer and an empty text."
         ),
     )
     max_uncited_chars: int = Field(
@@ -355,6 +361,19 @@ class Evidence(BaseModel):
     start: int = Field(ge=0, description="Offset of the span's first character in the source.")
     end: int = Field(ge=0, description="Offset just past the span's last character.")
     text: str = Field(description="The quoted source text, ``source.text[start:end]``.")
+
+
+class SentenceOrigin(StrEnum):
+    """How a cited sentence of the answer was obtained."""
+
+    MODEL = "model"
+    """The model's own words, checked against the sources it cites."""
+    COPY = "copy"
+    """Grounded recovery: the model's own sentence could not be supported, so it was
+    regenerated constrained to the sentences of the best-supported sources (the model's
+    likelihood chose which); a verbatim copy of the cited source."""
+    QUOTE = "quote"
+    """The quote fallback: the source sentence the validator picked, written verbatim."""
 
 
 class Citation(BaseModel):
@@ -392,6 +411,11 @@ class Citation(BaseModel):
         default=0,
         description="Number of the cited source in the reference list (order of first "
         "use, 1-based); 0 in a backend's own events, set by the answer builder.",
+    )
+    origin: SentenceOrigin = Field(
+        default=SentenceOrigin.MODEL,
+        description="How the cited sentence was obtained: the model's own words, a "
+        "grounded copy of a source sentence, or the quote fallback.",
     )
 
 
@@ -432,6 +456,9 @@ class StopReason(StrEnum):
     sentence: the answer abstains (empty text, ``Answer.abstention`` says why)."""
     DEAD_END = "dead_end"
     """No token was allowed by the grammar and the bans together (a bug or a tiny vocabulary)."""
+    FALLBACK = "fallback"
+    """Nothing in the model's own words could be supported: the answer is only grounded
+    copies of source sentences or a quote (``Citation.origin`` says which)."""
 
 
 class RejectionReason(StrEnum):
@@ -537,6 +564,14 @@ class Answer(BaseModel):
     def is_abstained(self) -> bool:
         """True when no answer text could be produced under the policy."""
         return not self.text.strip()
+
+    @property
+    def is_fallback(self) -> bool:
+        """True when the answer has citations and none of them cites the model's own
+        words: every sentence is a grounded copy or a quote of a source."""
+        return bool(self.citations) and all(
+            citation.origin is not SentenceOrigin.MODEL for citation in self.citations
+        )
 
     @property
     def abstention(self) -> str | None:

@@ -17,13 +17,13 @@ token-impossible and bounds each group.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from citebacktrack.errors import ConfigurationError
-from citebacktrack.support import SetSupportScorer, SupportResult, SupportScorer
-from citebacktrack.syntax import quotable_sentence, strip_markers
-from citebacktrack.types import Evidence, Policy, RejectionReason
+from citebacktrack.support import SetSupportScorer, SupportResult, SupportScorer, content_stems
+from citebacktrack.syntax import quotable_sentence, split_sentences, strip_markers
+from citebacktrack.types import Evidence, Policy, RejectionReason, Source
 
 __all__ = ["CitationValidator", "Verdict", "strip_markers"]
 
@@ -72,7 +72,10 @@ class CitationValidator:
         policy: the citation policy (per-sentence limit).
         scorer: support scorer; ``None`` checks only the structural rules.
         min_gain: least rise of the union's score a marker must bring (0..1).
-        partial_support: least score of a source kept as partial support (0..1).
+        partial_support: least share of a sentence's support a partial source must bring
+            beyond the source that completes it (0..1).
+        question: the question the answer is for: a claim must assert more than it.
+        sources: the sources, for grounded recovery (:meth:`grounding`).
     """
 
     def __init__(
@@ -84,6 +87,7 @@ class CitationValidator:
         min_gain: float = 0.1,
         partial_support: float = 0.25,
         question: str | None = None,
+        sources: Sequence[Source] | None = None,
     ) -> None:
         for name, value in (("min_gain", min_gain), ("partial_support", partial_support)):
             if not 0.0 <= value <= 1.0:
@@ -94,7 +98,11 @@ class CitationValidator:
         self.min_gain = min_gain
         self.partial_support = partial_support
         self.question = question
-        """The question the answer is for: what a quote must be relevant to."""
+        """The question the answer is for: what a quote must be relevant to, and what a
+        claim must say more than to be citable."""
+        self._question_stems = content_stems(question) if question else frozenset()
+        self.sources = tuple(sources) if sources is not None else None
+        """The sources, when given: what grounded recovery copies sentences from."""
 
     def forbidden_ids(
         self, sentence_ids: Collection[int], banned: Collection[int]
@@ -141,19 +149,34 @@ class CitationValidator:
             )
         if self.scorer is None:
             return ACCEPTED
+        novel = self.novel_stems(claim)
+        if not novel:
+            return Verdict(
+                is_accepted=False,
+                reason=RejectionReason.UNSUPPORTED,
+                score=0.0,
+                detail="asserts nothing beyond the question: not citable",
+            )
         if not sentence_ids:
             # The first citation of a sentence answers for all of it.
             single = self._union(claim, (source_index,))
             if single.is_supported:
-                return _accept(single)
+                return self._grounded(single, novel)
             if self._completable(claim, (source_index,), single.score):
+                alone = self._alone(claim, (source_index,))
+                if alone:
+                    return _reject(
+                        RejectionReason.REDUNDANT,
+                        single,
+                        f"partial, and [{alone}] alone supports the sentence",
+                    )
                 return _accept(single, complete=False, note="partial support")
             return _reject(RejectionReason.UNSUPPORTED, single)
         single = self.scorer.score(claim, source_index)
         before = self._union(claim, sentence_ids)
         if before.is_supported:
             if single.is_supported:
-                return _accept(single)
+                return self._grounded(single, novel)
             return _reject(
                 RejectionReason.REDUNDANT,
                 single,
@@ -169,10 +192,48 @@ class CitationValidator:
             )
         ids = (*sentence_ids, source_index)
         if after.is_supported:
+            grounded = self._grounded(after, novel)
+            if not grounded.is_accepted:
+                return grounded
             return _accept(after, note=f"together with {list(sentence_ids)}", own=single)
         if self._completable(claim, ids, single.score):
             return _accept(after, complete=False, note="partial support", own=single)
         return _reject(RejectionReason.UNSUPPORTED, after)
+
+    def novel_stems(self, claim: str) -> frozenset[str]:
+        """The content words of ``claim`` its question does not have: what the claim
+        asserts beyond restating the question. Empty means it is not citable."""
+        return content_stems(claim) - self._question_stems
+
+    def _grounded(self, result: SupportResult, novel: frozenset[str]) -> Verdict:
+        """Accepts ``result`` only if the passages it rests on hold something the claim
+        adds to the question (at least half of ``novel``): a sentence supported only in
+        the words it shares with the question restates it."""
+        if not result.spans:
+            return _accept(result)
+        found: set[str] = set()
+        for span in result.spans:
+            found.update(novel & content_stems(span.text))
+        if 2 * len(found) >= len(novel):
+            return _accept(result)
+        missing = ", ".join(sorted(novel - found)[:4])
+        return _reject(
+            RejectionReason.UNSUPPORTED,
+            result,
+            f"what it adds to the question ({missing}) is not in the passage",
+            score=0.0,
+        )
+
+    def _alone(self, claim: str, ids: tuple[int, ...]) -> int | None:
+        """A source not in ``ids`` that supports ``claim`` by itself, if any: a partial
+        marker beside it would be redundant (ALCE precision)."""
+        scorer = self.scorer
+        if scorer is None:  # pragma: no cover - callers check
+            return None
+        for other in range(1, self.n_sources + 1):
+            if other not in ids and scorer.score(claim, other).is_supported:
+                return other
+        return None
 
     def best_sources(self, claim: str, count: int = 1) -> list[tuple[int, float]]:
         """The ``count`` sources that support ``claim`` best, as ``(id, score)``."""
@@ -203,6 +264,37 @@ class CitationValidator:
             return None
         text = quotable_sentence(result.evidence)
         return (source, text) if text else None
+
+    def grounding(self, claim: str, *, limit: int = 16) -> list[tuple[int, str]]:
+        """Sentences the model may copy in place of an unsupported ``claim`` (grounded
+        recovery): every sentence of the source that best supports ``claim`` and of the
+        source that best covers the question, as ``(source, sentence)`` in source order,
+        each one this validator would accept cited to its own source on its own (so a
+        copy is supported and says more than the question). At most ``limit``; empty
+        without a scorer or sources to copy from."""
+        if self.scorer is None or self.sources is None:
+            return []
+        picked: list[int] = []
+        for query in (claim, self.question):
+            if not query:
+                continue
+            best = self.best_sources(query)
+            if best and best[0][1] > 0.0 and best[0][0] not in picked:
+                picked.append(best[0][0])
+        candidates: list[tuple[int, str]] = []
+        for source in sorted(picked):
+            for sentence in split_sentences(self.sources[source - 1].text):
+                text = quotable_sentence(sentence)
+                if not text or (source, text) in candidates:
+                    continue
+                if len(text) > self.policy.max_uncited_chars - 8:
+                    continue  # the grammar's ramble bound would cut it before its marker
+                verdict = self.check(source_index=source, sentence_ids=(), claim=text)
+                if verdict.is_accepted and verdict.is_complete:
+                    candidates.append((source, text))
+                if len(candidates) >= limit:
+                    return candidates
+        return candidates
 
     def evidence(self, claim: str, source_index: int) -> str:
         """The passage of ``source_index`` that best supports ``claim`` ("" if unknown)."""
@@ -239,17 +331,25 @@ class CitationValidator:
         return max((scorer.score(claim, i) for i in ids), key=lambda r: r.score)
 
     def _completable(self, claim: str, ids: tuple[int, ...], own: float) -> bool:
-        """Whether a partial marker may stand: its source supports part of the claim and
-        one more source, still allowed in this sentence, would complete the support."""
-        if own < self.partial_support:
+        """Whether a partial marker may stand: one more source, still allowed in this
+        sentence, would complete the support, and the marker's source (with the others
+        of ``ids``) contributes at least ``partial_support`` of it beyond what that one
+        gives alone. ``own`` (the marker's own score) must be above 0: it matched."""
+        if own <= 0.0 or len(ids) >= self.policy.max_citations_per_sentence:
             return False
-        if len(ids) >= self.policy.max_citations_per_sentence:
+        scorer = self.scorer
+        if scorer is None:  # pragma: no cover - callers check
             return False
-        return any(
-            self._union(claim, (*ids, other)).is_supported
-            for other in range(1, self.n_sources + 1)
-            if other not in ids
-        )
+        for other in range(1, self.n_sources + 1):
+            if other in ids:
+                continue
+            together = self._union(claim, (*ids, other))
+            if (
+                together.is_supported
+                and together.score - scorer.score(claim, other).score >= self.partial_support
+            ):
+                return True
+        return False
 
 
 def _accept(
@@ -277,6 +377,15 @@ def _accept(
     )
 
 
-def _reject(reason: RejectionReason, result: SupportResult, note: str = "") -> Verdict:
-    detail = f"{result.detail}; {note}" if note else result.detail
-    return Verdict(is_accepted=False, reason=reason, score=result.score, detail=detail)
+def _reject(
+    reason: RejectionReason, result: SupportResult, note: str = "", *, score: float | None = None
+) -> Verdict:
+    """Rejects on ``result``; ``score`` overrides its score where the rejection rests on
+    something the score does not measure (a trace never says unsupported with 1.0)."""
+    detail = "; ".join(part for part in (result.detail, note) if part)
+    return Verdict(
+        is_accepted=False,
+        reason=reason,
+        score=result.score if score is None else score,
+        detail=detail,
+    )

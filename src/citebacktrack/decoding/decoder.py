@@ -56,6 +56,7 @@ from citebacktrack.types import (
     Policy,
     RejectionReason,
     Rollback,
+    SentenceOrigin,
     StopReason,
     TextDelta,
     Trace,
@@ -68,6 +69,9 @@ __all__ = ["Decoder"]
 
 _MORE_BYTES = 8
 """After no source supported a claim, bytes the sentence must grow before it cites again."""
+
+_COMPLETE = frozenset({StopReason.END, StopReason.FALLBACK})
+"""Stop reasons after which the whole draft is the answer (nothing was cut)."""
 
 _RECENT_LOGITS = 2
 """Steps whose logits are kept besides checkpoints (covers rollback of the current token)."""
@@ -92,6 +96,7 @@ class _Accepted:
     marker: ClosedMarker
     verdict: Verdict
     claim: str
+    origin: SentenceOrigin = SentenceOrigin.MODEL
 
 
 @dataclass(slots=True)
@@ -704,18 +709,89 @@ class Decoder:
         self._note(run, "fallback", sentence_token, f"{why} for this sentence")
         # Never into released text (a group after a released sentence's end reopens it).
         self._truncate_to(run, max(sentence_token, _kept_tokens(run)), prompt_len)
+        required = self.policy.mode is CitationMode.REQUIRED
         if stuck or self.policy.mode is CitationMode.AUTO:
             run.stop = StopReason.DEAD_END
-        elif run.accepted or self.validator.scorer is None:
+        elif self.validator.scorer is None:
             run.stop = StopReason.NO_VALID_CITATION
-        elif (
-            self.policy.mode is CitationMode.REQUIRED
-            and self.policy.fallback == "quote"
-            and self._quote(run, claim, prompt_len)
-        ):
-            run.stop = StopReason.END
+        elif required and self.policy.fallback == "copy" and self._copy(run, claim, prompt_len):
+            run.stop = self._grounded_stop(run)
+        elif run.accepted:
+            run.stop = StopReason.NO_VALID_CITATION
+        elif required and self.policy.fallback != "abstain" and self._quote(run, claim, prompt_len):
+            run.stop = StopReason.FALLBACK
         else:
             run.stop = StopReason.NO_SUPPORTED_ANSWER
+
+    @staticmethod
+    def _grounded_stop(run: _Run) -> StopReason:
+        """``end`` when some sentence is the model's own, else ``fallback``."""
+        if any(item.origin is SentenceOrigin.MODEL for item in run.accepted):
+            return StopReason.END
+        return StopReason.FALLBACK
+
+    def _copy(self, run: _Run, claim: str, prompt_len: int) -> bool:
+        """Grounded recovery: write, in place of the unsupported sentence, one sentence of
+        the best-supported sources (:meth:`CitationValidator.grounding`) with its
+        citation, decoded greedily under a token trie of those sentences: at each step
+        only tokens that continue some candidate are allowed and the model's logits pick
+        among them, so its likelihood chooses which sentence answers. Every token also
+        goes through the grammar matcher and the copy through the validator; False when
+        there is nothing to copy or the grammar or budget refuses (nothing is changed)."""
+        lead = b"" if not run.out or run.out[-1:].isspace() else b" "
+        trie: dict[tuple[int, ...], set[int]] = {}
+        sources: dict[tuple[int, ...], int] = {}
+        for source, text in self.validator.grounding(claim):
+            tokens = self.index.encode(lead + text.encode("utf-8") + f" [{source}].".encode())
+            if not tokens:
+                continue
+            path = tuple(tokens)
+            sources.setdefault(path, source)
+            for depth in range(len(path)):
+                trie.setdefault(path[:depth], set()).add(path[depth])
+        if not trie:
+            return False
+        start = len(run.steps)
+        written: tuple[int, ...] = ()
+        while written not in sources:
+            options = trie.get(written)
+            if not options or len(run.steps) >= self.budgets.max_new_tokens:
+                self._truncate_to(run, start, prompt_len)
+                return False
+            logits = run.logits
+            ranked = sorted(options, key=lambda t: -float(logits[t]) if logits is not None else t)
+            for token in ranked:
+                if self.matcher.accept_token(token):
+                    break
+            else:
+                self._truncate_to(run, start, prompt_len)
+                return False
+            written = (*written, token)
+            position = len(run.steps)
+            run.steps.append(
+                _Step(
+                    token=token,
+                    rng=run.rng,
+                    state=run.state,
+                    logits=run.logits if position == start else None,
+                    is_checkpoint=position == start,
+                )
+            )
+            run.state, closed = advance(run.state, self.index.tokens[token], position)
+            run.out += self.index.tokens[token]
+            run.generated += 1
+            run.logits = self.runtime.forward([token])
+            run.forward_passes += 1
+            run.kv_steps = len(run.steps)
+            for marker in closed:
+                said, verdict = self._judge(run, marker)
+                if not verdict.is_accepted:
+                    self._truncate_to(run, start, prompt_len)
+                    return False
+                run.accepted.append(_Accepted(marker, verdict, said, SentenceOrigin.COPY))
+        source = sources[written]
+        self._note(run, "fallback", start, f"grounded copy of a sentence of source [{source}]")
+        return True
 
     def _quote(self, run: _Run, claim: str, prompt_len: int) -> bool:
         """Write the evidence sentence the validator picks (:meth:`CitationValidator.quote`:
@@ -755,7 +831,7 @@ class Decoder:
                 if not verdict.is_accepted:
                     self._truncate_to(run, start, prompt_len)
                     return False
-                run.accepted.append(_Accepted(marker, verdict, said))
+                run.accepted.append(_Accepted(marker, verdict, said, SentenceOrigin.QUOTE))
         # One token per forward pass, like every other kept token: the KV cache then holds
         # exactly what decoding these tokens would have left (a batched eval differs by
         # llama.cpp's batch rounding).
@@ -938,7 +1014,7 @@ class Decoder:
         return run.released_chars + len(run.out[start:byte_offset].decode("utf-8", "replace"))
 
     def _safe_offset(self, run: _Run, *, final: bool) -> int:
-        if final and (run.stop is StopReason.END or not self.constrained):
+        if final and (run.stop in _COMPLETE or not self.constrained):
             return len(run.out)
         sentence_token = run.state.sentence_token
         safe = (
@@ -994,13 +1070,14 @@ class Decoder:
                         evidence=self.validator.citation_evidence(
                             item.verdict, item.claim, marker.source_index
                         ),
+                        origin=item.origin,
                     )
                 )
         run.released = safe
         run.released_chars = base + len(text)
 
     def _done(self, run: _Run, prompt_len: int) -> Done:
-        kept = len(run.steps) if run.stop is StopReason.END else _kept_tokens(run)
+        kept = len(run.steps) if run.stop in _COMPLETE else _kept_tokens(run)
         trace = Trace(
             entries=run.trace.entries(),
             dropped_entries=run.trace.dropped,

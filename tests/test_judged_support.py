@@ -1,0 +1,230 @@
+"""The validator against the kinds of citation a careful reader refuses (issue 19).
+
+Hand-made claim/source pairs, one group per kind the judge refused on real retrieval
+input, each with the polarity or linkage that a reader accepts beside the one it refuses:
+a rule that refused everything would fail the accepting half.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from citebacktrack import Policy, Source
+from citebacktrack.support import LexicalSupportScorer, is_negated
+from citebacktrack.types import RejectionReason
+from citebacktrack.validation import CitationValidator
+
+BAND = Source(
+    title="Local H",
+    text="Local H is an American rock band from Zion, Illinois. The band was formed in 1987.",
+)
+BAND_NOT = Source(
+    title="Tarnation",
+    text="Tarnation is not an American band. It was formed in Norway in 1992.",
+)
+ALBUM = Source(
+    title="Big Stone Gap (album)",
+    text="Big Stone Gap is an album by the folk group Blue Hollow, recorded in Big Stone Gap, "
+    "Virginia.",
+)
+CITY_FILM = Source(
+    title="Harbor Lights",
+    text="Harbor Lights is a 2004 drama film set in New York City.",
+)
+FILM = Source(
+    title="Big Stone Gap (film)",
+    text="Big Stone Gap is a 2014 romantic comedy film directed by Adriana Trigiani.",
+)
+DIRECTOR = Source(
+    title="Adriana Trigiani",
+    text="Adriana Trigiani is an American novelist and film director. Trigiani is based in "
+    "New York City.",
+)
+ARENA = Source(
+    title="Rupp Arena",
+    text="Rupp Arena is an indoor arena in Lexington, Kentucky. It opened in 1976 and seats "
+    "20,500.",
+)
+EIFFEL = Source(
+    title="Eiffel Tower",
+    text="The Eiffel Tower is a wrought-iron tower in Paris. It was completed in 1889.",
+)
+SENATOR = Source(
+    title="John Richardson",
+    text="John Richardson was a governor of South Carolina. He died in 1873.",
+)
+MOON = Source(
+    title="Apollo program",
+    text="The Apollo program was run by NASA. It launched the crewed Apollo missions to the Moon.",
+)
+
+
+def validator(sources: list[Source], question: str | None = None) -> CitationValidator:
+    return CitationValidator(
+        n_sources=len(sources),
+        policy=Policy(),
+        scorer=LexicalSupportScorer(sources),
+        question=question,
+        sources=sources,
+    )
+
+
+def check(v: CitationValidator, claim: str, *ids: int):
+    verdict = None
+    for k, source in enumerate(ids):
+        verdict = v.check(source_index=source, sentence_ids=ids[:k], claim=claim)
+        if not verdict.is_accepted:
+            return verdict
+    return verdict
+
+
+# --- 1. negation and contradiction ---------------------------------------------------------
+
+
+def test_negated_claim_against_a_positive_passage_is_refused() -> None:
+    v = validator([BAND])
+    verdict = check(v, "Local H is not an American rock band from Illinois.", 1)
+    assert not verdict.is_accepted
+    assert "polarity" in verdict.detail
+
+
+def test_positive_claim_against_a_positive_passage_is_accepted() -> None:
+    v = validator([BAND])
+    assert check(v, "Local H is an American rock band from Illinois.", 1).is_accepted
+
+
+def test_negated_claim_against_a_negated_passage_is_accepted() -> None:
+    v = validator([BAND_NOT])
+    assert check(v, "Tarnation is not an American band.", 1).is_accepted
+
+
+def test_positive_claim_against_a_negated_passage_is_refused() -> None:
+    v = validator([BAND_NOT])
+    assert not check(v, "Tarnation is an American band.", 1).is_accepted
+
+
+@pytest.mark.parametrize(
+    ("text", "negated"),
+    [("It is not so.", True), ("They didn't go.", True), ("Never again.", True), ("Now.", False)],
+)
+def test_negation_words(text: str, negated: bool) -> None:
+    assert is_negated(text) is negated
+
+
+# --- 2. unions of unrelated passages -------------------------------------------------------
+
+
+def test_union_of_unlinked_passages_is_refused() -> None:
+    v = validator([ALBUM, CITY_FILM])
+    claim = "The director of the romantic comedy Big Stone Gap is based in New York City."
+    verdict = check(v, claim, 1, 2)
+    assert not verdict.is_accepted
+
+
+def test_union_of_linked_passages_is_accepted_with_both_ids() -> None:
+    v = validator([FILM, DIRECTOR])
+    claim = "Big Stone Gap was directed by Adriana Trigiani, who is based in New York City."
+    first = v.check(source_index=1, sentence_ids=(), claim=claim)
+    assert first.is_accepted
+    assert not first.is_complete  # needs its linked partner
+    second = v.check(source_index=2, sentence_ids=(1,), claim=claim)
+    assert second.is_accepted
+    assert second.is_complete
+
+
+# --- 3. right words, wrong entity or value ---------------------------------------------------
+
+
+def test_a_name_the_passage_attaches_to_nothing_is_refused() -> None:
+    v = validator([EIFFEL])
+    verdict = check(v, "The Louvre was completed in 1889.", 1)
+    assert not verdict.is_accepted
+    assert "Louvre" in verdict.detail
+
+
+def test_a_number_in_another_place_of_the_passage_is_refused() -> None:
+    v = validator([SENATOR])
+    # 1873 is his death, in another sentence than the office: the claim's parts are
+    # not found together in one sentence or its neighbour... and the year is not a term.
+    verdict = check(v, "John Richardson was governor of South Carolina from 1840.", 1)
+    assert not verdict.is_accepted
+
+
+def test_the_same_facts_about_the_right_entity_are_accepted() -> None:
+    v = validator([EIFFEL])
+    assert check(v, "The Eiffel Tower was completed in 1889.", 1).is_accepted
+
+
+# --- 4. the passage never names the subject ------------------------------------------------
+
+
+def test_a_passage_that_never_names_the_subject_is_refused() -> None:
+    v = validator([ARENA])
+    verdict = check(v, "The Kentucky Wildcats play in an arena in Lexington that seats 20,500.", 1)
+    assert not verdict.is_accepted
+
+
+# --- 5. sentences that add nothing to the question ------------------------------------------
+
+
+def test_a_restatement_of_the_question_is_not_citable() -> None:
+    question = "When was the Eiffel Tower in Paris completed?"
+    v = validator([EIFFEL], question)
+    verdict = check(v, "The Eiffel Tower in Paris was completed.", 1)
+    assert not verdict.is_accepted
+    assert verdict.score == 0.0
+    assert "beyond the question" in verdict.detail
+
+
+def test_the_answer_to_the_question_is_citable() -> None:
+    question = "When was the Eiffel Tower in Paris completed?"
+    v = validator([EIFFEL], question)
+    assert check(v, "The Eiffel Tower in Paris was completed in 1889.", 1).is_accepted
+
+
+def test_a_claim_with_no_content_words_is_not_citable_and_never_scores_one() -> None:
+    v = validator([EIFFEL, MOON])
+    verdict = check(v, "It is not the same.", 1)
+    assert not verdict.is_accepted
+    assert verdict.score == 0.0
+
+
+# --- 6. order-dependent partial markers ------------------------------------------------------
+
+
+def test_a_partial_marker_is_refused_when_another_source_supports_alone() -> None:
+    nasa = Source(title="NASA", text="NASA is the space agency of the United States.")
+    v = validator([nasa, MOON])
+    claim = "NASA ran the Apollo program, which launched the crewed Apollo missions to the Moon."
+    assert v.check(source_index=2, sentence_ids=(), claim=claim).is_accepted
+    partial = v.check(source_index=1, sentence_ids=(), claim=claim)
+    assert not partial.is_accepted  # [1] then [2] would keep a marker ALCE drops
+    assert partial.reason in (RejectionReason.REDUNDANT, RejectionReason.UNSUPPORTED)
+
+
+def test_a_partial_marker_needs_a_partner_it_adds_to() -> None:
+    v = validator([FILM, DIRECTOR], "Where is the director of Big Stone Gap based?")
+    claim = "Big Stone Gap was directed by Adriana Trigiani, who is based in New York City."
+    assert not v.check(source_index=2, sentence_ids=(), claim=claim).is_complete
+
+
+# --- verbatim copies and grounding candidates ------------------------------------------------
+
+
+def test_a_verbatim_sentence_is_always_accepted() -> None:
+    sources = [BAND, BAND_NOT, ALBUM, CITY_FILM, FILM, DIRECTOR, ARENA, EIFFEL, SENATOR, MOON]
+    v = validator(sources)
+    for number, source in enumerate(sources, 1):
+        sentence = source.text.split(". ")[0] + "."
+        verdict = check(v, sentence, number)
+        assert verdict.is_accepted, (source.title, verdict.detail)
+
+
+def test_grounding_offers_sentences_of_the_best_sources_each_accepted() -> None:
+    question = "When was the Eiffel Tower completed?"
+    v = validator([BAND, EIFFEL, MOON], question)
+    candidates = v.grounding("The tower was finished long ago.")
+    assert candidates
+    assert {source for source, _ in candidates} == {2}
+    for source, sentence in candidates:
+        assert v.check(source_index=source, sentence_ids=(), claim=sentence).is_accepted
