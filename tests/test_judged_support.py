@@ -228,3 +228,21 @@ def test_grounding_offers_sentences_of_the_best_sources_each_accepted() -> None:
     assert {source for source, _ in candidates} == {2}
     for source, sentence in candidates:
         assert v.check(source_index=source, sentence_ids=(), claim=sentence).is_accepted
+
+
+def test_a_question_is_not_citable() -> None:
+    v = validator([EIFFEL])
+    verdict = check(v, "Was the Eiffel Tower completed in 1889?", 1)
+    assert not verdict.is_accepted
+    assert verdict.score == 0.0
+    assert "question asserts nothing" in verdict.detail
+
+
+def test_a_word_many_sources_share_links_nothing() -> None:
+    # "American" names no particular entity: four of five passages say it.
+    singer = Source(title="Joan Avery", text="Joan Avery is an American singer from Ohio.")
+    show = Source(title="Night Lights", text="Night Lights is an American show filmed in Texas.")
+    others = [Source(title=f"Filler {k}", text=f"Filler {k} is an American thing.") for k in (1, 2)]
+    v = validator([singer, show, *others, EIFFEL])
+    claim = "The singer of the show is from Ohio and it was filmed in Texas."
+    assert not check(v, claim, 1, 2).is_accepted

@@ -60,7 +60,7 @@ from citebacktrack.errors import (
     MissingDependencyError,
 )
 from citebacktrack.orchestrator import Citeformer
-from citebacktrack.types import Source, Trace
+from citebacktrack.types import Answer, Source, Trace
 
 __all__ = [
     "DEFAULT_SYSTEMS",
@@ -440,6 +440,8 @@ class SystemOutput:
     text: str
     trace: Trace | None = None
     seconds: float | None = None
+    origins: tuple[str, ...] = ()
+    """How each cited sentence was obtained (``SentenceOrigin`` values), in order."""
 
 
 System = Callable[[Example], SystemOutput]
@@ -451,9 +453,17 @@ def citeformer_system(cf: Citeformer) -> System:
 
     def run(example: Example) -> SystemOutput:
         answer = cf.generate(example.question, example.sources)
-        return SystemOutput(text=answer.text, trace=answer.trace)
+        return SystemOutput(text=answer.text, trace=answer.trace, origins=sentence_origins(answer))
 
     return run
+
+
+def sentence_origins(answer: Answer) -> tuple[str, ...]:
+    """The origin of each cited sentence of ``answer`` (one per sentence, in order)."""
+    seen: dict[int, str] = {}
+    for citation in answer.citations:
+        seen.setdefault(citation.sentence_start, citation.origin.value)
+    return tuple(seen.values())
 
 
 def raw_system(cf: Citeformer) -> System:
@@ -753,6 +763,8 @@ class AnswerRecord:
     seconds: float
     trace: TraceSummary | None = None
     error: str | None = None
+    origins: tuple[str, ...] = ()
+    """How each cited sentence was obtained: ``model``, ``copy`` or ``quote``."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -777,6 +789,9 @@ class SystemSummary:
     tokens_wasted: float | None
     kept_tokens: float | None
     stop_reasons: dict[str, int] = field(default_factory=dict)
+    origins: dict[str, float] = field(default_factory=dict)
+    """Share of cited sentences by origin (``model``, ``copy``, ``quote``); empty when
+    the system reports none."""
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -813,7 +828,14 @@ def summarize(system: str, records: Sequence[AnswerRecord]) -> SystemSummary:
         tokens_wasted=trace_mean("tokens_wasted"),
         kept_tokens=trace_mean("kept_tokens"),
         stop_reasons=dict(sorted(Counter(t.stop_reason for t in traces).items())),
+        origins=_shares([origin for r in records for origin in r.origins]),
     )
+
+
+def _shares(values: Sequence[str]) -> dict[str, float]:
+    """Each distinct value's share of ``values``, most common first."""
+    counts = Counter(values)
+    return {value: count / len(values) for value, count in counts.most_common()}
 
 
 _COLUMNS = (
@@ -873,9 +895,11 @@ class EvaluationReport:
             for name, summary in by_system.items():
                 stops = ", ".join(f"{k} {v}" for k, v in summary.stop_reasons.items()) or "—"
                 errors = f", {summary.errors} error(s)" if summary.errors else ""
+                origins = ", ".join(f"{k} {v:.0%}" for k, v in summary.origins.items())
+                origins = f"; cited sentences: {origins}" if origins else ""
                 notes.append(
                     f"- {name}: micro precision {summary.micro_precision:.3f}, micro recall "
-                    f"{summary.micro_recall:.3f}; stop reasons: {stops}{errors}"
+                    f"{summary.micro_recall:.3f}; stop reasons: {stops}{errors}{origins}"
                 )
             parts.append("")
             parts.extend(notes)
@@ -931,6 +955,7 @@ def evaluate(
                 seconds=output.seconds if output.seconds is not None else elapsed,
                 trace=TraceSummary.of(output.trace) if output.trace is not None else None,
                 error=error,
+                origins=output.origins,
             )
             records.append(record)
             if on_record is not None:

@@ -557,6 +557,8 @@ class LexicalSupportScorer:
             stem: 1.0 + math.log((count + 1) / (df + 1)) for stem, df in document_frequency.items()
         }
         self._idf_unseen = 1.0 + math.log(count + 1)
+        # Words more than two sources have: too common to link two passages in a union.
+        self._common = frozenset(stem for stem, df in document_frequency.items() if df > 2)
         self._cache: _LRU[tuple[str, int], SupportResult] = _LRU(cache_size)
         self._set_cache: _LRU[tuple[str, tuple[int, ...]], SupportResult] = _LRU(cache_size)
         self._claims: _LRU[str, _Claim] = _LRU(min(cache_size, 64))
@@ -697,7 +699,7 @@ class LexicalSupportScorer:
         score = min(1.0, max(0.0, score))
         if score <= best.score:
             result = best
-        elif not _linked(analysed.whole, sources, matches):
+        elif not _linked(analysed.whole, sources, matches, self._common):
             # A sentence stitched from passages about different things is supported by
             # none of them: the union counts no more than its best source.
             result = replace(best, detail=f"{best.detail}; sources {list(indices)} not linked")
@@ -876,18 +878,29 @@ class _Match:
     opposite polarity may: the claim is negated where the source is not, or the reverse."""
 
 
-def _linked(terms: _Terms, sources: Sequence[_IndexedSource], matches: Sequence[_Match]) -> bool:
-    """Whether sources may combine to support a claim: each is titled by something the
-    claim says (a comparison of two entities, each passage about its own), or their best
-    passages form one connected group, two linked when they name a common entity (a
-    bridge: the film's passage names its director, whose own passage says where she
-    lives, though the claim may never name her)."""
-    if all(not source.title_stems.isdisjoint(terms.words) for source in sources):
+def _linked(
+    terms: _Terms,
+    sources: Sequence[_IndexedSource],
+    matches: Sequence[_Match],
+    common: frozenset[str],
+) -> bool:
+    """Whether sources may combine to support a claim: each is titled by what the claim
+    names (at least half of its title's words are the claim's: a comparison of two
+    entities, each passage about its own), or their best passages form one connected
+    group, two linked when they name a common entity that few sources name (not in
+    ``common``: "English" or "American" link nothing). That is a bridge: the film's
+    passage names its director, whose own passage says where she lives, though the claim
+    may never name her."""
+    words = set(terms.words)
+    if all(
+        source.title_stems and 2 * len(source.title_stems & words) >= len(source.title_stems)
+        for source in sources
+    ):
         return True
     reached = {0}
     frontier = [0]
     while frontier:
-        here = matches[frontier.pop()].names
+        here = matches[frontier.pop()].names - common
         for other, match in enumerate(matches):
             if other not in reached and not here.isdisjoint(match.names):
                 reached.add(other)

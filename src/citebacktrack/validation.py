@@ -17,12 +17,13 @@ token-impossible and bounds each group.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from citebacktrack.errors import ConfigurationError
 from citebacktrack.support import SetSupportScorer, SupportResult, SupportScorer, content_stems
-from citebacktrack.syntax import quotable_sentence, split_sentences, strip_markers
+from citebacktrack.syntax import CLOSERS, quotable_sentence, split_sentences, strip_markers
 from citebacktrack.types import Evidence, Policy, RejectionReason, Source
 
 __all__ = ["CitationValidator", "Verdict", "strip_markers"]
@@ -149,6 +150,13 @@ class CitationValidator:
             )
         if self.scorer is None:
             return ACCEPTED
+        if claim.rstrip(CLOSERS).endswith("?"):
+            return Verdict(
+                is_accepted=False,
+                reason=RejectionReason.UNSUPPORTED,
+                score=0.0,
+                detail="a question asserts nothing: not citable",
+            )
         novel = self.novel_stems(claim)
         if not novel:
             return Verdict(
@@ -265,36 +273,56 @@ class CitationValidator:
         text = quotable_sentence(result.evidence)
         return (source, text) if text else None
 
-    def grounding(self, claim: str, *, limit: int = 16) -> list[tuple[int, str]]:
+    def grounding(self, claim: str, *, limit: int = 4) -> list[tuple[int, str]]:
         """Sentences the model may copy in place of an unsupported ``claim`` (grounded
-        recovery): every sentence of the source that best supports ``claim`` and of the
-        source that best covers the question, as ``(source, sentence)`` in source order,
-        each one this validator would accept cited to its own source on its own (so a
-        copy is supported and says more than the question). At most ``limit``; empty
-        without a scorer or sources to copy from."""
+        recovery), as ``(source, sentence)``, most relevant first.
+
+        Every sentence of every source is a candidate if it is a whole sentence (its
+        first letter or digit a capital letter, at least four words: not a piece left
+        by an abbreviation) that this validator accepts cited alone to its own source,
+        so a copy is supported and says more than the question. Relevance is the
+        inverse-document-frequency weight of the words it shares with the question
+        (doubled) and the claim; a sentence that shares no word with the question that
+        half the sources or fewer have is not relevant. The ``limit`` most relevant are
+        kept: the model's likelihood chooses among them. Empty without a scorer or
+        sources to copy from.
+        """
         if self.scorer is None or self.sources is None:
             return []
-        picked: list[int] = []
-        for query in (claim, self.question):
-            if not query:
-                continue
-            best = self.best_sources(query)
-            if best and best[0][1] > 0.0 and best[0][0] not in picked:
-                picked.append(best[0][0])
-        candidates: list[tuple[int, str]] = []
-        for source in sorted(picked):
-            for sentence in split_sentences(self.sources[source - 1].text):
+        texts = [source.text for source in self.sources]
+        documents = [content_stems(f"{s.title} {s.text}") for s in self.sources]
+        count = len(documents)
+
+        def idf(stem: str) -> float:
+            frequency = sum(stem in document for document in documents)
+            return math.log((count + 1) / (frequency + 1)) + 1.0
+
+        question = self._question_stems
+        telling = {stem for stem in question if 2 * sum(stem in d for d in documents) <= count}
+        claimed = content_stems(claim) - question
+        ranked: list[tuple[float, int, str]] = []
+        seen: set[str] = set()
+        for source, passage in enumerate(texts, 1):
+            for sentence in split_sentences(passage):
                 text = quotable_sentence(sentence)
-                if not text or (source, text) in candidates:
+                if text in seen or not _whole_sentence(text):
                     continue
+                seen.add(text)
                 if len(text) > self.policy.max_uncited_chars - 8:
                     continue  # the grammar's ramble bound would cut it before its marker
+                stems = content_stems(text)
+                if telling and stems.isdisjoint(telling):
+                    continue
+                relevance = sum(2 * idf(w) for w in stems & question) + sum(
+                    idf(w) for w in stems & claimed
+                )
+                if relevance <= 0.0:
+                    continue
                 verdict = self.check(source_index=source, sentence_ids=(), claim=text)
                 if verdict.is_accepted and verdict.is_complete:
-                    candidates.append((source, text))
-                if len(candidates) >= limit:
-                    return candidates
-        return candidates
+                    ranked.append((relevance, source, text))
+        ranked.sort(key=lambda item: -item[0])  # stable: ties keep source order
+        return [(source, text) for _, source, text in ranked[:limit]]
 
     def evidence(self, claim: str, source_index: int) -> str:
         """The passage of ``source_index`` that best supports ``claim`` ("" if unknown)."""
@@ -350,6 +378,13 @@ class CitationValidator:
             ):
                 return True
         return False
+
+
+def _whole_sentence(text: str) -> bool:
+    """Whether ``text`` reads as a whole sentence: its first letter or digit is a capital
+    letter and it has at least four words (a split after ``c.`` leaves ``1243) was ...``)."""
+    first = next((c for c in text if c.isalnum()), "")
+    return first.isupper() and len(text.split()) >= 4
 
 
 def _accept(
