@@ -102,15 +102,20 @@ def test_stacking_does_not_pay() -> None:
 # ------------------------------------------------------------------ recovery
 
 
-def test_an_unsupportable_answer_quotes_the_source_most_relevant_to_the_question() -> None:
+@pytest.mark.parametrize(("fallback", "how"), [("copy", "grounded copy"), ("quote", "quoted")])
+def test_an_unsupportable_answer_copies_the_source_most_relevant_to_the_question(
+    fallback: str, how: str
+) -> None:
     script = "Stephen King loved purple elephants dancing in Paris [3]."
-    result = answer(script, BRIDGE, "Which 1986 horror film did Stephen King direct?")
+    question = "Which 1986 horror film did Stephen King direct?"
+    result = answer(script, BRIDGE, question, fallback=fallback)
     text = result.text
-    assert result.stop_reason is StopReason.END
+    assert result.stop_reason is StopReason.FALLBACK
+    assert result.is_fallback
     assert text == (
         "Maximum Overdrive is a 1986 American horror film written and directed by Stephen King [1]."
     )
-    assert any("quoted the evidence" in e.detail for e in result.trace.entries)
+    assert any(how in e.detail for e in result.trace.entries)
 
 
 def test_no_source_relevant_to_the_question_is_quoted() -> None:

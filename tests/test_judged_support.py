@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import pytest
 
-from citebacktrack import Policy, Source
+from citebacktrack import (
+    Budgets,
+    Citeformer,
+    MockBackend,
+    Policy,
+    SentenceOrigin,
+    Source,
+    StopReason,
+)
 from citebacktrack.support import LexicalSupportScorer, is_negated
 from citebacktrack.types import RejectionReason
 from citebacktrack.validation import CitationValidator
@@ -195,7 +203,7 @@ def test_a_claim_with_no_content_words_is_not_citable_and_never_scores_one() -> 
 def test_a_partial_marker_is_refused_when_another_source_supports_alone() -> None:
     nasa = Source(title="NASA", text="NASA is the space agency of the United States.")
     v = validator([nasa, MOON])
-    claim = "NASA ran the Apollo program, which launched the crewed Apollo missions to the Moon."
+    claim = "NASA runs the Apollo program, which launched the crewed Apollo missions to the Moon."
     assert v.check(source_index=2, sentence_ids=(), claim=claim).is_accepted
     partial = v.check(source_index=1, sentence_ids=(), claim=claim)
     assert not partial.is_accepted  # [1] then [2] would keep a marker ALCE drops
@@ -246,3 +254,98 @@ def test_a_word_many_sources_share_links_nothing() -> None:
     v = validator([singer, show, *others, EIFFEL])
     claim = "The singer of the show is from Ohio and it was filmed in Texas."
     assert not check(v, claim, 1, 2).is_accepted
+
+
+# --- grounded recovery on the token-level decoder -----------------------------------------
+
+TOWER = [
+    Source(id="louvre", title="Louvre", text="The Louvre is an art museum in Paris."),
+    Source(
+        id="eiffel",
+        title="Eiffel Tower",
+        text="The Eiffel Tower was completed in 1889. It is 330 metres tall.",
+    ),
+    Source(id="wall", title="Great Wall", text="The Great Wall of China is very long."),
+]
+TOWER_QUESTION = "When was the Eiffel Tower completed, and how tall is it?"
+
+
+@pytest.mark.parametrize(
+    ("script", "copy"),
+    [
+        # The model's likelihood picks the copy: it starts the way the model wanted to.
+        ("It is 330 metres tall and made of cheese [1].", "It is 330 metres tall [2]."),
+        (
+            "The Eiffel Tower was completed by aliens from Mars [3].",
+            "The Eiffel Tower was completed in 1889 [2].",
+        ),
+    ],
+)
+def test_an_unsupported_sentence_is_replaced_by_the_copy_the_model_prefers(
+    script: str, copy: str
+) -> None:
+    answer = Citeformer(MockBackend([script])).generate(TOWER_QUESTION, TOWER)
+    assert answer.text == copy
+    assert [c.origin for c in answer.citations] == [SentenceOrigin.COPY]
+    assert answer.stop_reason is StopReason.FALLBACK
+    assert answer.is_fallback
+    assert answer.citations[0].evidence is not None
+    notes = [e.detail for e in answer.trace.entries if e.kind == "fallback"]
+    assert notes[-1] == "grounded copy of a sentence of source [2]"
+
+
+def test_a_copy_after_a_supported_sentence_keeps_it_and_ends_the_answer() -> None:
+    script = "The Eiffel Tower was completed in 1889 [2]. It is made of cheese from Mars [1]."
+    # No sentence regeneration: the scripted model, off its script, would end the answer.
+    cf = Citeformer(MockBackend([script]), budgets=Budgets(sentence_retries=0))
+    answer = cf.generate(TOWER_QUESTION, TOWER)
+    assert answer.text.startswith("The Eiffel Tower was completed in 1889 [2]. ")
+    assert [c.origin for c in answer.citations] == [SentenceOrigin.MODEL, SentenceOrigin.COPY]
+    assert answer.stop_reason is StopReason.END
+    assert not answer.is_fallback
+
+
+@pytest.mark.parametrize(
+    ("fallback", "stop", "origins"),
+    [
+        ("quote", StopReason.FALLBACK, [SentenceOrigin.QUOTE]),
+        ("abstain", StopReason.NO_SUPPORTED_ANSWER, []),
+    ],
+)
+def test_other_fallbacks_quote_or_abstain(
+    fallback: str, stop: StopReason, origins: list[SentenceOrigin]
+) -> None:
+    cf = Citeformer(MockBackend(["Bananas are blue and grow on Mars [1]."]))
+    answer = cf.generate(TOWER_QUESTION, TOWER, policy=Policy(fallback=fallback))
+    assert answer.stop_reason is stop
+    assert [c.origin for c in answer.citations] == origins
+
+
+def test_no_copy_without_sources_to_copy_from_sentence() -> None:
+    # Nothing in these sources is relevant to the question: no copy, no quote.
+    unrelated = [Source(title="Bananas", text="Bananas grow in warm places near rivers.")]
+    answer = Citeformer(MockBackend(["Whatever it was, it was tall [1]."])).generate(
+        TOWER_QUESTION, unrelated
+    )
+    assert answer.text == ""
+    assert answer.stop_reason is StopReason.NO_SUPPORTED_ANSWER
+
+
+def test_what_a_claim_adds_must_all_be_in_the_passage() -> None:
+    choir = Source(title="Silver Bells", text="Ann Lee founded the choir Silver Bells in 1990.")
+    v = validator([choir], "Who founded Silver Bells?")
+    verdict = check(v, "Ann Lee, the lead soprano, founded the choir Silver Bells.", 1)
+    assert not verdict.is_accepted
+    assert "lead" in verdict.detail
+    assert check(v, "Ann Lee founded the choir Silver Bells in 1990.", 1).is_accepted
+    lenient = CitationValidator(
+        n_sources=1,
+        policy=Policy(),
+        scorer=LexicalSupportScorer([choir], threshold=0.5),
+        question="Who founded Silver Bells?",
+        sources=[choir],
+        min_novel=0.5,
+    )
+    assert check(
+        lenient, "Ann Lee, the lead soprano, founded the choir Silver Bells.", 1
+    ).is_accepted

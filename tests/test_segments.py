@@ -352,3 +352,14 @@ def test_engine_notes_become_trace_entries_and_a_one_call_engine_gets_the_whole_
     assert answer.text == GOOD
     assert engine.calls[0].max_tokens == 700
     assert "a citation of document 9 dropped" in [e.detail for e in answer.trace.entries]
+
+
+def test_sentences_that_cite_nothing_checkable_do_not_loop() -> None:
+    # The server-path loop of issue 19: "... [1] and [2] are not the same." over and over.
+    script = "The Eiffel Tower was completed in 1889 [2]. " + "[1] and [3] are not the same. " * 8
+    answer = _cf(script)[0].generate(QUESTION, SOURCES)
+    assert answer.text.startswith("The Eiffel Tower was completed in 1889 [2].")
+    assert "are not the same" not in answer.text
+    assert len(answer.citations) <= 2
+    rejected = [e for e in answer.trace.entries if e.kind == "rejection"]
+    assert rejected

@@ -76,7 +76,10 @@ class CitationValidator:
         partial_support: least share of a sentence's support a partial source must bring
             beyond the source that completes it (0..1).
         question: the question the answer is for: a claim must assert more than it.
-        sources: the sources, for grounded recovery (:meth:`grounding`).
+        sources: the sources, for grounded recovery (:meth:`grounding`) and the titles
+            of the passages a claim rests on.
+        min_novel: least share (0..1) of the content words a claim adds to the question
+            that the passages it rests on must hold.
     """
 
     def __init__(
@@ -89,8 +92,13 @@ class CitationValidator:
         partial_support: float = 0.25,
         question: str | None = None,
         sources: Sequence[Source] | None = None,
+        min_novel: float = 1.0,
     ) -> None:
-        for name, value in (("min_gain", min_gain), ("partial_support", partial_support)):
+        for name, value in (
+            ("min_gain", min_gain),
+            ("partial_support", partial_support),
+            ("min_novel", min_novel),
+        ):
             if not 0.0 <= value <= 1.0:
                 raise ConfigurationError(f"{name} must be in [0, 1], got {value!r}")
         self.n_sources = n_sources
@@ -98,6 +106,9 @@ class CitationValidator:
         self.scorer = scorer
         self.min_gain = min_gain
         self.partial_support = partial_support
+        self.min_novel = min_novel
+        """Least share of what a claim adds to its question that the passages it rests on
+        must hold (every such word, by default)."""
         self.question = question
         """The question the answer is for: what a quote must be relevant to, and what a
         claim must say more than to be citable."""
@@ -200,7 +211,7 @@ class CitationValidator:
             )
         ids = (*sentence_ids, source_index)
         if after.is_supported:
-            grounded = self._grounded(after, novel)
+            grounded = self._grounded(after, novel, also=single)
             if not grounded.is_accepted:
                 return grounded
             return _accept(after, note=f"together with {list(sentence_ids)}", own=single)
@@ -213,16 +224,23 @@ class CitationValidator:
         asserts beyond restating the question. Empty means it is not citable."""
         return content_stems(claim) - self._question_stems
 
-    def _grounded(self, result: SupportResult, novel: frozenset[str]) -> Verdict:
-        """Accepts ``result`` only if the passages it rests on hold something the claim
-        adds to the question (at least half of ``novel``): a sentence supported only in
-        the words it shares with the question restates it."""
-        if not result.spans:
+    def _grounded(
+        self, result: SupportResult, novel: frozenset[str], also: SupportResult | None = None
+    ) -> Verdict:
+        """Accepts ``result`` only if the passages it rests on (with their sources'
+        titles) hold at least ``min_novel`` of what the claim adds to the question
+        (``novel``): a sentence supported only in the words it shares with the question
+        restates it, and one whose own additions are not in the passage asserts what the
+        source does not say."""
+        spans = (*result.spans, *(also.spans if also is not None else ()))
+        if not spans:
             return _accept(result)
         found: set[str] = set()
-        for span in result.spans:
+        for span in spans:
             found.update(novel & content_stems(span.text))
-        if 2 * len(found) >= len(novel):
+            if self.sources is not None:
+                found.update(novel & content_stems(self.sources[span.source_index - 1].title))
+        if len(found) >= self.min_novel * len(novel):
             return _accept(result)
         missing = ", ".join(sorted(novel - found)[:4])
         return _reject(
