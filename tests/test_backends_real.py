@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from citebacktrack import Answer, Citeformer, Source
+from citebacktrack import Answer, Citation, Citeformer, Source
 from citebacktrack.backends.llamacpp_runtime import LlamaCppRuntime
 from citebacktrack.backends.local import LocalBackend
 from citebacktrack.cli import app
@@ -170,12 +170,22 @@ class Recorded:
     sources: list[Source]
 
 
+DISTRACTOR_QUESTION = "Who built the Eiffel Tower, and why?"
+"""A question the embedded model answers with claims the validator refuses first (the
+height question it answers by copying a passage, with no rollback at all)."""
+
+
 @pytest.fixture(scope="module")
-def distractor_run(llama_backend, eiffel_sources: list[Source]) -> Recorded:  # type: ignore[no-untyped-def]
+def distractor_run(llama_backend) -> Recorded:  # type: ignore[no-untyped-def]
     """One greedy, validated answer over retrieved passages, with the KV cache recorded."""
+    if not HAS_BM25:
+        pytest.skip("needs bm25s (citebacktrack[retrieval])")
+    from citebacktrack.retrieval import PassageIndex, load_passages, sample_docs_path
+
+    sources = PassageIndex(load_passages(sample_docs_path())).search(DISTRACTOR_QUESTION, k=5)
     backend = RecordingBackend(llama_backend.runtime)
     cf = Citeformer(backend, budgets=Budgets(max_new_tokens=128))
-    return Recorded(cf.generate(EIFFEL_QUESTION, eiffel_sources), backend, eiffel_sources)
+    return Recorded(cf.generate(DISTRACTOR_QUESTION, sources), backend, sources)
 
 
 # --------------------------------------------------------------------------- grammar
@@ -242,14 +252,19 @@ def test_distractor_citations_are_rejected_and_replaced(distractor_run: Recorded
     assert answer.citations
     assert_markers_are_real(answer, len(sources))
 
-    # Each kept marker passes an independent re-score of its claim against its source.
+    # Each sentence passes an independent re-score of its claim against the sources it
+    # cites together (the per-sentence rule), and a marker cited alone carries that score.
     scorer = LexicalSupportScorer(sources)
+    groups: dict[int, list[Citation]] = {}
     for citation in answer.citations:
-        claim = claim_of(answer, citation.start, citation.sentence_start)
-        result = scorer.score(claim, citation.source_index)
-        assert result.is_supported, (claim, citation.source_index, result.detail)
-        assert citation.support is not None
-        assert citation.support == pytest.approx(result.score)
+        groups.setdefault(citation.sentence_start, []).append(citation)
+    for group in groups.values():
+        claim = claim_of(answer, group[-1].start, group[-1].sentence_start)
+        result = scorer.score_set(claim, [c.source_index for c in group])
+        assert result.is_supported, (claim, [c.source_index for c in group], result.detail)
+        assert all(c.support is not None for c in group)
+        if len(group) == 1:
+            assert group[0].support == pytest.approx(result.score)
     # And references point at the sources that were cited.
     assert {r.source_id for r in answer.references} == {c.source_id for c in answer.citations}
 

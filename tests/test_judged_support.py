@@ -349,3 +349,15 @@ def test_what_a_claim_adds_must_all_be_in_the_passage() -> None:
     assert check(
         lenient, "Ann Lee, the lead soprano, founded the choir Silver Bells.", 1
     ).is_accepted
+
+
+def test_copies_are_sentences_no_splitter_would_cut() -> None:
+    earl = Source(
+        title="Edward Stanley",
+        text="Edward Stanley (c. 1435 - 1504) was an English earl and a soldier in the war. "
+        "Edward Stanley fought at the Battle of Bosworth in the year 1485.",
+    )
+    v = validator([earl], "Which battle did Edward Stanley fight at?")
+    assert [text for _, text in v.grounding("Stanley fought somewhere")] == [
+        "Edward Stanley fought at the Battle of Bosworth in the year 1485"
+    ]

@@ -15,10 +15,12 @@ reasons, events and the trace are the token-level decoder's; what differs:
 * ids come from support as in the decoder: after a rejected marker the resubmission's
   grammar allows only the ids the validator accepts for that sentence, so the engine
   chooses among supported sources;
-* when no id supports the sentence it is thrown away and, the engine being greedy and
-  unable to ban a first token, not regenerated: the answer ends after the supported
-  sentences (``no_valid_citation``) or, when nothing was supported, quotes the
-  best-supported source's evidence (``Policy.fallback="quote"``) or abstains;
+* when no id supports the sentence it is regenerated once, sampled, and then replaced by
+  a grounded copy: the next call's grammar allows only the source sentences the validator
+  offers (``CitationValidator.grounding``), each with its marker, and the engine's
+  likelihood picks one (``Policy.fallback="copy"``, ADR 0011); without a copy the answer
+  ends after the supported sentences (``no_valid_citation``) or, when nothing was
+  supported, quotes the best-supported source's evidence or abstains;
 * token counts are the engine's (``forward_passes`` counts engine calls; tokens of a
   segment cut back by a rejection count as wasted, whole);
 * streaming releases a sentence once the next one starts, as the decoder does.

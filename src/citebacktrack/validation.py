@@ -18,12 +18,19 @@ token-impossible and bounds each group.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from citebacktrack.errors import ConfigurationError
 from citebacktrack.support import SetSupportScorer, SupportResult, SupportScorer, content_stems
-from citebacktrack.syntax import CLOSERS, quotable_sentence, split_sentences, strip_markers
+from citebacktrack.syntax import (
+    CLOSERS,
+    TERMINATORS,
+    quotable_sentence,
+    split_sentences,
+    strip_markers,
+)
 from citebacktrack.types import Evidence, Policy, RejectionReason, Source
 
 __all__ = ["CitationValidator", "Verdict", "strip_markers"]
@@ -300,8 +307,9 @@ class CitationValidator:
         by an abbreviation) that this validator accepts cited alone to its own source,
         so a copy is supported and says more than the question. Relevance is the
         inverse-document-frequency weight of the words it shares with the question
-        (doubled) and the claim; a sentence that shares no word with the question that
-        half the sources or fewer have is not relevant. The ``limit`` most relevant are
+        (doubled) and the claim. A sentence must share a word with the question that at
+        most half of the sources have (any word of the question some source has, when
+        none is that rare); when no source has a word of the question, nothing is. The ``limit`` most relevant are
         kept: the model's likelihood chooses among them. Empty without a scorer or
         sources to copy from.
         """
@@ -316,7 +324,11 @@ class CitationValidator:
             return math.log((count + 1) / (frequency + 1)) + 1.0
 
         question = self._question_stems
-        telling = {stem for stem in question if 2 * sum(stem in d for d in documents) <= count}
+        frequency = {stem: sum(stem in d for d in documents) for stem in question}
+        present = {stem for stem, df in frequency.items() if df}
+        if question and not present:
+            return []  # no source says a word of the question: nothing is relevant
+        telling = {stem for stem in present if 2 * frequency[stem] <= count} or present
         claimed = content_stems(claim) - question
         ranked: list[tuple[float, int, str]] = []
         seen: set[str] = set()
@@ -329,7 +341,7 @@ class CitationValidator:
                 if len(text) > self.policy.max_uncited_chars - 8:
                     continue  # the grammar's ramble bound would cut it before its marker
                 stems = content_stems(text)
-                if telling and stems.isdisjoint(telling):
+                if question and stems.isdisjoint(telling):
                     continue
                 relevance = sum(2 * idf(w) for w in stems & question) + sum(
                     idf(w) for w in stems & claimed
@@ -399,10 +411,18 @@ class CitationValidator:
 
 
 def _whole_sentence(text: str) -> bool:
-    """Whether ``text`` reads as a whole sentence: its first letter or digit is a capital
-    letter and it has at least four words (a split after ``c.`` leaves ``1243) was ...``)."""
+    """Whether ``text`` reads as one whole sentence to any reader: its first letter or
+    digit is a capital letter, it has at least four words (a split after ``c.`` leaves
+    ``1243) was ...``), and no terminator inside it is followed by a space (``(c. 1435``,
+    ``Southampton F.C. season``: the citation grammar knows these abbreviations, but a
+    simpler sentence splitter, a reader's or an evaluator's, would cut the copy in two
+    and leave its first half uncited)."""
     first = next((c for c in text if c.isalnum()), "")
-    return first.isupper() and len(text.split()) >= 4
+    return first.isupper() and len(text.split()) >= 4 and _INNER_END.search(text) is None
+
+
+_INNER_END = re.compile(rf"[{re.escape(TERMINATORS)}][{re.escape(CLOSERS)}]*\s")
+"""A terminator (and closers) followed by whitespace: where simple splitters cut."""
 
 
 def _accept(

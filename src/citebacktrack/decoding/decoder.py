@@ -20,8 +20,11 @@ Escalation when a citation is rejected, per sentence:
 2. then roll back to the start of the sentence and regenerate it, keeping the bans, up to
    ``Budgets.sentence_retries`` times;
 3. then fall back: under AUTO, roll back to the marker and forbid markers in this sentence
-   (the marker is dropped); under REQUIRED or QUOTES_ONLY, end the answer after the last
-   complete sentence with stop reason ``no_valid_citation``.
+   (the marker is dropped); under REQUIRED, replace the sentence by a grounded copy
+   (``Policy.fallback="copy"``: a source sentence the model picks under a token trie of
+   the sentences the validator offers, ADR 0011) and end the answer, else end it after
+   the last complete sentence with stop reason ``no_valid_citation`` (or quote, or
+   abstain, when nothing was accepted); under QUOTES_ONLY, end it there.
 
 Streaming holds text back until it can no longer be rolled back: the current sentence is
 released when the next one starts (or at the end), and, with operators, the last
