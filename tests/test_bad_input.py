@@ -208,7 +208,7 @@ def test_valid_utf8_bytes_are_decoded_and_json_metadata_is_kept() -> None:
             {"max_uncited_chars": 5},
             "max_uncited_chars: input should be greater than or equal to 20",
         ),
-        ({"fallback": "guess"}, "fallback: input should be 'quote' or 'abstain'"),
+        ({"fallback": "guess"}, "fallback: input should be 'copy', 'quote' or 'abstain'"),
         ({"marker_style": "superscript"}, "marker_style:"),
     ],
 )

@@ -23,6 +23,7 @@ from citebacktrack.syntax import (
     sentence_spans,
     split_sentences,
     strip_markers,
+    whole_words,
 )
 from citebacktrack.validation import strip_markers as validation_strip_markers
 from grammar_engines import xgrammar_accepts, xgrammar_compiled
@@ -186,3 +187,16 @@ def test_sentence_spans_are_exactly_the_split_sentences(text: str) -> None:
         assert text[start:end] == text[start:end].strip()
     gaps = zip(bounds[::2], bounds[1::2], strict=True)  # before, between and after spans
     assert all(text[a:b].strip() == "" for a, b in gaps)
+
+
+@pytest.mark.parametrize(
+    ("text", "kept"),
+    [
+        ("Paris is the cap", "Paris is the"),
+        ("Paris is the capital,", "Paris is the capital,"),
+        ("Paris", "Paris"),
+        ("", ""),
+    ],
+)
+def test_whole_words_drops_a_word_the_budget_may_have_cut(text: str, kept: str) -> None:
+    assert whole_words(text) == kept

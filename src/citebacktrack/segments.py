@@ -52,6 +52,7 @@ from citebacktrack.syntax import (
     leading_space,
     split_sentences,
     strip_markers,
+    whole_words,
 )
 from citebacktrack.types import (
     ChatMessage,
@@ -619,7 +620,7 @@ class SegmentLoop:
             return
         sentence = state.sentence_start
         end = state.marker_start if state.in_marker else len(self._draft)
-        claim = self._claim(sentence, end)
+        claim = whole_words(self._claim(sentence, end))  # the budget may cut a word short
         if self._supported_ids(claim, state.sentence_ids, self._bans.get(sentence, set())):
             return
         self._note(end, "the token budget ran out in an unsupported sentence")

@@ -42,6 +42,7 @@ __all__ = [
     "sentence_spans",
     "split_sentences",
     "strip_markers",
+    "whole_words",
 ]
 
 TERMINATORS = ".!?"
@@ -179,6 +180,17 @@ def cite_sentence(sentence: str, markers: str) -> str:
         return f"{sentence} {markers}"
     stem = body.rstrip(TERMINATORS).rstrip()
     return f"{stem} {markers}{body[-1]}"
+
+
+def whole_words(text: str) -> str:
+    """``text`` without a word the budget may have cut short: when it ends inside a word,
+    up to that word's start (a claim cut mid-word, ``... the cap``, is judged on the
+    words it surely has)."""
+    if not text or not text[-1].isalnum():
+        return text
+    head = text.rstrip()
+    cut = max(head.rfind(" "), head.rfind("\n"))
+    return head[: cut + 1].rstrip() if cut >= 0 else text
 
 
 def strip_markers(text: str) -> str:

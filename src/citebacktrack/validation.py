@@ -309,9 +309,9 @@ class CitationValidator:
         inverse-document-frequency weight of the words it shares with the question
         (doubled) and the claim. A sentence must share a word with the question that at
         most half of the sources have (any word of the question some source has, when
-        none is that rare); when no source has a word of the question, nothing is. The ``limit`` most relevant are
-        kept: the model's likelihood chooses among them. Empty without a scorer or
-        sources to copy from.
+        none is that rare); when no source has a word of the question, nothing is. The
+        ``limit`` most relevant are kept: the model's likelihood chooses among them.
+        Empty without a scorer or sources to copy from.
         """
         if self.scorer is None or self.sources is None:
             return []

@@ -48,7 +48,7 @@ from citebacktrack.decoding.sampling import SamplingConfig, propose, sample, sam
 from citebacktrack.decoding.trace_log import TraceLog
 from citebacktrack.decoding.tracker import ClosedMarker, TextState, advance
 from citebacktrack.decoding.vocab_index import VocabularyIndex
-from citebacktrack.syntax import leading_space
+from citebacktrack.syntax import leading_space, whole_words
 from citebacktrack.types import (
     Citation,
     CitationAccepted,
@@ -683,7 +683,8 @@ class Decoder:
         ):
             return
         end = state.marker_start if state.in_marker else len(run.out)
-        claim = self._claim(run, state.sentence_start, end)
+        # Judged on its whole words: the budget may have cut the last one short.
+        claim = whole_words(self._claim(run, state.sentence_start, end))
         banned = run.bans.get(state.sentence_start, set())
         for source_index in range(1, self._n_sources + 1):
             if source_index in banned or source_index in state.sentence_ids:
