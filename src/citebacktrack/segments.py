@@ -45,6 +45,7 @@ from citebacktrack.grammar.citations import (
     is_answer_prefix,
 )
 from citebacktrack.grammar.ir import Grammar, choice, lit
+from citebacktrack.support import content_stems
 from citebacktrack.syntax import (
     CLOSERS,
     TERMINATORS,
@@ -621,6 +622,8 @@ class SegmentLoop:
         sentence = state.sentence_start
         end = state.marker_start if state.in_marker else len(self._draft)
         claim = whole_words(self._claim(sentence, end))  # the budget may cut a word short
+        if not content_stems(claim):
+            return  # nothing to judge yet: the budget cut the sentence
         if self._supported_ids(claim, state.sentence_ids, self._bans.get(sentence, set())):
             return
         self._note(end, "the token budget ran out in an unsupported sentence")

@@ -48,6 +48,7 @@ from citebacktrack.decoding.sampling import SamplingConfig, propose, sample, sam
 from citebacktrack.decoding.trace_log import TraceLog
 from citebacktrack.decoding.tracker import ClosedMarker, TextState, advance
 from citebacktrack.decoding.vocab_index import VocabularyIndex
+from citebacktrack.support import content_stems
 from citebacktrack.syntax import leading_space, whole_words
 from citebacktrack.types import (
     Citation,
@@ -685,6 +686,8 @@ class Decoder:
         end = state.marker_start if state.in_marker else len(run.out)
         # Judged on its whole words: the budget may have cut the last one short.
         claim = whole_words(self._claim(run, state.sentence_start, end))
+        if not content_stems(claim):
+            return  # nothing to judge yet: the budget cut the sentence
         banned = run.bans.get(state.sentence_start, set())
         for source_index in range(1, self._n_sources + 1):
             if source_index in banned or source_index in state.sentence_ids:
