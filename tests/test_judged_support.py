@@ -361,3 +361,19 @@ def test_copies_are_sentences_no_splitter_would_cut() -> None:
     assert [text for _, text in v.grounding("Stanley fought somewhere")] == [
         "Edward Stanley fought at the Battle of Bosworth in the year 1485"
     ]
+
+
+def test_no_copy_when_no_source_names_what_the_question_is_about() -> None:
+    # "designed" is in a source (Eiffel's company designed the tower), the Opera House is
+    # in none: a copy would answer another question.
+    eiffel = Source(
+        title="Eiffel Tower",
+        text="It is named after the engineer Gustave Eiffel, whose company designed and "
+        "built the tower from 1887 to 1889.",
+    )
+    question = "Who designed the Sydney Opera House?"
+    assert validator([eiffel], question).grounding("Frank Lloyd Wright designed it") == []
+    script = "The Opera House was designed by Frank Lloyd Wright [1]."
+    answer = Citeformer(MockBackend([script])).generate(question, [eiffel])
+    assert answer.text == ""
+    assert answer.stop_reason is StopReason.NO_SUPPORTED_ANSWER

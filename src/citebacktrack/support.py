@@ -65,6 +65,7 @@ __all__ = [
     "SupportScorer",
     "content_stems",
     "is_negated",
+    "name_stems",
 ]
 
 
@@ -580,7 +581,7 @@ class LexicalSupportScorer:
         sentences = [source.text[start:end] for start, end in spans]
         stems = [_content_stems(sentence) for sentence in sentences]
         negated = [is_negated(sentence) for sentence in sentences]
-        names = [_name_stems(sentence) for sentence in sentences]
+        names = [name_stems(sentence) for sentence in sentences]
         windows = [
             _Window(text, words, start, end, negation, named)
             for text, words, (start, end), negation, named in zip(
@@ -913,9 +914,9 @@ def _linked(
     return len(reached) == len(matches)
 
 
-def _name_stems(text: str) -> frozenset[str]:
+def name_stems(text: str) -> frozenset[str]:
     """Stems of the capitalised words (first words of sentences included) and numbers of
-    passage text: what the passage names."""
+    ``text``: what a passage or a question names."""
     return frozenset(
         token.stem for token in _tokens(text) if token.is_number or token.surface[:1].isupper()
     )

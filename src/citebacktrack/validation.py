@@ -23,7 +23,13 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from citebacktrack.errors import ConfigurationError
-from citebacktrack.support import SetSupportScorer, SupportResult, SupportScorer, content_stems
+from citebacktrack.support import (
+    SetSupportScorer,
+    SupportResult,
+    SupportScorer,
+    content_stems,
+    name_stems,
+)
 from citebacktrack.syntax import (
     CLOSERS,
     TERMINATORS,
@@ -309,7 +315,8 @@ class CitationValidator:
         inverse-document-frequency weight of the words it shares with the question
         (doubled) and the claim. A sentence must share a word with the question that at
         most half of the sources have (any word of the question some source has, when
-        none is that rare); when no source has a word of the question, nothing is. The
+        none is that rare); when no source has a word of the question, or none names
+        anything the question names (``Sydney Opera House``), nothing is. The
         ``limit`` most relevant are kept: the model's likelihood chooses among them.
         Empty without a scorer or sources to copy from.
         """
@@ -328,6 +335,9 @@ class CitationValidator:
         present = {stem for stem, df in frequency.items() if df}
         if question and not present:
             return []  # no source says a word of the question: nothing is relevant
+        named = name_stems(self.question or "") & question
+        if named and not any(stem in d for stem in named for d in documents):
+            return []  # no source names what the question is about
         telling = {stem for stem in present if 2 * frequency[stem] <= count} or present
         claimed = content_stems(claim) - question
         ranked: list[tuple[float, int, str]] = []
