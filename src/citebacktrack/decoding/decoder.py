@@ -774,30 +774,40 @@ class Decoder:
                 self._truncate_to(run, start, prompt_len)
                 return False
             written = (*written, token)
-            position = len(run.steps)
-            run.steps.append(
-                _Step(
-                    token=token,
-                    rng=run.rng,
-                    state=run.state,
-                    logits=run.logits if position == start else None,
-                    is_checkpoint=position == start,
-                )
-            )
-            run.state, closed = advance(run.state, self.index.tokens[token], position)
-            run.out += self.index.tokens[token]
-            run.generated += 1
+            if not self._force(run, token, start, prompt_len, SentenceOrigin.COPY):
+                return False
             run.logits = self.runtime.forward([token])
             run.forward_passes += 1
             run.kv_steps = len(run.steps)
-            for marker in closed:
-                said, verdict = self._judge(run, marker)
-                if not verdict.is_accepted:
-                    self._truncate_to(run, start, prompt_len)
-                    return False
-                run.accepted.append(_Accepted(marker, verdict, said, SentenceOrigin.COPY))
         source = sources[written]
         self._note(run, "fallback", start, f"grounded copy of a sentence of source [{source}]")
+        return True
+
+    def _force(
+        self, run: _Run, token: int, start: int, prompt_len: int, origin: SentenceOrigin
+    ) -> bool:
+        """Take ``token`` (the matcher has accepted it) as a step of a copy or quote that
+        began at step ``start``, judging the markers it closes; on a refused one, undo
+        everything from ``start`` and return False. The caller evaluates the token."""
+        position = len(run.steps)
+        run.steps.append(
+            _Step(
+                token=token,
+                rng=run.rng,
+                state=run.state,
+                logits=run.logits if position == start else None,
+                is_checkpoint=position == start,
+            )
+        )
+        run.state, closed = advance(run.state, self.index.tokens[token], position)
+        run.out += self.index.tokens[token]
+        run.generated += 1
+        for marker in closed:
+            said, verdict = self._judge(run, marker)
+            if not verdict.is_accepted:
+                self._truncate_to(run, start, prompt_len)
+                return False
+            run.accepted.append(_Accepted(marker, verdict, said, origin))
         return True
 
     def _quote(self, run: _Run, claim: str, prompt_len: int) -> bool:
@@ -821,24 +831,8 @@ class Decoder:
             if not self.matcher.accept_token(token):
                 self._truncate_to(run, start, prompt_len)  # undoes the tokens taken so far
                 return False
-            position = len(run.steps)
-            step = _Step(
-                token=token,
-                rng=run.rng,
-                state=run.state,
-                logits=run.logits if position == start else None,
-                is_checkpoint=position == start,
-            )
-            run.state, closed = advance(run.state, self.index.tokens[token], position)
-            run.steps.append(step)
-            run.out += self.index.tokens[token]
-            run.generated += 1
-            for marker in closed:
-                said, verdict = self._judge(run, marker)
-                if not verdict.is_accepted:
-                    self._truncate_to(run, start, prompt_len)
-                    return False
-                run.accepted.append(_Accepted(marker, verdict, said, SentenceOrigin.QUOTE))
+            if not self._force(run, token, start, prompt_len, SentenceOrigin.QUOTE):
+                return False
         # One token per forward pass, like every other kept token: the KV cache then holds
         # exactly what decoding these tokens would have left (a batched eval differs by
         # llama.cpp's batch rounding).
