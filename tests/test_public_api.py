@@ -85,6 +85,7 @@ RAG_ESSENTIALS = {
     "Trace",
     "TraceEntry",
     "StopReason",
+    "SentenceOrigin",
     "RejectionReason",
     "render",
     # stream events
