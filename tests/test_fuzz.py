@@ -579,9 +579,15 @@ def check_family(run: DecodeRun) -> None:
     if case.dead_after == 0:  # the grammar allows nothing at all
         assert trace.stop_reason is StopReason.DEAD_END
         assert run.text == ""
-    if case.scorer in ("none", "accept-all"):
+    if case.scorer == "none":
         # Nothing to reject: out-of-range ids, duplicates and empty markers are masked.
         assert trace.rejections == 0
+    if case.scorer == "accept-all":
+        # Only what is not citable (a claim with no word beyond the question, or a
+        # question) is refused, whatever the scorer says, and with score 0 (ADR 0011).
+        for entry in trace.entries:
+            if entry.kind == "rejection":
+                assert entry.score == 0.0, entry
     if case.scorer == "reject-all":
         assert not accepted
         if case.mode is CitationMode.REQUIRED:
@@ -840,7 +846,7 @@ def expected_segment_stop(run: SegmentRun, trace: Trace, *, had_accepted: bool) 
     def gave_up(notes: list[str]) -> StopReason | None:
         """The policy's fallback for a sentence no citation was found for."""
         if notes and notes[-1].startswith("quoted the evidence"):
-            return StopReason.END
+            return StopReason.FALLBACK  # only a quote: nothing of the model's was kept
         if "no valid citation for this sentence" in notes and case.mode is not CitationMode.AUTO:
             if had_accepted or not has_scorer:
                 return StopReason.NO_VALID_CITATION

@@ -887,14 +887,23 @@ class Decoder:
         best_id, best_score = best[0] if best else (0, 0.0)
         if best_score > run.best_refused[0]:
             run.best_refused = (best_score, best_id, claim)
+        # The verdict on the best source says why (a claim that is not citable scores 0
+        # whatever the scorer gives its words): a trace never says unsupported with 1.0.
+        verdict = (
+            self.validator.check(source_index=best_id, sentence_ids=state.sentence_ids, claim=claim)
+            if best_id
+            else None
+        )
+        score = verdict.score if verdict is not None and verdict.score is not None else best_score
+        why = verdict.detail if verdict is not None else "no source"
         yield self._rejection(
             run,
             token_position=marker_token,
             byte_offset=state.marker_start,
             source_index=best_id,
             reason=RejectionReason.UNSUPPORTED,
-            score=best_score,
-            detail=f"no source supports {claim[-80:]!r}; best [{best_id}] {best_score:.2f}",
+            score=score,
+            detail=f"no source supports {claim[-80:]!r}; best [{best_id}] {score:.2f}: {why}",
         )
         retries = run.marker_retries.get(sentence, 0) + 1
         run.marker_retries[sentence] = retries
