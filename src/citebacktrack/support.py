@@ -334,8 +334,6 @@ def content_stems(text: str) -> frozenset[str]:
     return frozenset(token.stem for token in _tokens(text))
 
 
-_content_stems = content_stems
-
 _NEGATION_RE = re.compile(
     r"\b(?:not|no|never|neither|nor|none|nothing|nobody|cannot|without)\b|n't\b", re.IGNORECASE
 )
@@ -579,7 +577,7 @@ class LexicalSupportScorer:
         """Tokenises one source into windows of one and two adjacent sentences."""
         spans = _sentence_spans(source.text)
         sentences = [source.text[start:end] for start, end in spans]
-        stems = [_content_stems(sentence) for sentence in sentences]
+        stems = [content_stems(sentence) for sentence in sentences]
         negated = [is_negated(sentence) for sentence in sentences]
         names = [name_stems(sentence) for sentence in sentences]
         windows = [
@@ -601,7 +599,7 @@ class LexicalSupportScorer:
             )
             for i in range(len(sentences) - 1)
         )
-        title_stems = _content_stems(source.title)
+        title_stems = content_stems(source.title)
         vocabulary = title_stems.union(*stems)
         return _IndexedSource(
             source_index,
