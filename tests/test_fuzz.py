@@ -63,6 +63,7 @@ from citebacktrack.types import (
     Policy,
     RejectionReason,
     Rollback,
+    SentenceOrigin,
     StopReason,
     TextDelta,
     Trace,
@@ -346,6 +347,7 @@ def expected_stop(
     *,
     has_scorer: bool,
     had_accepted: bool,
+    had_own_sentence: bool = False,
 ) -> StopReason:
     """The stop reason what was observed calls for (``held``: the generated tokens in the
     model's cache at the end, which are the decoder's kept steps).
@@ -363,8 +365,12 @@ def expected_stop(
     notes = [e.detail for e in trace.entries if e.kind == "fallback"]
     if matcher.last_accepted in STOP_IDS:
         return StopReason.END
-    if notes and notes[-1].startswith(("repeated sentence", "quoted the evidence")):
+    if notes and notes[-1].startswith("repeated sentence"):
         return StopReason.END
+    if notes and notes[-1].startswith("quoted the evidence"):
+        return StopReason.FALLBACK  # a quote is written only when nothing was accepted
+    if notes and notes[-1].startswith("grounded copy"):
+        return StopReason.END if had_own_sentence else StopReason.FALLBACK
     if notes and notes[-1] == "the grammar allows no token for this sentence":
         return StopReason.DEAD_END  # a grammar dead end is no citation failure
     if notes and notes[-1] == "no valid citation for this sentence":
@@ -518,6 +524,7 @@ def check_decode(run: DecodeRun) -> None:
         run.runtime.generated,
         has_scorer=run.request.validator is not None and run.request.validator.scorer is not None,
         had_accepted=had_accepted,
+        had_own_sentence=any(c.origin is SentenceOrigin.MODEL for c in accepted),
     )
     assert trace.stop_reason is expected, (trace.stop_reason, expected, trace.entries[-3:])
     # Citations: in range, where the text says, and each one passed the validator.
