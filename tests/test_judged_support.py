@@ -256,6 +256,59 @@ def test_a_word_many_sources_share_links_nothing() -> None:
     assert not check(v, claim, 1, 2).is_accepted
 
 
+def test_a_name_the_claim_states_is_no_bridge() -> None:
+    # Both passages mention CBS, but they are about two different stations.
+    atlanta = Source(
+        title="WGCL-TV",
+        text="WGCL-TV is a CBS-affiliated television station in Atlanta. It is owned by the "
+        "Meredith Corporation.",
+    )
+    sherman = Source(
+        title="KXII",
+        text="KXII, virtual channel 12, is a CBS-affiliated television station in Sherman.",
+    )
+    v = validator([atlanta, sherman])
+    claim = "Channel 12 is a CBS-affiliated television station owned by the Meredith Corporation."
+    assert not check(v, claim, 1, 2).is_accepted
+
+
+def test_a_shared_year_is_no_bridge() -> None:
+    episode = Source(
+        title="Pirate Ghost",
+        text="Pirate Ghost is an episode of South Park that aired on October 27, 1999.",
+    )
+    song = Source(
+        title="Losing California",
+        text="Losing California is a song by Sloan that debuted as a single in 1999.",
+    )
+    v = validator([episode, song])
+    claim = "The song Losing California debuted in the October 27, 1999 episode of South Park."
+    assert not check(v, claim, 1, 2).is_accepted
+
+
+def test_a_generic_title_word_does_not_make_a_passage_the_subject() -> None:
+    # "University" is the claim's word, but "University of Nairobi" is not its subject.
+    nairobi = Source(
+        title="University of Nairobi",
+        text="The University of Nairobi grew out of the University of East Africa.",
+    )
+    rugby = Source(
+        title="Loughborough Students RUFC",
+        text="Loughborough Students RUFC is the rugby club that serves Loughborough Students' "
+        "Union.",
+    )
+    others = [Source(title=f"{k} University", text=f"{k} University is a university.") for k in "AB"]
+    v = validator([nairobi, rugby, *others])
+    claim = "Loughborough Students' Union serves the University of East Africa."
+    assert not check(v, claim, 1, 2).is_accepted
+    # Two passages each about an entity the claim names do combine (a comparison).
+    inn = Source(title="Pizza Inn", text="Pizza Inn is a restaurant chain based in Texas.")
+    gino = Source(title="Papa Gino's", text="Papa Gino's is a restaurant chain based in Boston.")
+    v = validator([inn, gino])
+    claim = "Pizza Inn is based in Texas, while Papa Gino's is based in Boston."
+    assert check(v, claim, 1, 2).is_accepted
+
+
 # --- grounded recovery on the token-level decoder -----------------------------------------
 
 TOWER = [

@@ -703,7 +703,7 @@ class LexicalSupportScorer:
         score = min(1.0, max(0.0, score))
         if score <= best.score:
             result = best
-        elif not _linked(analysed.whole, sources, matches, self._common):
+        elif not _linked(analysed.whole, sources, matches, self._common, self._idf):
             # A sentence stitched from passages about different things is supported by
             # none of them: the union counts no more than its best source.
             result = replace(best, detail=f"{best.detail}; sources {list(indices)} not linked")
@@ -887,26 +887,39 @@ def _linked(
     sources: Sequence[_IndexedSource],
     matches: Sequence[_Match],
     common: frozenset[str],
+    idf: Callable[[str], float],
 ) -> bool:
     """Whether sources may combine to support a claim: each is titled by what the claim
-    names (at least half of its title's words are the claim's: a comparison of two
-    entities, each passage about its own), or their best passages form one connected
-    group, two linked when they name a common entity that few sources name (not in
-    ``common``: "English" or "American" link nothing). That is a bridge: the film's
-    passage names its director, whose own passage says where she lives, though the claim
-    may never name her."""
+    names (its title's words, weighted by rarity, are at least half the claim's: a
+    comparison of two entities, each passage about its own; "University" alone does not
+    make "University of Nairobi" the claim's subject), or their best passages form one
+    connected group, two linked when they name a common entity that few sources name and
+    the claim itself does not. That is a bridge: the film's passage names its director,
+    whose own passage says where she lives, though the claim may never name her. A name
+    the claim states is no bridge (two passages that both mention CBS are not about the
+    same station), nor is a number (a year is shared by unrelated events), nor a word
+    many sources name (in ``common``: "English" or "American" link nothing)."""
     words = set(terms.words)
-    if all(
-        source.title_stems and 2 * len(source.title_stems & words) >= len(source.title_stems)
-        for source in sources
-    ):
+
+    def titled(source: _IndexedSource) -> bool:
+        total = sum(idf(stem) for stem in source.title_stems)
+        named = sum(idf(stem) for stem in source.title_stems & words)
+        return total > 0 and 2 * named >= total
+
+    if all(titled(source) for source in sources):
         return True
+    entities = [
+        frozenset(
+            name for name in match.names - common - words if not name[:1].isdigit()
+        )
+        for match in matches
+    ]
     reached = {0}
     frontier = [0]
     while frontier:
-        here = matches[frontier.pop()].names - common
-        for other, match in enumerate(matches):
-            if other not in reached and not here.isdisjoint(match.names):
+        here = entities[frontier.pop()]
+        for other, names in enumerate(entities):
+            if other not in reached and not here.isdisjoint(names):
                 reached.add(other)
                 frontier.append(other)
     return len(reached) == len(matches)
