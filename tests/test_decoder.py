@@ -255,7 +255,7 @@ def _snapshot(decoder: Decoder, run: _Run) -> tuple:
     allowed = decoder._allowed(run, len(run.steps))
     assert allowed is not None
     assert run.logits is not None
-    return (run.logits.copy(), allowed.copy(), run.state, bytes(run.out), run.rng)
+    return (run.logits.copy(), allowed.copy(), run.state, bytes(run.draft.out), run.rng)
 
 
 def _same(a: tuple, b: tuple) -> None:
@@ -278,7 +278,7 @@ def test_rollback_then_replay_equals_never_rolling_back(
         VOCAB, seed=seed, bias=_bias({b"[": 2.0, b"]": 2.0, b"1": 2.0, b" ": 1.0})
     )
     decoder = _decoder(runtime)
-    run = _Run(rng=0, state=decoder.initial_state)
+    run = decoder._new_run()
     prompt = [5, 6, 7]
     run.logits = runtime.prefill(prompt)
     snapshots, tokens = [], []

@@ -813,16 +813,16 @@ def run_segment_loop(case: SegmentCase) -> SegmentRun:
                     raise Hang(f"{calls} engine calls, past the budgets' bound of {cap}")
                 clock.now += case.step_s
                 last = engine.complete(call)
-                before = len(loop._totals.entries)
+                before = len(loop.draft.trace)
                 fed = loop.feed(last)
-                marks = (before, len(loop._totals.entries))
+                marks = (before, len(loop.draft.trace))
                 stopped_in_feed = loop.stop_reason is not None
                 rejected = any(isinstance(e, CitationRejected) for e in fed)
                 events += fed
         except BackendError as exc:
             refused = exc
         else:
-            kept_any = bool(loop._accepted)  # accepted markers in the draft as it ended
+            kept_any = bool(loop.draft.accepted)  # accepted markers in the draft as it ended
             events += loop.finish()
     done = events[-1] if events and isinstance(events[-1], Done) else None
     entries = done.trace.entries if done is not None else ()

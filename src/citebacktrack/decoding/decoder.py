@@ -40,19 +40,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from citebacktrack._draft import COMPLETE, Accepted, Draft
 from citebacktrack.decoding.budgets import Budgets
 from citebacktrack.decoding.matcher import TokenMatcher
 from citebacktrack.decoding.operators import Operator, StepStats, StepView
 from citebacktrack.decoding.runtime import Logits, TokenRuntime
 from citebacktrack.decoding.sampling import SamplingConfig, propose, sample, sample_masked
-from citebacktrack.decoding.trace_log import TraceLog
 from citebacktrack.decoding.tracker import ClosedMarker, TextState, advance
 from citebacktrack.decoding.vocab_index import VocabularyIndex
-from citebacktrack.support import content_stems
-from citebacktrack.syntax import leading_space, whole_words
 from citebacktrack.types import (
-    Citation,
-    CitationAccepted,
     CitationMode,
     CitationRejected,
     Done,
@@ -62,20 +58,14 @@ from citebacktrack.types import (
     Rollback,
     SentenceOrigin,
     StopReason,
-    TextDelta,
-    Trace,
     TraceEntry,
-    Usage,
 )
-from citebacktrack.validation import CitationValidator, Verdict, strip_markers
+from citebacktrack.validation import CitationValidator, Verdict
 
 __all__ = ["Decoder"]
 
 _MORE_BYTES = 8
 """After no source supported a claim, bytes the sentence must grow before it cites again."""
-
-_COMPLETE = frozenset({StopReason.END, StopReason.FALLBACK})
-"""Stop reasons after which the whole draft is the answer (nothing was cut)."""
 
 _RECENT_LOGITS = 2
 """Steps whose logits are kept besides checkpoints (covers rollback of the current token)."""
@@ -96,26 +86,16 @@ class _Step:
 
 
 @dataclass(slots=True)
-class _Accepted:
-    marker: ClosedMarker
-    verdict: Verdict
-    claim: str
-    origin: SentenceOrigin = SentenceOrigin.MODEL
-
-
-@dataclass(slots=True)
 class _Run:
-    """Mutable state of one decode; everything a rollback touches lives here."""
+    """Mutable state of one decode; everything a rollback touches lives here (the answer
+    in progress in ``draft``, the token-level state beside it)."""
 
+    draft: Draft
     steps: list[_Step] = field(default_factory=list)
-    out: bytearray = field(default_factory=bytearray)
     state: TextState = field(default_factory=TextState)
     rng: int = 0
     logits: Logits | None = None
     kv_steps: int = 0
-    released: int = 0
-    released_chars: int = 0
-    accepted: list[_Accepted] = field(default_factory=list)
     bans: dict[int, set[int]] = field(default_factory=dict)
     token_bans: dict[int, set[int]] = field(default_factory=dict)
     marker_retries: dict[int, int] = field(default_factory=dict)
@@ -130,13 +110,10 @@ class _Run:
     """The validator's verdict on every id for (claim, prior ids): the ids it would
     refuse are masked before the id is sampled. The last ``_VERDICT_CLAIMS`` claims used,
     least recently used first (a retry at the same marker finds its claim here)."""
-    trace: TraceLog = field(default_factory=TraceLog)
     backtracks: int = 0
-    rejections: int = 0
     wasted: int = 0
     generated: int = 0
     forward_passes: int = 0
-    stop: StopReason | None = None
 
 
 class Decoder:
@@ -195,13 +172,13 @@ class Decoder:
     def run(self, prompt: Sequence[int]) -> Iterator[Event]:
         """Decode an answer to ``prompt``; yield final text, citation events and ``Done``."""
         started = time.perf_counter()
-        run = _Run(rng=self.sampling.seed, state=self.initial_state)
+        run = self._new_run()
         run.logits = self.runtime.prefill(prompt)
         run.forward_passes = 1
         prompt_len = len(prompt)
-        while run.stop is None:
+        while run.draft.stop is None:
             if self._out_of_time(started):
-                run.stop = StopReason.WALL_TIME
+                run.draft.stop = StopReason.WALL_TIME
                 break
             if len(run.steps) >= self.budgets.max_new_tokens:
                 self._out_of_tokens(run, prompt_len)
@@ -209,6 +186,15 @@ class Decoder:
             yield from self._step(run, prompt_len)
         yield from self._release(run, final=True)
         yield self._done(run, prompt_len)
+
+    def _new_run(self) -> _Run:
+        draft = Draft(
+            policy=self.policy,
+            validator=self.validator,
+            source_ids=self.source_ids,
+            constrained=self.constrained,
+        )
+        return _Run(draft=draft, rng=self.sampling.seed, state=self.initial_state)
 
     def _out_of_time(self, started: float) -> bool:
         limit = self.budgets.max_wall_time_s
@@ -262,7 +248,7 @@ class Decoder:
         logits = run.logits
         run.generated += 1
         if token in self.index.stop_ids and (accepted or self.matcher.accept_token(token)):
-            run.stop = StopReason.END
+            run.draft.stop = StopReason.END
             return
         if not accepted and not self.matcher.accept_token(token):
             # The mask said yes and the matcher no: never trust a token twice.
@@ -274,7 +260,7 @@ class Decoder:
         piece = self.index.tokens[token]
         run.state, closed = advance(run.state, piece, position)
         run.steps.append(step)
-        run.out += piece
+        run.draft.out += piece
         run.rng = rng_after
         if run.state.sentence_token == position or b"[" in piece:
             step.is_checkpoint = True
@@ -287,9 +273,9 @@ class Decoder:
                 target = max(self._token_at(run, marker.sentence_start), _kept_tokens(run))
                 self._note(run, "fallback", target, "repeated sentence: the answer ends here")
                 self._truncate_to(run, target, prompt_len)
-                run.stop = StopReason.END
+                run.draft.stop = StopReason.END
                 return
-            run.accepted.append(_Accepted(marker, verdict, claim))
+            run.draft.accepted.append(Accepted(marker, verdict, claim))
         if self.operators and masked is not None:
             depth = self._operators(run, position, token, masked)
             if depth:
@@ -419,9 +405,9 @@ class Decoder:
     def _needs_more(self, run: _Run) -> bool:
         """Right after a partial marker: the group must go on with another marker."""
         state = run.state
-        if not state.in_group or not run.accepted:
+        if not state.in_group or not run.draft.accepted:
             return False
-        last = run.accepted[-1]
+        last = run.draft.accepted[-1]
         return last.marker.end == state.length and not last.verdict.is_complete
 
     def _ramble_room(self, run: _Run) -> int | None:
@@ -522,7 +508,7 @@ class Decoder:
         said = _normalized(self._claim(run, marker.sentence_start, marker.start))
         earlier = {
             _normalized(self._claim(run, a.marker.sentence_start, a.marker.start))
-            for a in run.accepted
+            for a in run.draft.accepted
             if not a.marker.prior_ids and a.marker.sentence_start < marker.sentence_start
         }
         # A sentence that only says again what one earlier sentence said (or a part of it).
@@ -583,35 +569,22 @@ class Decoder:
         detail: str,
     ) -> CitationRejected:
         """Count a rejection and trace it; the event to yield for it."""
-        run.rejections += 1
-        offset = self._char_offset(run, byte_offset)
-        run.trace.append(
-            TraceEntry(
-                kind="rejection",
-                token_position=token_position,
-                char_offset=offset,
-                source_index=source_index or None,
-                reason=reason.value,
-                score=score,
-                detail=detail,
-            )
-        )
-        return CitationRejected(
-            source_index=source_index, reason=reason, score=score, char_offset=offset
+        return run.draft.reject(
+            position=token_position,
+            offset=run.draft.char_offset(byte_offset),
+            source_index=source_index,
+            reason=reason,
+            score=score,
+            detail=detail,
         )
 
     def _claim(self, run: _Run, sentence_start: int, marker_start: int) -> str:
         """The sentence before a marker, markers removed: what the marker must support."""
-        text = run.out[sentence_start:marker_start].decode("utf-8", "replace")
-        return strip_markers(text).strip()
+        return run.draft.claim(sentence_start, marker_start)
 
     def _judge(self, run: _Run, marker: ClosedMarker) -> tuple[str, Verdict]:
         """The claim a closed marker must support, and the validator's verdict on it."""
-        claim = self._claim(run, marker.sentence_start, marker.start)
-        verdict = self.validator.check(
-            source_index=marker.source_index, sentence_ids=marker.prior_ids, claim=claim
-        )
-        return claim, verdict
+        return run.draft.judge(marker)
 
     def _reject(
         self, run: _Run, marker: ClosedMarker, verdict: Verdict, prompt_len: int
@@ -667,36 +640,14 @@ class Decoder:
         self._give_up(run, state, prompt_len, stuck=stuck)
 
     def _out_of_tokens(self, run: _Run, prompt_len: int) -> None:
-        """The token budget ran out. Under REQUIRED a sentence still waiting for its
-        citation is judged as it stands, as if its marker were due now: when no source
-        would support it, it ends the way a sentence no citation can be found for ends
-        (:meth:`_give_up`: the quote, ``no_supported_answer``, or ``no_valid_citation``
-        after supported sentences), so the stop reason names the cause rather than the
-        budget. It stays ``max_new_tokens`` when some source would support the sentence
-        (the budget did cut it) or there is nothing to judge."""
-        run.stop = StopReason.MAX_NEW_TOKENS
+        """The token budget ran out: ``max_new_tokens``, unless the sentence waiting for
+        its citation is one no source would support (:meth:`Draft.unsupported_at_budget`);
+        then it ends like a sentence no citation can be found for (:meth:`_give_up`)."""
+        run.draft.stop = StopReason.MAX_NEW_TOKENS
         state = run.state
-        if (
-            not self.constrained
-            or self.policy.mode is not CitationMode.REQUIRED
-            or self.validator.scorer is None
-            or not (state.dangling or state.in_marker)
-        ):
-            return
-        end = state.marker_start if state.in_marker else len(run.out)
-        # Judged on its whole words: the budget may have cut the last one short.
-        claim = whole_words(self._claim(run, state.sentence_start, end))
-        if not content_stems(claim):
-            return  # nothing to judge yet: the budget cut the sentence
         banned = run.bans.get(state.sentence_start, set())
-        for source_index in range(1, self._n_sources + 1):
-            if source_index in banned or source_index in state.sentence_ids:
-                continue
-            verdict = self.validator.check(
-                source_index=source_index, sentence_ids=state.sentence_ids, claim=claim
-            )
-            if verdict.is_accepted:
-                return
+        if run.draft.unsupported_at_budget(state, banned) is None:
+            return
         self._note(
             run, "fallback", len(run.steps), "the token budget ran out in an unsupported sentence"
         )
@@ -706,36 +657,25 @@ class Decoder:
         self, run: _Run, state: TextState, prompt_len: int, *, stuck: bool = False
     ) -> None:
         """End the answer before the sentence of ``state``, which no citation can be found
-        for: the policy's fallback for it, and the stop reason that says so. ``stuck``:
-        the grammar itself (with the token bans) allowed nothing, whatever the citation
-        rules: that is no citation failure, and the answer ends with ``dead_end``."""
+        for: the policy's fallback for it (:meth:`Draft.give_up`), and the stop reason that
+        says so. ``stuck``: the grammar itself (with the token bans) allowed nothing,
+        whatever the citation rules: that is no citation failure, and the answer ends with
+        ``dead_end``."""
         sentence, sentence_token = state.sentence_start, state.sentence_token
-        end = state.marker_start if state.in_marker else len(run.out)
-        claim = self._claim(run, sentence, max(sentence, end))
+        end = state.marker_start if state.in_marker else len(run.draft.out)
+        claim = run.draft.claim(sentence, max(sentence, end))
         why = "the grammar allows no token" if stuck else "no valid citation"
         self._note(run, "fallback", sentence_token, f"{why} for this sentence")
         # Never into released text (a group after a released sentence's end reopens it).
         self._truncate_to(run, max(sentence_token, _kept_tokens(run)), prompt_len)
-        required = self.policy.mode is CitationMode.REQUIRED
         if stuck or self.policy.mode is CitationMode.AUTO:
-            run.stop = StopReason.DEAD_END
-        elif self.validator.scorer is None:
-            run.stop = StopReason.NO_VALID_CITATION
-        elif required and self.policy.fallback == "copy" and self._copy(run, claim, prompt_len):
-            run.stop = self._grounded_stop(run)
-        elif run.accepted:
-            run.stop = StopReason.NO_VALID_CITATION
-        elif required and self.policy.fallback != "abstain" and self._quote(run, claim, prompt_len):
-            run.stop = StopReason.FALLBACK
-        else:
-            run.stop = StopReason.NO_SUPPORTED_ANSWER
-
-    @staticmethod
-    def _grounded_stop(run: _Run) -> StopReason:
-        """``end`` when some sentence is the model's own, else ``fallback``."""
-        if any(item.origin is SentenceOrigin.MODEL for item in run.accepted):
-            return StopReason.END
-        return StopReason.FALLBACK
+            run.draft.stop = StopReason.DEAD_END
+            return
+        stop = run.draft.give_up(
+            copy=lambda: self._copy(run, claim, prompt_len),
+            quote=lambda: self._quote(run, claim, prompt_len),
+        )
+        run.draft.stop = stop or run.draft.grounded_stop()
 
     def _copy(self, run: _Run, claim: str, prompt_len: int) -> bool:
         """Grounded recovery: write, in place of the unsupported sentence, one sentence of
@@ -745,7 +685,7 @@ class Decoder:
         among them, so its likelihood chooses which sentence answers. Every token also
         goes through the grammar matcher and the copy through the validator; False when
         there is nothing to copy or the grammar or budget refuses (nothing is changed)."""
-        lead = b"" if not run.out or run.out[-1:].isspace() else b" "
+        lead = b"" if not run.draft.out or run.draft.out[-1:].isspace() else b" "
         trie: dict[tuple[int, ...], set[int]] = {}
         sources: dict[tuple[int, ...], int] = {}
         for source, text in self.validator.grounding(claim):
@@ -800,14 +740,14 @@ class Decoder:
             )
         )
         run.state, closed = advance(run.state, self.index.tokens[token], position)
-        run.out += self.index.tokens[token]
+        run.draft.out += self.index.tokens[token]
         run.generated += 1
         for marker in closed:
             said, verdict = self._judge(run, marker)
             if not verdict.is_accepted:
                 self._truncate_to(run, start, prompt_len)
                 return False
-            run.accepted.append(_Accepted(marker, verdict, said, origin))
+            run.draft.accepted.append(Accepted(marker, verdict, said, origin))
         return True
 
     def _quote(self, run: _Run, claim: str, prompt_len: int) -> bool:
@@ -822,7 +762,7 @@ class Decoder:
         if picked is None:
             return False
         source, text = picked
-        lead = b"" if not run.out or run.out[-1:].isspace() else b" "
+        lead = b"" if not run.draft.out or run.draft.out[-1:].isspace() else b" "
         tokens = self.index.encode(lead + text.encode("utf-8") + f" [{source}].".encode())
         start = len(run.steps)
         if tokens is None or start + len(tokens) > self.budgets.max_new_tokens:
@@ -848,7 +788,7 @@ class Decoder:
         citation, unless the grammar itself allows nothing (then regenerating the sentence
         is all that may help, and the answer ends with ``dead_end`` when it does not)."""
         if not run.steps:
-            run.stop = StopReason.DEAD_END
+            run.draft.stop = StopReason.DEAD_END
             return
         state = run.state
         grammar = self.matcher.allowed() & self.index.unblocked
@@ -864,7 +804,7 @@ class Decoder:
             return
         if not state.in_marker and self._needs_more(run):
             # A partial marker whose completion was made impossible: reject it.
-            last = run.accepted[-1]
+            last = run.draft.accepted[-1]
             verdict = Verdict(
                 is_accepted=False,
                 reason=RejectionReason.UNSUPPORTED,
@@ -914,15 +854,10 @@ class Decoder:
         yield from self._rollback(run, marker_token, prompt_len, "no supported id")
 
     def _note(self, run: _Run, kind: str, position: int, detail: str) -> None:
-        offset = run.steps[position].state.length if position < len(run.steps) else len(run.out)
-        run.trace.append(
-            TraceEntry(
-                kind="fallback" if kind == "fallback" else "operator",
-                token_position=position,
-                char_offset=self._char_offset(run, offset),
-                reason=detail,
-                detail=detail,
-            )
+        out = run.draft.out
+        offset = run.steps[position].state.length if position < len(run.steps) else len(out)
+        run.draft.note(
+            position=position, offset=run.draft.char_offset(offset), detail=detail, kind=kind
         )
 
     # ------------------------------------------------------------------ operators
@@ -973,20 +908,20 @@ class Decoder:
         self._truncate_to(run, target, prompt_len)
         run.backtracks += 1
         run.wasted += depth
-        run.trace.append(
+        run.draft.trace.append(
             TraceEntry(
                 kind="rollback",
                 token_position=target,
-                char_offset=self._char_offset(run, len(run.out)),
+                char_offset=run.draft.char_offset(len(run.draft.out)),
                 reason=reason,
                 depth=depth,
             )
         )
         yield Rollback(depth=depth, reason=reason)
         if run.backtracks > self.budgets.max_backtracks:
-            run.stop = StopReason.BACKTRACK_BUDGET
+            run.draft.stop = StopReason.BACKTRACK_BUDGET
         elif run.wasted > self.budgets.max_rolled_back_tokens:
-            run.stop = StopReason.ROLLED_BACK_TOKEN_BUDGET
+            run.draft.stop = StopReason.ROLLED_BACK_TOKEN_BUDGET
 
     def _truncate_to(self, run: _Run, target: int, prompt_len: int) -> None:
         if target >= len(run.steps):
@@ -1005,8 +940,8 @@ class Decoder:
         run.kv_steps = min(run.kv_steps, target)
         run.state, run.rng = step.state, step.rng
         del run.steps[target:]
-        del run.out[step.state.length :]
-        run.accepted = [a for a in run.accepted if a.marker.end <= step.state.length]
+        del run.draft.out[step.state.length :]
+        run.draft.accepted = [a for a in run.draft.accepted if a.marker.end <= step.state.length]
         sentence = step.state.sentence_start
         for key in [k for k in run.bans if k > sentence]:
             del run.bans[key]
@@ -1017,100 +952,47 @@ class Decoder:
 
     # ------------------------------------------------------------------ output
 
-    def _char_offset(self, run: _Run, byte_offset: int) -> int:
-        """Offset in the answer of ``byte_offset`` in the draft: leading whitespace is not
-        part of the answer, so before anything is released it is not counted."""
-        start = run.released or leading_space(run.out)
-        return run.released_chars + len(run.out[start:byte_offset].decode("utf-8", "replace"))
-
     def _safe_offset(self, run: _Run, *, final: bool) -> int:
-        if final and (run.stop in _COMPLETE or not self.constrained):
-            return len(run.out)
+        if final:
+            whole = run.draft.final_offset(run.state)
+            if whole is not None:
+                return whole
         sentence_token = run.state.sentence_token
         safe = (
             run.steps[sentence_token].state.length
             if sentence_token < len(run.steps)
-            else len(run.out)
+            else len(run.draft.out)
         )
         if final:
-            state = run.state
-            complete = state.pending_boundary == 2 and not state.in_marker
-            if complete and (self.policy.mode is not CitationMode.REQUIRED or state.sentence_ids):
-                return len(run.out)  # the last sentence ended; nothing after it was started
             return safe
         if self.hold_back:
             first_open = len(run.steps) - self.hold_back
             safe = min(safe, run.steps[first_open].state.length if first_open >= 0 else 0)
         # Never cut inside a UTF-8 character.
-        while safe > run.released and safe < len(run.out) and run.out[safe] & 0xC0 == 0x80:
+        out, released = run.draft.out, run.draft.released
+        while safe > released and safe < len(out) and out[safe] & 0xC0 == 0x80:
             safe -= 1
         return safe
 
     def _release(self, run: _Run, *, final: bool) -> Iterator[Event]:
-        safe = self._safe_offset(run, final=final)
-        if not run.released:
-            # Leading whitespace is not part of the answer: skip it, never emit it.
-            lead = leading_space(run.out[:safe])
-            if lead == safe:
-                return
-            run.released = lead
-        if safe <= run.released:
-            return
-        start = run.released
-        text = run.out[start:safe].decode("utf-8", "replace")
-        yield TextDelta(text=text)
-        base = run.released_chars
-        for item in run.accepted:
-            marker = item.marker
-            if start <= marker.start and marker.end <= safe:
-                yield CitationAccepted(
-                    citation=Citation(
-                        start=base + len(run.out[start : marker.start].decode("utf-8", "replace")),
-                        end=base + len(run.out[start : marker.end].decode("utf-8", "replace")),
-                        source_index=marker.source_index,
-                        source_id=self.source_ids[marker.source_index - 1],
-                        sentence_start=base
-                        + len(
-                            run.out[start : max(start, marker.sentence_start)].decode(
-                                "utf-8", "replace"
-                            )
-                        ),
-                        claim=item.claim,
-                        support=item.verdict.score,
-                        evidence=self.validator.citation_evidence(
-                            item.verdict, item.claim, marker.source_index
-                        ),
-                        origin=item.origin,
-                    )
-                )
-        run.released = safe
-        run.released_chars = base + len(text)
+        yield from run.draft.release(self._safe_offset(run, final=final))
 
     def _done(self, run: _Run, prompt_len: int) -> Done:
-        kept = len(run.steps) if run.stop in _COMPLETE else _kept_tokens(run)
-        trace = Trace(
-            entries=run.trace.entries(),
-            dropped_entries=run.trace.dropped,
+        kept = len(run.steps) if run.draft.stop in COMPLETE else _kept_tokens(run)
+        return run.draft.done(
             backtracks=run.backtracks,
-            rejections=run.rejections,
-            tokens_wasted=run.wasted,
+            wasted=run.wasted,
             forward_passes=run.forward_passes,
-            kept_tokens=kept,
-            stop_reason=run.stop or StopReason.END,
-        )
-        usage = Usage(
+            kept=kept,
             prompt_tokens=prompt_len,
-            completion_tokens=kept,
-            generated_tokens=run.generated,
-            forward_passes=run.forward_passes,
+            generated=run.generated,
         )
-        return Done(usage=usage, trace=trace)
 
 
 def _kept_tokens(run: _Run) -> int:
     """Tokens whose bytes made it into the released text."""
     for i, step in enumerate(run.steps):
-        if step.state.length >= run.released:
+        if step.state.length >= run.draft.released:
             return i
     return len(run.steps)
 
