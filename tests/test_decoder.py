@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 
 from citebacktrack.backends.local import decode
 from citebacktrack.backends.mock import MockBackend
+from citebacktrack.decoding._run import Run as _Run
 from citebacktrack.decoding.budgets import Budgets
-from citebacktrack.decoding.decoder import Decoder, _Run
+from citebacktrack.decoding.decoder import Decoder
 from citebacktrack.decoding.matcher import XGrammarMatcher
 from citebacktrack.decoding.operators import Repetition
 from citebacktrack.decoding.sampling import SamplingConfig
@@ -557,7 +558,7 @@ def test_one_token_checks_agree_with_the_full_mask_for_every_token_at_every_step
         allowed = self._allowed(run, position)
         room = max(0, self.policy.max_uncited_chars - run.state.uncited_run)
         for token in range(VOCAB.size):
-            fast = self._speculate(run, token, position)
+            fast = self.mask.speculate(run, token, position)
             if fast:
                 self.matcher.rollback(1)
             full = allowed is not None and bool(allowed[token])

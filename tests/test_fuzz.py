@@ -41,8 +41,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from citebacktrack.backends.local import decode
+from citebacktrack.decoding._run import kept_tokens as _kept_tokens
 from citebacktrack.decoding.budgets import Budgets
-from citebacktrack.decoding.decoder import Decoder, _kept_tokens
+from citebacktrack.decoding.decoder import Decoder
 from citebacktrack.decoding.matcher import TokenMatcher, XGrammarMatcher
 from citebacktrack.decoding.runtime import Logits, TokenRuntime, Vocabulary
 from citebacktrack.decoding.sampling import SamplingConfig

@@ -35,6 +35,8 @@ __all__ = [
     "Repetition",
     "StepStats",
     "StepView",
+    "strongest",
+    "view_of",
 ]
 
 
@@ -68,6 +70,39 @@ class StepView:
     probabilities: npt.NDArray[np.float64]
     stats: StepStats
     history: Sequence[StepStats]
+
+
+def view_of(
+    position: int, token: int, masked: npt.NDArray[np.float32], history: Sequence[StepStats]
+) -> StepView:
+    """The step ``token`` drawn from ``masked`` at ``position``, as operators see it."""
+    finite = np.isfinite(masked)
+    shifted = np.where(finite, masked - masked[finite].max(), -np.inf).astype(np.float64)
+    probs = np.exp(shifted)
+    probs /= probs.sum()
+    nonzero = probs[probs > 0]
+    entropy = float(-(nonzero * np.log(nonzero)).sum())
+    top = np.partition(probs, -2)[-2:] if probs.size > 1 else np.array([0.0, probs[0]])
+    stats = StepStats(
+        token=token,
+        probability=float(probs[token]),
+        entropy=entropy,
+        margin=float(top[1] - top[0]),
+        logit=float(masked[token]),
+    )
+    return StepView(position, token, masked, probs, stats, history)
+
+
+def strongest(operators: Sequence[Operator], view: StepView) -> tuple[int, str]:
+    """The deepest rollback any of ``operators`` asks for at ``view`` (0: none), and the
+    name of the first operator that asked for it."""
+    depth, name = 0, ""
+    for operator in operators:
+        wanted = operator.check(view)
+        if wanted > depth:
+            depth = wanted
+            name = type(operator).__name__
+    return depth, name
 
 
 @runtime_checkable
