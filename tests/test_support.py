@@ -21,10 +21,10 @@ from citebacktrack.support import (
     LexicalSupportScorer,
     SupportResult,
     SupportScorer,
-    _normalise_number,
-    _stem,
-    _tokens,
 )
+from citebacktrack.support._text import normalise_number as _normalise_number
+from citebacktrack.support._text import stem_of as _stem
+from citebacktrack.support._text import tokenize as _tokens
 from citebacktrack.syntax import split_sentences
 from citebacktrack.types import Evidence, Source
 
