@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterator
 from dataclasses import replace
@@ -240,16 +241,8 @@ def _bias(boost: dict[bytes, float]) -> np.ndarray:
 
 def _decoder(runtime: PrefixHashRuntime, mode: CitationMode = CitationMode.AUTO) -> Decoder:
     req = request(mode=mode, n_sources=12)
-    return Decoder(
-        runtime,
-        INDEX,
-        XGrammarMatcher(INDEX.compile(req.grammar), VOCAB.size),
-        policy=req.policy,
-        validator=req.validator,
-        sampling=SamplingConfig(),
-        budgets=Budgets(),
-        source_ids=req.source_ids,
-    )
+    req = dataclasses.replace(req, budgets=Budgets(), decoding=DecodingOptions())
+    return Decoder(runtime, INDEX, XGrammarMatcher(INDEX.compile(req.grammar), VOCAB.size), req)
 
 
 def _snapshot(decoder: Decoder, run: _Run) -> tuple:

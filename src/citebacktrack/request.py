@@ -154,7 +154,7 @@ class GenerationRequest:
 
     Raises:
         ConfigurationError: no messages, or a validator built for another number of
-            sources.
+            sources or another policy (the request's policy is the one every part reads).
         InvalidSourcesError: sources that break :func:`check_sources` (the same checks
             ``Citeformer.build_request`` makes).
     """
@@ -180,6 +180,12 @@ class GenerationRequest:
             raise ConfigurationError(
                 f"the validator was built for {validator.n_sources} sources but the request "
                 f"has {len(self.sources)}; build both from the same sources"
+            )
+        if validator is not None and validator.policy != self.policy:
+            raise ConfigurationError(
+                f"the validator was built for {validator.policy!r} but the request has "
+                f"{self.policy!r}; build both from the same policy (Citeformer.build_request "
+                "does)"
             )
 
     @property

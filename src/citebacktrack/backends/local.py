@@ -85,18 +85,7 @@ def decode(
         matcher = FreeMatcher(index.vocabulary.size)
     elif matcher is None:
         matcher = XGrammarMatcher(index.compile(request.grammar), index.vocabulary.size)
-    decoder = Decoder(
-        runtime,
-        index,
-        matcher,
-        policy=request.policy,
-        validator=request.validator,
-        sampling=request.decoding.sampling,
-        budgets=request.budgets,
-        operators=request.decoding.operators,
-        source_ids=request.source_ids,
-        constrained=request.grammar is not None,
-    )
+    decoder = Decoder(runtime, index, matcher, request)
     yield from decoder.run(prompt)
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -43,11 +44,10 @@ from citebacktrack._draft import COMPLETE, Accepted, Draft
 from citebacktrack.decoding._masking import MarkerMask
 from citebacktrack.decoding._recovery import GroundedRecovery
 from citebacktrack.decoding._run import RECENT_LOGITS, Run, Step, kept_tokens
-from citebacktrack.decoding.budgets import Budgets
 from citebacktrack.decoding.matcher import TokenMatcher
-from citebacktrack.decoding.operators import Operator, strongest, view_of
+from citebacktrack.decoding.operators import strongest, view_of
 from citebacktrack.decoding.runtime import Logits, TokenRuntime
-from citebacktrack.decoding.sampling import SamplingConfig, propose, sample, sample_masked
+from citebacktrack.decoding.sampling import propose, sample, sample_masked
 from citebacktrack.decoding.tracker import ClosedMarker, TextState, advance
 from citebacktrack.decoding.vocab_index import VocabularyIndex
 from citebacktrack.types import (
@@ -55,13 +55,15 @@ from citebacktrack.types import (
     CitationRejected,
     Done,
     Event,
-    Policy,
     RejectionReason,
     Rollback,
     StopReason,
     TraceEntry,
 )
 from citebacktrack.validation import CitationValidator, Verdict
+
+if TYPE_CHECKING:
+    from citebacktrack.request import GenerationRequest
 
 __all__ = ["Decoder"]
 
@@ -77,15 +79,11 @@ class Decoder(GroundedRecovery):
         index: the vocabulary index for ``runtime.vocabulary``.
         matcher: the citation grammar's state (:class:`XGrammarMatcher` over the grammar
             compiled with ``index``, or another engine's :class:`TokenMatcher`).
-        policy: the citation policy.
-        validator: citation rules and support; ``None`` accepts every grammatical marker.
-        sampling: how to pick tokens.
-        budgets: limits that end the loop.
-        operators: extra rules that may roll back after any token.
-        source_ids: the id of each source, in order (for the emitted citations).
-        constrained: False decodes with no citation rules at all (the matcher should then
-            allow every token): markers are neither filtered, checked nor reported, and the
-            whole text is released (the raw-model baseline).
+        request: what to decode, the one source of its policy, validator, budgets,
+            sampling, operators and sources. A request without a grammar decodes with no
+            citation rules at all (the matcher should then allow every token): markers
+            are neither filtered, checked nor reported, and the whole text is released
+            (the raw-model baseline).
     """
 
     def __init__(
@@ -93,30 +91,25 @@ class Decoder(GroundedRecovery):
         runtime: TokenRuntime,
         index: VocabularyIndex,
         matcher: TokenMatcher,
-        *,
-        policy: Policy,
-        validator: CitationValidator | None,
-        sampling: SamplingConfig,
-        budgets: Budgets,
-        operators: Sequence[Operator] = (),
-        source_ids: Sequence[str],
-        constrained: bool = True,
+        request: GenerationRequest,
     ) -> None:
+        policy = request.policy
+        constrained = request.grammar is not None
         self.runtime = runtime
         self.index = index
         self.policy = policy
-        self.validator = validator or CitationValidator(
-            n_sources=len(source_ids), policy=policy, scorer=None
+        self.validator = request.validator or CitationValidator(
+            n_sources=request.n_sources, policy=policy, scorer=None
         )
-        self.sampling = sampling
-        self.budgets = budgets
-        self.operators = tuple(operators)
+        self.sampling = request.decoding.sampling
+        self.budgets = request.budgets
+        self.operators = request.decoding.operators
         self.hold_back = max((op.max_depth for op in self.operators), default=0)
-        self.source_ids = tuple(source_ids)
+        self.source_ids = request.source_ids
         self.matcher = matcher
         # Operators need the masked distribution of every step: no shortcut for them.
         self._shortcut = not self.operators
-        self._n_sources = len(source_ids)
+        self._n_sources = request.n_sources
         self.constrained = constrained
         self.mask = MarkerMask(
             index=index,
