@@ -364,12 +364,6 @@ class CitationValidator:
         ranked.sort(key=lambda item: -item[0])  # stable: ties keep source order
         return [(source, text) for _, source, text in ranked[:limit]]
 
-    def evidence(self, claim: str, source_index: int) -> str:
-        """The passage of ``source_index`` that best supports ``claim`` ("" if unknown)."""
-        if self.scorer is None:
-            return ""
-        return self.scorer.score(claim, source_index).evidence
-
     def citation_evidence(self, verdict: Verdict, claim: str, source_index: int) -> Evidence | None:
         """The span of ``source_index`` an accepted marker rests on: the verdict's own
         span in that source, else the scorer's best one (``None`` without a scorer).

@@ -62,11 +62,6 @@ class Vocabulary:
         if self.size == 0:
             object.__setattr__(self, "size", len(self.tokens))
 
-    @property
-    def width(self) -> int:
-        """The logits width (alias of :attr:`size`)."""
-        return self.size
-
 
 @runtime_checkable
 class TokenRuntime(Protocol):
