@@ -35,7 +35,6 @@ __all__ = [
     "Done",
     "Event",
     "Evidence",
-    "MarkerStyle",
     "Policy",
     "Reference",
     "RejectionReason",
@@ -189,13 +188,6 @@ class CitationMode(StrEnum):
     """A double-quoted span must be followed by a citation; other prose may go uncited."""
 
 
-class MarkerStyle(StrEnum):
-    """How a citation marker is written."""
-
-    BRACKET = "bracket"
-    """``[N]``; several sources are written ``[1][2]``, never ``[1, 2]`` or ranges."""
-
-
 class Policy(_Input):
     """What counts as a well-cited answer. The grammar and the validator both follow it.
 
@@ -219,7 +211,6 @@ class Policy(_Input):
             "the validator counts across the sentence and rejects the marker past the limit."
         ),
     )
-    marker_style: MarkerStyle = Field(default=MarkerStyle.BRACKET, description="Marker syntax.")
     fallback: Literal["copy", "quote", "abstain"] = Field(
         default="copy",
         description=(
