@@ -96,9 +96,9 @@ class GbnfVocab:
     """llama.cpp's grammar sampler over a real vocabulary (SmolLM2's, 49,152 tokens)."""
 
     def __init__(self, model_path: Path) -> None:
-        from citebacktrack.backends.llamacpp_runtime import _import_llama_cpp
+        from citebacktrack.backends.llamacpp_runtime import import_llama_cpp
 
-        llama_cpp = _import_llama_cpp()  # closes llama_cpp's /dev/null files at exit
+        llama_cpp = import_llama_cpp()  # closes llama_cpp's /dev/null files at exit
 
         self._lib = llama_cpp
         self.llm = llama_cpp.Llama(model_path=str(model_path), vocab_only=True, verbose=False)

@@ -337,9 +337,11 @@ def test_a_hand_built_request_gives_the_same_answer_as_generate() -> None:
         decoding=request.decoding,
         segments=request.segments,
     )
-    assert cf.generate(by_hand) == cf.generate(QUESTION, SOURCES) == cf.generate(request)
-    with pytest.raises(ConfigurationError, match="pass it alone"):
-        cf.generate(request, SOURCES)  # type: ignore[call-overload]
+    assert cf.run(by_hand) == cf.generate(QUESTION, SOURCES) == cf.run(request)
+    with pytest.raises(ConfigurationError, match=r"pass it to Citeformer\.run\(request\)"):
+        cf.generate(request, SOURCES)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="run takes a GenerationRequest, got str"):
+        cf.run(QUESTION)  # type: ignore[arg-type]
 
 
 def test_the_request_separates_the_task_from_each_mechanisms_options() -> None:

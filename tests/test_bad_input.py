@@ -505,7 +505,7 @@ def test_format_and_template_syntax_in_titles_and_metadata_pass_through_untouche
     request = cf.build_request("What is {capital} of %s France?", [source])
     assert f"(Title: {FORMATTY.strip()})" in request.messages[-1].content
     assert "Question: What is {capital} of %s France?" in request.messages[-1].content
-    answer = cf.generate(request)
+    answer = cf.run(request)
     (reference,) = answer.references
     assert (reference.title, reference.metadata, reference.source_id) == (
         FORMATTY,

@@ -30,7 +30,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from citebacktrack.backends.openai import _parse_response, check_grammar_text
+from citebacktrack.backends._openai_server import parse_response as _parse_response
+from citebacktrack.backends.openai import check_grammar_text
 from citebacktrack.decoding.tracker import ClosedMarker, TextState, advance
 from citebacktrack.errors import BackendError, GrammarError
 from citebacktrack.grammar.citations import citation_grammar, continuation_grammar
@@ -622,7 +623,7 @@ def _anthropic_engine() -> Any:
 @settings(max_examples=examples(300), **FUZZ)
 @given(body=bodies(ANTHROPIC_MESSAGES))
 def test_anthropic_messages_give_a_segment_or_a_backend_error(body: bytes) -> None:
-    from citebacktrack.backends.anthropic import _parse_message
+    from citebacktrack.backends._anthropic_messages import parse_message as _parse_message
 
     engine = _anthropic_engine()
     call = SegmentCall(**{**_call_fields(), "prefix": ""})
@@ -632,7 +633,7 @@ def test_anthropic_messages_give_a_segment_or_a_backend_error(body: bytes) -> No
 @settings(max_examples=examples(300), **FUZZ)
 @given(data=st.data())
 def test_anthropic_streams_give_a_segment_or_a_backend_error(data: st.DataObject) -> None:
-    from citebacktrack.backends.anthropic import _StreamAssembler
+    from citebacktrack.backends._anthropic_messages import StreamAssembler as _StreamAssembler
 
     engine = _anthropic_engine()
     call = SegmentCall(**{**_call_fields(), "prefix": ""})
@@ -678,7 +679,7 @@ DEEP = b"[" * 100_000
 
 
 def _readers() -> dict[str, Callable[[bytes], object]]:
-    from citebacktrack.backends.anthropic import _parse_message
+    from citebacktrack.backends._anthropic_messages import parse_message as _parse_message
 
     call = SegmentCall(**{**_call_fields(), "prefix": ""})
     return {
@@ -717,7 +718,7 @@ def test_chat_tool_calls_that_are_not_a_list_are_a_backend_error(tool_calls: obj
 
 
 def test_an_excerpt_of_json_nested_too_deep_to_print_is_still_text() -> None:
-    from citebacktrack.backends.openai import _excerpt
+    from citebacktrack.backends._sdk import excerpt as _excerpt
 
     nested: list[object] = []
     for _ in range(100_000):

@@ -297,7 +297,9 @@ def test_a_generic_title_word_does_not_make_a_passage_the_subject() -> None:
         text="Loughborough Students RUFC is the rugby club that serves Loughborough Students' "
         "Union.",
     )
-    others = [Source(title=f"{k} University", text=f"{k} University is a university.") for k in "AB"]
+    others = [
+        Source(title=f"{k} University", text=f"{k} University is a university.") for k in "AB"
+    ]
     v = validator([nairobi, rugby, *others])
     claim = "Loughborough Students' Union serves the University of East Africa."
     assert not check(v, claim, 1, 2).is_accepted

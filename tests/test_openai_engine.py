@@ -454,7 +454,7 @@ def test_unemittable_grammar_is_refused_before_any_request(fake: FakeServer) -> 
 def test_unparsable_grammar_is_refused_before_any_request(
     fake: FakeServer, monkeypatch: pytest.MonkeyPatch, server: str, text: str
 ) -> None:
-    import citebacktrack.backends.openai as module
+    import citebacktrack.backends._openai_server as module
 
     monkeypatch.setattr(module, "emit", lambda grammar, dialect: text)
     with pytest.raises(GrammarError):

@@ -688,7 +688,7 @@ def test_engines_say_whether_they_continue_a_prefix() -> None:
 def test_an_unparsable_grammar_is_refused_before_any_request(
     fake: FakeAPI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import citebacktrack.backends.openai_hosted as module
+    import citebacktrack.backends._openai_grammar_tool as module
 
     monkeypatch.setattr(module, "emit", lambda grammar, dialect: "start: (\n")
     with pytest.raises(GrammarError, match="lark"):

@@ -132,7 +132,7 @@ def test_max_tokens_gives_length(engine: Any) -> None:
 def test_invalid_grammar_is_refused_and_the_server_survives(
     engine: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import citebacktrack.backends.openai as module
+    import citebacktrack.backends._openai_server as module
 
     with monkeypatch.context() as patch:
         patch.setattr(module, "emit", lambda grammar, dialect: 'root ::= "a" (')

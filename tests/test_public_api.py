@@ -74,7 +74,6 @@ RAG_ESSENTIALS = {
     "Source",
     "Policy",
     "CitationMode",
-    "MarkerStyle",
     "Budgets",
     "SamplingConfig",
     "Answer",
@@ -103,6 +102,7 @@ RAG_ESSENTIALS = {
 
 PUBLIC_MODULES = [
     "citebacktrack",
+    "citebacktrack.adapters",
     "citebacktrack.answer",
     "citebacktrack.backends",
     "citebacktrack.backends.anthropic",
@@ -121,7 +121,10 @@ PUBLIC_MODULES = [
     "citebacktrack.decoding.operators",
     "citebacktrack.decoding.sampling",
     "citebacktrack.errors",
+    "citebacktrack.evaluation",
     "citebacktrack.grammar",
+    "citebacktrack.grammar.gbnf_check",
+    "citebacktrack.grammar.json_schema",
     "citebacktrack.orchestrator",
     "citebacktrack.render",
     "citebacktrack.request",

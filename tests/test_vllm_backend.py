@@ -298,9 +298,11 @@ def test_generate_many_of_nothing_calls_nothing(vllm: ModuleType) -> None:
 def test_a_model_name_builds_an_llm_with_prefix_caching(vllm: ModuleType) -> None:
     backend = VLLMBackend(
         model=MODEL,
-        tensor_parallel_size=2,
-        pipeline_parallel_size=2,
-        distributed_executor_backend="ray",
+        engine_args={
+            "tensor_parallel_size": 2,
+            "pipeline_parallel_size": 2,
+            "distributed_executor_backend": "ray",
+        },
     )
     llm = backend.engine.llm
     assert isinstance(llm, vllm.LLM)
@@ -312,7 +314,7 @@ def test_a_model_name_builds_an_llm_with_prefix_caching(vllm: ModuleType) -> Non
 
 
 def test_from_async_model_builds_an_async_engine(vllm: ModuleType) -> None:
-    backend = VLLMBackend.from_async_model(MODEL, tensor_parallel_size=2)
+    backend = VLLMBackend.from_async_model(MODEL, engine_args={"tensor_parallel_size": 2})
     engine = backend.engine.async_engine
     assert engine.engine_args.enable_prefix_caching is True  # type: ignore[union-attr]
     answer = anyio.run(Citeformer(backend).agenerate, QUESTION, SOURCES)
@@ -321,9 +323,9 @@ def test_from_async_model_builds_an_async_engine(vllm: ModuleType) -> None:
 
 def test_engine_errors_are_ours(vllm: ModuleType) -> None:
     with pytest.raises(ConfigurationError, match="refused the engine arguments"):
-        VLLMBackend(model=MODEL, no_such_argument=1)
+        VLLMBackend(model=MODEL, engine_args={"no_such_argument": 1})
     with pytest.raises(ConfigurationError, match="only when building"):
-        VLLMBackend(llm=_script(vllm, GOOD), tensor_parallel_size=2)
+        VLLMBackend(llm=_script(vllm, GOOD), engine_args={"tensor_parallel_size": 2})
     with pytest.raises(ConfigurationError, match="either model"):
         VLLMBackend(llm=_script(vllm, GOOD), model=MODEL)
     with pytest.raises(ConfigurationError, match=r"needs a vllm\.LLM"):

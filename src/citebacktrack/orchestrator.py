@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import cast, overload
+from typing import cast
 
 from citebacktrack.answer import abuild, acollect, build, collect
 from citebacktrack.backends.base import Backend
@@ -59,11 +59,12 @@ class Citeformer:
             (see :mod:`citebacktrack.decoding.operators`).
         demo: a worked example shown before the question; ``None`` for none.
 
-    ``generate``, ``stream``, ``agenerate`` and ``astream`` take the same per-call
-    ``policy``, ``budgets`` and ``sampling`` overrides, or a ready
-    :class:`~citebacktrack.request.GenerationRequest` instead of question and sources.
-    All four give the same answer: the stream's text joined is ``Answer.text`` and its
-    last event, :class:`~citebacktrack.types.Done`, carries the answer itself.
+    ``generate``, ``stream``, ``agenerate`` and ``astream`` take a question, its sources
+    and the same per-call ``policy``, ``budgets`` and ``sampling`` overrides; :meth:`run`
+    answers a prepared :class:`~citebacktrack.request.GenerationRequest`
+    (:meth:`build_request`). All give the same answer: the stream's text joined is
+    ``Answer.text`` and its last event, :class:`~citebacktrack.types.Done`, carries the
+    answer itself.
     """
 
     def __init__(
@@ -178,43 +179,27 @@ class Citeformer:
 
     def _request(
         self,
-        question: str | GenerationRequest,
-        sources: Sequence[Source | str] | None,
+        question: str,
+        sources: Sequence[Source | str],
         policy: Policy | None,
         budgets: Budgets | None,
         sampling: SamplingConfig | None,
     ) -> GenerationRequest:
         if isinstance(question, GenerationRequest):
-            if sources is not None or policy or budgets or sampling:
-                raise ConfigurationError(
-                    "a GenerationRequest already holds its sources and options; pass it "
-                    "alone, or pass a question and sources with the overrides"
-                )
-            return question
-        if sources is None:
-            raise InvalidSourcesError("no sources given; pass the sources to cite")
+            raise ConfigurationError(
+                "a GenerationRequest already holds its sources and options; pass it to "
+                "Citeformer.run(request), or pass a question and sources here"
+            )
         return self.build_request(
             question, sources, policy=policy, budgets=budgets, sampling=sampling
         )
 
     # ------------------------------------------------------------------ sync
 
-    @overload
     def generate(
         self,
         question: str,
         sources: Sequence[Source | str],
-        *,
-        policy: Policy | None = None,
-        budgets: Budgets | None = None,
-        sampling: SamplingConfig | None = None,
-    ) -> Answer: ...
-    @overload
-    def generate(self, question: GenerationRequest) -> Answer: ...
-    def generate(
-        self,
-        question: str | GenerationRequest,
-        sources: Sequence[Source | str] | None = None,
         *,
         policy: Policy | None = None,
         budgets: Budgets | None = None,
@@ -224,22 +209,20 @@ class Citeformer:
         request = self._request(question, sources, policy, budgets, sampling)
         return collect(self.backend.stream(request), request.sources)
 
-    @overload
+    def run(self, request: GenerationRequest) -> Answer:
+        """Answer a prepared request (:meth:`build_request`, perhaps changed with
+        ``dataclasses.replace``) and return the cited answer, as :meth:`generate` does."""
+        if not isinstance(request, GenerationRequest):
+            raise ConfigurationError(
+                f"run takes a GenerationRequest, got {type(request).__name__}; for a "
+                "question and sources call generate(question, sources)"
+            )
+        return collect(self.backend.stream(request), request.sources)
+
     def stream(
         self,
         question: str,
         sources: Sequence[Source | str],
-        *,
-        policy: Policy | None = None,
-        budgets: Budgets | None = None,
-        sampling: SamplingConfig | None = None,
-    ) -> Iterator[Event]: ...
-    @overload
-    def stream(self, question: GenerationRequest) -> Iterator[Event]: ...
-    def stream(
-        self,
-        question: str | GenerationRequest,
-        sources: Sequence[Source | str] | None = None,
         *,
         policy: Policy | None = None,
         budgets: Budgets | None = None,
@@ -294,7 +277,12 @@ class Citeformer:
         requests = []
         for item in items:
             if isinstance(item, GenerationRequest):
-                requests.append(self._request(item, None, policy, budgets, sampling))
+                if policy or budgets or sampling:
+                    raise ConfigurationError(
+                        "a GenerationRequest already holds its sources and options; pass "
+                        "it without the overrides, or pass (question, sources) pairs"
+                    )
+                requests.append(item)
             else:
                 question, sources = item
                 requests.append(self._request(question, sources, policy, budgets, sampling))
@@ -302,22 +290,10 @@ class Citeformer:
 
     # ------------------------------------------------------------------ async
 
-    @overload
     def astream(
         self,
         question: str,
         sources: Sequence[Source | str],
-        *,
-        policy: Policy | None = None,
-        budgets: Budgets | None = None,
-        sampling: SamplingConfig | None = None,
-    ) -> AsyncIterator[Event]: ...
-    @overload
-    def astream(self, question: GenerationRequest) -> AsyncIterator[Event]: ...
-    def astream(
-        self,
-        question: str | GenerationRequest,
-        sources: Sequence[Source | str] | None = None,
         *,
         policy: Policy | None = None,
         budgets: Budgets | None = None,
@@ -327,22 +303,10 @@ class Citeformer:
         request = self._request(question, sources, policy, budgets, sampling)
         return abuild(self.backend.astream(request), request.sources)
 
-    @overload
     async def agenerate(
         self,
         question: str,
         sources: Sequence[Source | str],
-        *,
-        policy: Policy | None = None,
-        budgets: Budgets | None = None,
-        sampling: SamplingConfig | None = None,
-    ) -> Answer: ...
-    @overload
-    async def agenerate(self, question: GenerationRequest) -> Answer: ...
-    async def agenerate(
-        self,
-        question: str | GenerationRequest,
-        sources: Sequence[Source | str] | None = None,
         *,
         policy: Policy | None = None,
         budgets: Budgets | None = None,
@@ -355,6 +319,8 @@ class Citeformer:
 
 def _normalize_sources(sources: Sequence[Source | str]) -> tuple[Source, ...]:
     """The sources as ``Source``s with their ids filled in, checked by :func:`check_sources`."""
+    if sources is None:
+        raise InvalidSourcesError("no sources given; pass the sources to cite")
     if isinstance(sources, str | Source):
         raise InvalidSourcesError("sources must be a list of Source (or str), not a single item")
     items: list[object] = list(sources)

@@ -69,7 +69,7 @@ def _close_llama_cpp_devnull() -> None:
             handle.close()
 
 
-def _import_llama_cpp() -> ModuleType:
+def import_llama_cpp() -> ModuleType:
     """Import ``llama_cpp``, mapping its absence to :class:`MissingDependencyError`."""
     global _devnull_closer_registered
     if not _devnull_closer_registered:
@@ -114,7 +114,7 @@ class LlamaCppRuntime:
             llama: a loaded ``llama_cpp.Llama``; built with ``logits_all=False`` is fine,
                 only the last row of logits is read.
         """
-        self._lib = _import_llama_cpp()
+        self._lib = import_llama_cpp()
         self._open_llama: llama_cpp.Llama | None = llama
         self._n_vocab = int(llama.n_vocab())
         # llama.cpp pads the context (n_ctx=32 gives 256 cells) but Llama sizes its token
@@ -149,7 +149,7 @@ class LlamaCppRuntime:
                 not installed.
             ModelLoadError: the file is missing, not GGUF, or llama.cpp cannot load it.
         """
-        lib = _import_llama_cpp()
+        lib = import_llama_cpp()
         model_path = check_model_file(default_model_path() if path is None else path)
         kwargs: dict[str, Any] = {"n_ctx": n_ctx, "seed": seed, "verbose": False}
         if n_threads is not None:

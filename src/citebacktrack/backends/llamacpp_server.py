@@ -167,7 +167,8 @@ class LlamaCppServer:
 
     def backend(self, **options: Any) -> OpenAIBackend:
         """An :class:`OpenAIBackend` on this server (``server="llama.cpp"``; ``options``
-        go to :class:`~citebacktrack.backends.openai.OpenAICompatibleEngine`)."""
+        go to :meth:`OpenAIBackend.from_base_url
+        <citebacktrack.backends.openai.OpenAIBackend.from_base_url>`)."""
         from citebacktrack.backends.openai import OpenAIBackend
 
         options.setdefault("model", self.model.stem)

@@ -267,9 +267,9 @@ class VLLMBackend(SegmentBackend):
     """Segment-level backtracking on vLLM (continuous batching, prefix caching).
 
     Pass an engine you built (``llm=vllm.LLM(...)``, ``async_engine=...``), or a model
-    name to build ``vllm.LLM(model, enable_prefix_caching=True, **engine_kwargs)``
-    (e.g. ``tensor_parallel_size=4``, ``pipeline_parallel_size=2,
-    distributed_executor_backend="ray"``); :meth:`from_async_model` builds an async one.
+    name to build ``vllm.LLM(model, enable_prefix_caching=True, **engine_args)`` (e.g.
+    ``engine_args={"tensor_parallel_size": 4}``, or ``{"pipeline_parallel_size": 2,
+    "distributed_executor_backend": "ray"}``); :meth:`from_async_model` builds an async one.
 
     Args:
         llm: a ``vllm.LLM``.
@@ -278,7 +278,8 @@ class VLLMBackend(SegmentBackend):
         dialect: grammar language of the engine's structured-outputs backend:
             ``Dialect.EBNF`` for ``xgrammar`` (vLLM's default), ``Dialect.LARK`` for
             ``guidance``.
-        **engine_kwargs: passed to ``vllm.LLM`` with ``model``.
+        engine_args: ``vllm.LLM``'s keyword arguments, passed with ``model`` (only with
+            ``model``: configure an engine you pass yourself).
 
     Raises:
         MissingDependencyError: ``citebacktrack[vllm]`` is not installed.
@@ -296,28 +297,32 @@ class VLLMBackend(SegmentBackend):
         async_engine: AsyncVLLMEngine | None = None,
         model: str | None = None,
         dialect: Dialect = Dialect.EBNF,
-        **engine_kwargs: Any,
+        engine_args: Mapping[str, Any] | None = None,
     ) -> None:
         if model is not None:
             if llm is not None or async_engine is not None:
                 raise ConfigurationError("pass either model= or an engine (llm=, async_engine=)")
-            kwargs = {"enable_prefix_caching": True, **engine_kwargs}
+            kwargs = {"enable_prefix_caching": True, **(engine_args or {})}
             llm = _build(model, lambda vllm: vllm.LLM(model, **kwargs), kwargs)
-        elif engine_kwargs:
+        elif engine_args:
             raise ConfigurationError(
-                f"engine arguments {sorted(engine_kwargs)} apply only when building from "
+                f"engine arguments {sorted(engine_args)} apply only when building from "
                 "model=; configure the engine you pass yourself"
             )
         super().__init__(VLLMEngine(llm, async_engine=async_engine, dialect=dialect))
 
     @classmethod
     def from_async_model(
-        cls, model: str, *, dialect: Dialect = Dialect.EBNF, **engine_kwargs: Any
+        cls,
+        model: str,
+        *,
+        dialect: Dialect = Dialect.EBNF,
+        engine_args: Mapping[str, Any] | None = None,
     ) -> VLLMBackend:
         """Build ``AsyncLLMEngine.from_engine_args(AsyncEngineArgs(model=model,
-        enable_prefix_caching=True, **engine_kwargs))`` and wrap it (async calls only)."""
+        enable_prefix_caching=True, **engine_args))`` and wrap it (async calls only)."""
 
-        kwargs = {"enable_prefix_caching": True, **engine_kwargs}
+        kwargs = {"enable_prefix_caching": True, **(engine_args or {})}
 
         def make(vllm: ModuleType) -> Any:
             return vllm.AsyncLLMEngine.from_engine_args(vllm.AsyncEngineArgs(model=model, **kwargs))

@@ -64,7 +64,7 @@ def raw_system(cf: Citeformer) -> System:
     def run(example: Example) -> SystemOutput:
         request = cf.build_request(example.question, example.sources)
         free = dataclasses.replace(request, grammar=None, validator=None)
-        answer = cf.generate(free)
+        answer = cf.run(free)
         return SystemOutput(text=answer.text, trace=answer.trace)
 
     return run
