@@ -8,11 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from citebacktrack.decoding.budgets import Budgets
 from citebacktrack.decoding.operators import Operator
-from citebacktrack.decoding.sampling import SamplingConfig
 from citebacktrack.grammar.citations import citation_grammar
-from citebacktrack.request import DecodingOptions, GenerationRequest
+from citebacktrack.request import Budgets, DecodingOptions, GenerationRequest, SamplingConfig
 from citebacktrack.support import SupportResult
 from citebacktrack.types import (
     ChatMessage,

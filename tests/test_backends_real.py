@@ -31,14 +31,12 @@ from citebacktrack import Answer, Citation, Citeformer, Source
 from citebacktrack.backends.llamacpp_runtime import LlamaCppRuntime
 from citebacktrack.backends.local import LocalBackend
 from citebacktrack.cli import app
-from citebacktrack.decoding.budgets import Budgets
 from citebacktrack.decoding.runtime import Logits, TokenRuntime, Vocabulary
-from citebacktrack.decoding.sampling import SamplingConfig
 from citebacktrack.decoding.vocab_index import VocabularyIndex
 from citebacktrack.errors import ContextOverflowError, ModelLoadError
 from citebacktrack.grammar.citations import citation_grammar
 from citebacktrack.grammar.emit import Dialect, emit
-from citebacktrack.request import GenerationRequest
+from citebacktrack.request import Budgets, GenerationRequest, SamplingConfig
 from citebacktrack.support import LexicalSupportScorer
 from citebacktrack.types import CitationMode, Policy, StopReason
 from citebacktrack.validation import strip_markers

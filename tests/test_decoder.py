@@ -16,13 +16,11 @@ from hypothesis import strategies as st
 from citebacktrack.backends.local import decode
 from citebacktrack.backends.mock import MockBackend
 from citebacktrack.decoding._run import Run as _Run
-from citebacktrack.decoding.budgets import Budgets
 from citebacktrack.decoding.decoder import Decoder
 from citebacktrack.decoding.matcher import XGrammarMatcher
 from citebacktrack.decoding.operators import Repetition
-from citebacktrack.decoding.sampling import SamplingConfig
 from citebacktrack.decoding.vocab_index import VocabularyIndex
-from citebacktrack.request import DecodingOptions, GenerationRequest
+from citebacktrack.request import Budgets, DecodingOptions, GenerationRequest, SamplingConfig
 from citebacktrack.testing import PrefixHashRuntime, ScriptedRuntime, toy_vocabulary
 from citebacktrack.types import (
     CitationAccepted,

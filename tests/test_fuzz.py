@@ -42,15 +42,19 @@ from hypothesis import strategies as st
 
 from citebacktrack.backends.local import decode
 from citebacktrack.decoding._run import kept_tokens as _kept_tokens
-from citebacktrack.decoding.budgets import Budgets
 from citebacktrack.decoding.decoder import Decoder
 from citebacktrack.decoding.matcher import TokenMatcher, XGrammarMatcher
 from citebacktrack.decoding.runtime import Logits, TokenRuntime, Vocabulary
-from citebacktrack.decoding.sampling import SamplingConfig
 from citebacktrack.decoding.tracker import ClosedMarker
 from citebacktrack.errors import BackendError
 from citebacktrack.grammar.citations import citation_grammar
-from citebacktrack.request import DecodingOptions, GenerationRequest, SegmentOptions
+from citebacktrack.request import (
+    Budgets,
+    DecodingOptions,
+    GenerationRequest,
+    SamplingConfig,
+    SegmentOptions,
+)
 from citebacktrack.segments import SegmentCall, SegmentLoop, SegmentResult
 from citebacktrack.support import SupportResult
 from citebacktrack.testing import PrefixHashRuntime, ScriptedRuntime, index_for, toy_vocabulary

@@ -11,12 +11,11 @@ import pytest
 
 from citebacktrack import Citeformer, Source
 from citebacktrack.backends.llamacpp_runtime import LlamaCppRuntime
-from citebacktrack.decoding.budgets import Budgets
 from citebacktrack.decoding.matcher import XGrammarMatcher
-from citebacktrack.decoding.sampling import SamplingConfig
 from citebacktrack.decoding.vocab_index import VocabularyIndex
 from citebacktrack.errors import ConfigurationError, GrammarError
 from citebacktrack.grammar.citations import citation_grammar
+from citebacktrack.request import Budgets, SamplingConfig
 from citebacktrack.support import LexicalSupportScorer
 from citebacktrack.types import CitationMode, Policy
 

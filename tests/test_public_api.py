@@ -117,7 +117,6 @@ PUBLIC_MODULES = [
     "citebacktrack.backends.segment",
     "citebacktrack.backends.vllm",
     "citebacktrack.decoding",
-    "citebacktrack.decoding.budgets",
     "citebacktrack.decoding.operators",
     "citebacktrack.decoding.sampling",
     "citebacktrack.errors",

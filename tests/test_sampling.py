@@ -8,7 +8,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from citebacktrack.decoding.sampling import (
-    SamplingConfig,
     in_nucleus,
     next_random,
     nucleus_indices,
@@ -19,6 +18,7 @@ from citebacktrack.decoding.sampling import (
     top_k_indices,
 )
 from citebacktrack.errors import ConfigurationError
+from citebacktrack.request import SamplingConfig
 from helpers import reference_nucleus, reference_sample_set
 
 

@@ -18,8 +18,6 @@ runtimes for tests in :mod:`citebacktrack.testing`, evaluation in
 
 from citebacktrack.backends.base import Backend
 from citebacktrack.backends.mock import FunctionBackend, MockBackend
-from citebacktrack.decoding.budgets import Budgets
-from citebacktrack.decoding.sampling import SamplingConfig
 from citebacktrack.errors import (
     BackendClosedError,
     BackendError,
@@ -36,6 +34,7 @@ from citebacktrack.errors import (
 )
 from citebacktrack.orchestrator import Citeformer
 from citebacktrack.render import render
+from citebacktrack.request import Budgets, SamplingConfig
 from citebacktrack.types import (
     Answer,
     Citation,

@@ -16,13 +16,12 @@ from rich.console import Console
 from rich.markup import escape
 
 from citebacktrack.backends.base import Backend
-from citebacktrack.decoding.budgets import Budgets
-from citebacktrack.decoding.sampling import SamplingConfig
 from citebacktrack.errors import CitebacktrackError, ConfigurationError
 from citebacktrack.grammar.citations import citation_grammar
 from citebacktrack.grammar.emit import Dialect, emit
 from citebacktrack.orchestrator import Citeformer
 from citebacktrack.render import evidence_quotes, renumbered_text
+from citebacktrack.request import Budgets, SamplingConfig
 from citebacktrack.types import Answer, CitationMode, Policy, Source
 
 __all__ = ["app", "main"]

@@ -7,9 +7,7 @@ from typing import cast
 
 from citebacktrack.answer import abuild, acollect, build, collect
 from citebacktrack.backends.base import Backend
-from citebacktrack.decoding.budgets import Budgets
 from citebacktrack.decoding.operators import Operator
-from citebacktrack.decoding.sampling import SamplingConfig
 from citebacktrack.errors import (
     BackendClosedError,
     ConfigurationError,
@@ -18,7 +16,14 @@ from citebacktrack.errors import (
 )
 from citebacktrack.grammar.citations import citation_grammar
 from citebacktrack.prompts import DEFAULT_DEMO, Demo, build_messages
-from citebacktrack.request import DecodingOptions, GenerationRequest, SegmentOptions, check_sources
+from citebacktrack.request import (
+    Budgets,
+    DecodingOptions,
+    GenerationRequest,
+    SamplingConfig,
+    SegmentOptions,
+    check_sources,
+)
 from citebacktrack.support import LexicalSupportScorer, SupportScorer
 from citebacktrack.types import Answer, Event, Policy, Source
 from citebacktrack.validation import CitationValidator

@@ -22,18 +22,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from citebacktrack.decoding.budgets import Budgets
-from citebacktrack.decoding.operators import Operator
-from citebacktrack.decoding.sampling import SamplingConfig
 from citebacktrack.errors import ConfigurationError, InvalidSourcesError
 from citebacktrack.grammar.citations import MAX_SOURCES
 from citebacktrack.types import ChatMessage, Policy, Source
 
 if TYPE_CHECKING:
+    from citebacktrack.decoding.operators import Operator
     from citebacktrack.grammar.ir import Grammar
     from citebacktrack.validation import CitationValidator
 
-__all__ = ["DecodingOptions", "GenerationRequest", "SegmentOptions", "check_sources"]
+__all__ = [
+    "Budgets",
+    "DecodingOptions",
+    "GenerationRequest",
+    "SamplingConfig",
+    "SegmentOptions",
+    "check_sources",
+]
 
 
 def check_sources(sources: Sequence[object]) -> None:
@@ -70,6 +75,72 @@ def check_sources(sources: Sequence[object]) -> None:
                 "ids must be unique"
             )
         seen[source_id] = number
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Budgets:
+    """Limits on one answer's decoding.
+
+    Attributes:
+        max_new_tokens: tokens the answer may keep (stop reason ``max_new_tokens``).
+        retries_per_checkpoint: rejected markers allowed in one sentence before the
+            decoder escalates to regenerating the whole sentence.
+        sentence_retries: whole-sentence regenerations allowed before the policy's
+            fallback (drop the marker under AUTO; end the answer, stop reason
+            ``no_valid_citation``, under REQUIRED and QUOTES_ONLY).
+        max_backtracks: rollbacks in total (stop reason ``backtrack_budget``).
+        max_rolled_back_tokens: tokens thrown away in total (``rolled_back_token_budget``).
+        max_wall_time_s: seconds for the whole decode, ``None`` for no limit (``wall_time``).
+    """
+
+    max_new_tokens: int = 256
+    retries_per_checkpoint: int = 3
+    sentence_retries: int = 1
+    max_backtracks: int = 32
+    max_rolled_back_tokens: int = 1024
+    max_wall_time_s: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "max_backtracks", "max_rolled_back_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigurationError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("retries_per_checkpoint", "sentence_retries"):
+            if getattr(self, name) < 0:
+                raise ConfigurationError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_wall_time_s is not None and self.max_wall_time_s <= 0:
+            raise ConfigurationError(f"max_wall_time_s must be > 0, got {self.max_wall_time_s}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SamplingConfig:
+    """How to pick the next token.
+
+    Attributes:
+        temperature: 0 means greedy (argmax); above 0 samples from the softened distribution.
+        top_k: keep only the k most likely tokens (0: all).
+        top_p: keep the smallest set of tokens whose probability reaches p (1.0: all).
+        seed: seed of the random state; the same seed and inputs give the same answer.
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0.0:
+            raise ConfigurationError(
+                f"temperature must be >= 0 (0 is greedy), got {self.temperature}"
+            )
+        if self.top_k < 0:
+            raise ConfigurationError(f"top_k must be >= 0 (0 keeps all tokens), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigurationError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def is_greedy(self) -> bool:
+        """True when decoding is deterministic argmax."""
+        return self.temperature == 0.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

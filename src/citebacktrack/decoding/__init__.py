@@ -1,12 +1,12 @@
 """Token-level decoding: the backtracking decoder and what it runs on.
 
-The decoder (:class:`Decoder`) drives a :class:`TokenRuntime` under a grammar matcher,
-a validator and :class:`Budgets`; its options per request are
-:class:`~citebacktrack.request.DecodingOptions` (:class:`SamplingConfig` and the
-backtracking operators of :mod:`citebacktrack.decoding.operators`).
+The decoder (:class:`Decoder`) drives a :class:`TokenRuntime` under a grammar matcher and
+reads everything else from the :class:`~citebacktrack.request.GenerationRequest`: the
+validator, :class:`~citebacktrack.request.Budgets`, and its
+:class:`~citebacktrack.request.DecodingOptions` (:class:`~citebacktrack.request.SamplingConfig`
+and the backtracking operators of :mod:`citebacktrack.decoding.operators`).
 """
 
-from citebacktrack.decoding.budgets import Budgets
 from citebacktrack.decoding.decoder import Decoder
 from citebacktrack.decoding.runtime import (
     ChatRuntime,
@@ -17,17 +17,14 @@ from citebacktrack.decoding.runtime import (
     TokenRuntime,
     Vocabulary,
 )
-from citebacktrack.decoding.sampling import SamplingConfig
 
 __all__ = [
-    "Budgets",
     "ChatRuntime",
     "Decoder",
     "FixedPrefixRuntime",
     "Logits",
     "PrefillStats",
     "PrefixCachingRuntime",
-    "SamplingConfig",
     "TokenRuntime",
     "Vocabulary",
 ]

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from citebacktrack._draft import Accepted
 from citebacktrack.decoding._run import Run, Step
-from citebacktrack.decoding.budgets import Budgets
 from citebacktrack.decoding.matcher import TokenMatcher
 from citebacktrack.decoding.runtime import TokenRuntime
 from citebacktrack.decoding.tracker import ClosedMarker, advance
 from citebacktrack.decoding.vocab_index import VocabularyIndex
+from citebacktrack.request import Budgets
 from citebacktrack.types import SentenceOrigin
 from citebacktrack.validation import CitationValidator, Verdict
 

@@ -14,10 +14,10 @@ import numpy as np
 import numpy.typing as npt
 
 from citebacktrack.errors import ConfigurationError
+from citebacktrack.request import SamplingConfig
 
 __all__ = [
     "Proposal",
-    "SamplingConfig",
     "in_nucleus",
     "next_random",
     "nucleus_indices",
@@ -29,38 +29,6 @@ __all__ = [
 ]
 
 _MASK64 = (1 << 64) - 1
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SamplingConfig:
-    """How to pick the next token.
-
-    Attributes:
-        temperature: 0 means greedy (argmax); above 0 samples from the softened distribution.
-        top_k: keep only the k most likely tokens (0: all).
-        top_p: keep the smallest set of tokens whose probability reaches p (1.0: all).
-        seed: seed of the random state; the same seed and inputs give the same answer.
-    """
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not self.temperature >= 0.0:
-            raise ConfigurationError(
-                f"temperature must be >= 0 (0 is greedy), got {self.temperature}"
-            )
-        if self.top_k < 0:
-            raise ConfigurationError(f"top_k must be >= 0 (0 keeps all tokens), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigurationError(f"top_p must be in (0, 1], got {self.top_p}")
-
-    @property
-    def is_greedy(self) -> bool:
-        """True when decoding is deterministic argmax."""
-        return self.temperature == 0.0
 
 
 def next_random(state: int) -> tuple[float, int]:

@@ -6,7 +6,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 from citebacktrack.backends.base import Backend
-from citebacktrack.decoding.budgets import Budgets
 from citebacktrack.errors import CitebacktrackError, ConfigurationError
 from citebacktrack.evaluation._datasets import SPLITS, Example
 from citebacktrack.evaluation._metrics import score_answer
@@ -25,6 +24,7 @@ from citebacktrack.evaluation._systems import (
     raw_system,
 )
 from citebacktrack.orchestrator import Citeformer
+from citebacktrack.request import Budgets
 
 __all__ = ["DEFAULT_SYSTEMS", "SYSTEM_NAMES", "evaluate", "standard_systems"]
 
