@@ -21,12 +21,12 @@ import pytest
 anthropic = pytest.importorskip("anthropic")
 httpx2 = pytest.importorskip("httpx2")
 
+from citebacktrack._tracker import TextState, advance  # noqa: E402
 from citebacktrack.backends.anthropic import (  # noqa: E402
     DEFAULT_SYSTEM,
     AnthropicBackend,
     AnthropicEngine,
 )
-from citebacktrack.decoding.tracker import TextState, advance  # noqa: E402
 from citebacktrack.errors import (  # noqa: E402
     BackendClosedError,
     BackendError,

@@ -40,12 +40,12 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from citebacktrack._tracker import ClosedMarker
 from citebacktrack.backends.local import decode
 from citebacktrack.decoding._run import kept_tokens as _kept_tokens
 from citebacktrack.decoding.decoder import Decoder
 from citebacktrack.decoding.matcher import TokenMatcher, XGrammarMatcher
 from citebacktrack.decoding.runtime import Logits, TokenRuntime, Vocabulary
-from citebacktrack.decoding.tracker import ClosedMarker
 from citebacktrack.errors import BackendError
 from citebacktrack.grammar.citations import citation_grammar
 from citebacktrack.request import (
@@ -1017,7 +1017,7 @@ def test_memory_stays_flat_over_10000_rollbacks() -> None:
 
 
 def test_the_trace_log_keeps_the_first_and_last_halves() -> None:
-    from citebacktrack.decoding.trace_log import TraceLog
+    from citebacktrack._trace_log import TraceLog
     from citebacktrack.types import TraceEntry
 
     log = TraceLog(limit=5)

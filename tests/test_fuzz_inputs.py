@@ -1,7 +1,7 @@
 """Fuzzing what comes from outside the decode loop: bytes a tokenizer hands the citation
 tracker, grammars the emitters print, and bodies a server sends back.
 
-* The tracker (:func:`~citebacktrack.decoding.tracker.advance`) reads the answer one token
+* The tracker (:func:`~citebacktrack._tracker.advance`) reads the answer one token
   at a time; its state after some bytes must not depend on how they were cut into tokens.
 * Every citation grammar (random ``n``, policy, ``bounded``, continuation prefixes) and
   every random IR grammar is printed in each dialect; each text must parse where a server
@@ -30,9 +30,9 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from citebacktrack._tracker import ClosedMarker, TextState, advance
 from citebacktrack.backends._openai_server import parse_response as _parse_response
 from citebacktrack.backends.openai import check_grammar_text
-from citebacktrack.decoding.tracker import ClosedMarker, TextState, advance
 from citebacktrack.errors import BackendError, GrammarError
 from citebacktrack.grammar.citations import citation_grammar, continuation_grammar
 from citebacktrack.grammar.emit import Dialect, emit

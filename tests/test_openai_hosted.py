@@ -23,6 +23,7 @@ openai = pytest.importorskip("openai")
 httpx2 = pytest.importorskip("httpx2")
 
 from citebacktrack import Citeformer  # noqa: E402
+from citebacktrack._tracker import TextState, advance  # noqa: E402
 from citebacktrack.backends import OpenAIBackend  # noqa: E402
 from citebacktrack.backends.openai import OpenAICompatibleEngine  # noqa: E402
 from citebacktrack.backends.openai_hosted import (  # noqa: E402
@@ -34,7 +35,6 @@ from citebacktrack.backends.openai_hosted import (  # noqa: E402
     answer_schema,
     render_answer,
 )
-from citebacktrack.decoding.tracker import TextState, advance  # noqa: E402
 from citebacktrack.errors import (  # noqa: E402
     BackendClosedError,
     BackendError,

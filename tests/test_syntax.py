@@ -10,7 +10,7 @@ import xgrammar as xgr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from citebacktrack.decoding.tracker import TextState, advance
+from citebacktrack._tracker import TextState, advance
 from citebacktrack.grammar.citations import citation_grammar
 from citebacktrack.grammar.emit import Dialect, emit
 from citebacktrack.retrieval import chunk_text

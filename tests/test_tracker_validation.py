@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from citebacktrack.decoding.tracker import TextState, advance
+from citebacktrack._tracker import TextState, advance
 from citebacktrack.support import LexicalSupportScorer, SupportResult
 from citebacktrack.types import Evidence, Policy, RejectionReason, Source
 from citebacktrack.validation import CitationValidator, strip_markers

@@ -21,8 +21,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from citebacktrack.decoding.trace_log import TraceLog
-from citebacktrack.decoding.tracker import ClosedMarker, TextState
+from citebacktrack._trace_log import TraceLog
+from citebacktrack._tracker import ClosedMarker, TextState
 from citebacktrack.support import content_stems
 from citebacktrack.syntax import leading_space, strip_markers, whole_words
 from citebacktrack.types import (

@@ -1,7 +1,7 @@
 """Sentence and marker syntax, defined once for the grammar, the tracker and the splitters.
 
 The citation grammar (:mod:`citebacktrack.grammar.citations`), the decoder's sentence
-tracker (:mod:`citebacktrack.decoding.tracker`), the vocabulary flags
+tracker (:mod:`citebacktrack._tracker`), the vocabulary flags
 (:mod:`citebacktrack.decoding.vocab_index`), the support scorer's passage windows and the
 retrieval chunker all take their characters and rules from here, so that they agree on
 where a sentence ends (``tests/test_syntax.py`` checks that they do).

@@ -13,9 +13,9 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
+from citebacktrack._tracker import ClosedMarker, TextState, advance
 from citebacktrack.decoding._run import VERDICT_CLAIMS, Run
 from citebacktrack.decoding.matcher import TokenMatcher
-from citebacktrack.decoding.tracker import ClosedMarker, TextState, advance
 from citebacktrack.decoding.vocab_index import VocabularyIndex
 from citebacktrack.types import CitationMode, Policy
 from citebacktrack.validation import CitationValidator, Verdict

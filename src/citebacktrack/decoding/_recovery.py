@@ -11,10 +11,10 @@ applies, and the stop reason it ends with, the draft decides (:meth:`Draft.give_
 from __future__ import annotations
 
 from citebacktrack._draft import Accepted
+from citebacktrack._tracker import ClosedMarker, advance
 from citebacktrack.decoding._run import Run, Step
 from citebacktrack.decoding.matcher import TokenMatcher
 from citebacktrack.decoding.runtime import TokenRuntime
-from citebacktrack.decoding.tracker import ClosedMarker, advance
 from citebacktrack.decoding.vocab_index import VocabularyIndex
 from citebacktrack.request import Budgets
 from citebacktrack.types import SentenceOrigin

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from citebacktrack._draft import Draft
+from citebacktrack._tracker import TextState
 from citebacktrack.decoding.operators import StepStats
 from citebacktrack.decoding.runtime import Logits
-from citebacktrack.decoding.tracker import TextState
 from citebacktrack.validation import Verdict
 
 __all__ = ["RECENT_LOGITS", "VERDICT_CLAIMS", "Run", "Step", "kept_tokens"]

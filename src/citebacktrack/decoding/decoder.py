@@ -41,6 +41,7 @@ import numpy as np
 import numpy.typing as npt
 
 from citebacktrack._draft import COMPLETE, Accepted, Draft
+from citebacktrack._tracker import ClosedMarker, TextState, advance
 from citebacktrack.decoding._masking import MarkerMask
 from citebacktrack.decoding._recovery import GroundedRecovery
 from citebacktrack.decoding._run import RECENT_LOGITS, Run, Step, kept_tokens
@@ -48,7 +49,6 @@ from citebacktrack.decoding.matcher import TokenMatcher
 from citebacktrack.decoding.operators import strongest, view_of
 from citebacktrack.decoding.runtime import Logits, TokenRuntime
 from citebacktrack.decoding.sampling import propose, sample, sample_masked
-from citebacktrack.decoding.tracker import ClosedMarker, TextState, advance
 from citebacktrack.decoding.vocab_index import VocabularyIndex
 from citebacktrack.types import (
     CitationMode,

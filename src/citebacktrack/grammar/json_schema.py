@@ -89,7 +89,7 @@ def render_answer(sentences: Iterable[tuple[str, Sequence[int]]]) -> str:
     after it when closing quotes follow it (``he said "no." [1]``) or the period belongs
     to an abbreviation (``in the U.S. [1].``); a sentence without a terminator gets a
     period. Sentences are joined by one space, so the decoder's tracker
-    (:func:`citebacktrack.decoding.tracker.advance`) reads each marker as one of its
+    (:func:`citebacktrack._tracker.advance`) reads each marker as one of its
     sentence.
     """
     parts: list[str] = []

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from citebacktrack._draft import Accepted, Draft
-from citebacktrack.decoding.tracker import ClosedMarker, TextState, advance
+from citebacktrack._tracker import ClosedMarker, TextState, advance
 from citebacktrack.grammar.ir import Grammar, choice, lit
 from citebacktrack.segments._grammar import check_grammatical, next_grammar
 from citebacktrack.segments._protocol import SegmentCall, SegmentEngine, SegmentResult

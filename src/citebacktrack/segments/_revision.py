@@ -16,7 +16,7 @@ import re
 from collections.abc import Sequence
 
 from citebacktrack._draft import Draft
-from citebacktrack.decoding.tracker import ClosedMarker, TextState, advance
+from citebacktrack._tracker import ClosedMarker, TextState, advance
 from citebacktrack.syntax import cite_sentence, leading_space, strip_markers
 from citebacktrack.types import (
     CitationMode,
