@@ -68,7 +68,7 @@ class Draft:
     Args:
         policy: the citation policy (the request's).
         validator: the one validator every marker is judged by.
-        source_ids: the id of each source, in order (stamped on released citations).
+        n_sources: how many sources may be cited (ids are the answer builder's to stamp).
         constrained: False for the raw model (no citation rules: everything is released).
     """
 
@@ -80,7 +80,7 @@ class Draft:
         "rejections",
         "released",
         "released_chars",
-        "source_ids",
+        "n_sources",
         "stop",
         "trace",
         "validator",
@@ -91,12 +91,12 @@ class Draft:
         *,
         policy: Policy,
         validator: CitationValidator,
-        source_ids: tuple[str, ...],
+        n_sources: int,
         constrained: bool,
     ) -> None:
         self.policy = policy
         self.validator = validator
-        self.source_ids = source_ids
+        self.n_sources = n_sources
         self.constrained = constrained
         self.out = bytearray()
         self.accepted: list[Accepted] = []
@@ -131,7 +131,7 @@ class Draft:
     ) -> dict[int, float]:
         """The ids the validator accepts for the next marker of a sentence, with their
         scores (0.0 without a scorer, where every free id is accepted)."""
-        n_sources = len(self.source_ids)
+        n_sources = self.n_sources
         if self.validator.scorer is None:
             taken = set(prior) | banned
             return {i: 0.0 for i in range(1, n_sources + 1) if i not in taken}
@@ -170,7 +170,7 @@ class Draft:
         claim = whole_words(self.claim(state.sentence_start, end))
         if not content_stems(claim):
             return None  # nothing to judge yet: the budget cut the sentence
-        for source_index in range(1, len(self.source_ids) + 1):
+        for source_index in range(1, self.n_sources + 1):
             if source_index in banned or source_index in state.sentence_ids:
                 continue
             verdict = self.validator.check(
@@ -302,7 +302,6 @@ class Draft:
             start=at(marker.start),
             end=at(marker.end),
             source_index=marker.source_index,
-            source_id=self.source_ids[marker.source_index - 1],
             sentence_start=at(marker.sentence_start),
             claim=item.claim,
             support=item.verdict.score,

@@ -148,10 +148,16 @@ class AnswerBuilder:
                 "end": end,
                 "sentence_start": max(0, citation.sentence_start - self._lead),
                 "reference_number": number,
+                "source_id": self._source_id(index),
             }
         )
         self._citations.append(fixed)
         return fixed
+
+    def _source_id(self, index: int) -> str:
+        """The caller's id of source ``index`` (its position when it has none)."""
+        source_id = self.sources[index - 1].id
+        return source_id if source_id is not None else str(index)
 
     def _done(self, done: Done) -> Done:
         trace = done.trace

@@ -287,7 +287,10 @@ class Citation(BaseModel):
     start: int = Field(description="Offset of ``[`` in the answer text.")
     end: int = Field(description="Offset just past ``]``.")
     source_index: int = Field(description="1-based number of the cited source, as written.")
-    source_id: str = Field(description="Id of the cited source.")
+    source_id: str = Field(
+        default="",
+        description="Id of the cited source (stamped by the answer builder from its Source).",
+    )
     sentence_start: int = Field(description="Offset where the cited sentence starts.")
     claim: str = Field(
         default="",

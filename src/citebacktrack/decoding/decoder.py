@@ -105,7 +105,6 @@ class Decoder(GroundedRecovery):
         self.budgets = request.budgets
         self.operators = request.decoding.operators
         self.hold_back = max((op.max_depth for op in self.operators), default=0)
-        self.source_ids = request.source_ids
         self.matcher = matcher
         # Operators need the masked distribution of every step: no shortcut for them.
         self._shortcut = not self.operators
@@ -145,7 +144,7 @@ class Decoder(GroundedRecovery):
         draft = Draft(
             policy=self.policy,
             validator=self.validator,
-            source_ids=self.source_ids,
+            n_sources=self._n_sources,
             constrained=self.constrained,
         )
         return Run(draft=draft, rng=self.sampling.seed, state=self.initial_state)

@@ -83,7 +83,6 @@ class SegmentLoop:
         self.budgets = request.budgets
         self.options = request.segments
         self.n_sources = request.n_sources
-        self.source_ids = request.source_ids
         self.validator = request.validator or CitationValidator(
             n_sources=self.n_sources, policy=self.policy, scorer=None
         )
@@ -93,7 +92,7 @@ class SegmentLoop:
         self.draft = Draft(
             policy=self.policy,
             validator=self.validator,
-            source_ids=tuple(self.source_ids),
+            n_sources=self.n_sources,
             constrained=self.constrained,
         )
         self._revision = Revision(
