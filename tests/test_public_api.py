@@ -182,3 +182,52 @@ def test_engines_import_from_the_backends_package() -> None:
     assert (HFBackend, LlamaCppBackend) == (Hf, Llama)
     with pytest.raises(AttributeError, match="no attribute 'TritonBackend'"):
         citebacktrack.backends.TritonBackend  # noqa: B018
+
+
+def _package_imports() -> tuple[dict[str, set[str]], list[str]]:
+    """Each module of the package with the package modules it imports, and every import of
+    another module's private (``_``-prefixed) name."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(citebacktrack.__file__).parent
+    names = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = {name: set() for name in names}
+    private: list[str] = []
+    for name, path in names.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.ImportFrom) or node.module not in names:
+                continue
+            if node.module != name and not name.startswith(f"{node.module}."):
+                graph[name].add(node.module)
+            for alias in node.names:
+                if alias.name.startswith("_") and not alias.name.startswith("__"):
+                    private.append(f"{name} imports {node.module}.{alias.name}")
+                if f"{node.module}.{alias.name}" in names:
+                    graph[name].add(f"{node.module}.{alias.name}")
+    return graph, private
+
+
+def test_no_module_imports_another_modules_private_name() -> None:
+    assert _package_imports()[1] == []
+
+
+def test_no_import_circle() -> None:
+    graph, _ = _package_imports()
+    done: set[str] = set()
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        if name in path:
+            raise AssertionError(" -> ".join((*path[path.index(name) :], name)))
+        if name in done:
+            return
+        for target in graph[name]:
+            if not name.startswith(f"{target}."):  # a module may import its own package
+                visit(target, (*path, name))
+        done.add(name)
+
+    for name in graph:
+        visit(name, ())
