@@ -34,7 +34,8 @@ from citebacktrack._tracker import ClosedMarker, TextState, advance
 from citebacktrack.backends._openai_server import parse_response as _parse_response
 from citebacktrack.backends.openai import check_grammar_text
 from citebacktrack.errors import BackendError, GrammarError
-from citebacktrack.grammar.citations import citation_grammar, continuation_grammar
+from citebacktrack.grammar.citations import citation_grammar
+from citebacktrack.grammar.continuation import continuation_grammar
 from citebacktrack.grammar.emit import Dialect, emit
 from citebacktrack.grammar.ir import (
     CharClass,

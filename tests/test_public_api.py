@@ -122,6 +122,7 @@ PUBLIC_MODULES = [
     "citebacktrack.errors",
     "citebacktrack.evaluation",
     "citebacktrack.grammar",
+    "citebacktrack.grammar.continuation",
     "citebacktrack.grammar.gbnf_check",
     "citebacktrack.grammar.json_schema",
     "citebacktrack.orchestrator",

@@ -75,12 +75,12 @@ class Draft:
     __slots__ = (
         "accepted",
         "constrained",
+        "n_sources",
         "out",
         "policy",
         "rejections",
         "released",
         "released_chars",
-        "n_sources",
         "stop",
         "trace",
         "validator",
