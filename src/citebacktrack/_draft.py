@@ -170,14 +170,8 @@ class Draft:
         claim = whole_words(self.claim(state.sentence_start, end))
         if not content_stems(claim):
             return None  # nothing to judge yet: the budget cut the sentence
-        for source_index in range(1, self.n_sources + 1):
-            if source_index in banned or source_index in state.sentence_ids:
-                continue
-            verdict = self.validator.check(
-                source_index=source_index, sentence_ids=state.sentence_ids, claim=claim
-            )
-            if verdict.is_accepted:
-                return None
+        if self.supported_ids(claim, state.sentence_ids, banned):
+            return None
         return claim
 
     def give_up(self, *, copy: Callable[[], bool], quote: Callable[[], bool]) -> StopReason | None:

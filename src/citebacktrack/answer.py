@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 
 from citebacktrack.errors import BackendError
+from citebacktrack.request import source_id
 from citebacktrack.types import (
     Answer,
     Citation,
@@ -148,16 +149,11 @@ class AnswerBuilder:
                 "end": end,
                 "sentence_start": max(0, citation.sentence_start - self._lead),
                 "reference_number": number,
-                "source_id": self._source_id(index),
+                "source_id": source_id(self.sources[index - 1], index),
             }
         )
         self._citations.append(fixed)
         return fixed
-
-    def _source_id(self, index: int) -> str:
-        """The caller's id of source ``index`` (its position when it has none)."""
-        source_id = self.sources[index - 1].id
-        return source_id if source_id is not None else str(index)
 
     def _done(self, done: Done) -> Done:
         trace = done.trace

@@ -38,7 +38,13 @@ __all__ = [
     "SamplingConfig",
     "SegmentOptions",
     "check_sources",
+    "source_id",
 ]
+
+
+def source_id(source: Source, number: int) -> str:
+    """The id of the ``number``-th (1-based) source: its own, else its position."""
+    return source.id if source.id is not None else str(number)
 
 
 def check_sources(sources: Sequence[object]) -> None:
@@ -68,13 +74,12 @@ def check_sources(sources: Sequence[object]) -> None:
             raise InvalidSourcesError(
                 f"source {number} (id {source.id!r}) has empty text; drop it or fill it"
             )
-        source_id = source.id if source.id is not None else str(number)
-        if source_id in seen:
+        given = source_id(source, number)
+        if given in seen:
             raise InvalidSourcesError(
-                f"sources {seen[source_id]} and {number} share the id {source_id!r}; "
-                "ids must be unique"
+                f"sources {seen[given]} and {number} share the id {given!r}; ids must be unique"
             )
-        seen[source_id] = number
+        seen[given] = number
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -267,4 +272,4 @@ class GenerationRequest:
     @property
     def source_ids(self) -> tuple[str, ...]:
         """Each source's id, in order (its 1-based position when it has none)."""
-        return tuple(s.id if s.id is not None else str(i) for i, s in enumerate(self.sources, 1))
+        return tuple(source_id(s, i) for i, s in enumerate(self.sources, 1))
