@@ -9,6 +9,7 @@ model on llama.cpp.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import datetime
 import json
 import os
@@ -230,6 +231,22 @@ def test_a_policy_that_is_not_a_policy_is_refused() -> None:
 
 
 # ------------------------------------------------------------------ hand-built requests
+
+
+def test_a_request_refuses_a_validator_built_for_another_policy_or_sources() -> None:
+    request = Citeformer(MockBackend([])).build_request("Capital?", [PARIS])
+    other = Policy(mode=CitationMode.AUTO)
+    with pytest.raises(
+        ConfigurationError,
+        match=r"the validator was built for Policy\(.*\) but the request has Policy",
+    ):
+        dataclasses.replace(request, policy=other)
+    wide = CitationValidator(n_sources=2, policy=request.policy, scorer=None)
+    with pytest.raises(ConfigurationError, match="built for 2 sources but the request has 1"):
+        dataclasses.replace(request, validator=wide)
+    # Built together, they agree.
+    same = CitationValidator(n_sources=1, policy=other, scorer=None)
+    assert dataclasses.replace(request, policy=other, validator=same).policy == other
 
 
 @pytest.mark.parametrize(
