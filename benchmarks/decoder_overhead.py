@@ -30,12 +30,11 @@ import numpy as np
 
 from citebacktrack.backends.local import decode
 from citebacktrack.decoding import decoder as decoder_module
-from citebacktrack.decoding.budgets import Budgets
+from citebacktrack.decoding._masking import MarkerMask
 from citebacktrack.decoding.runtime import Logits, Vocabulary
-from citebacktrack.decoding.sampling import SamplingConfig
 from citebacktrack.decoding.vocab_index import VocabularyIndex
 from citebacktrack.grammar.citations import citation_grammar
-from citebacktrack.request import DecodingOptions, GenerationRequest
+from citebacktrack.request import Budgets, DecodingOptions, GenerationRequest, SamplingConfig
 from citebacktrack.support import SupportResult
 from citebacktrack.testing import ScriptedRuntime
 from citebacktrack.types import ChatMessage, Done, Policy, Source
@@ -168,16 +167,16 @@ def run_once(
         yield from events
 
     decoder_module.Decoder._reject = timed_reject  # type: ignore[method-assign]
-    speculate = decoder_module.Decoder._speculate
+    speculate = MarkerMask.speculate
     if full_mask:  # measure the path that builds the whole mask at every step (no shortcut)
-        decoder_module.Decoder._speculate = lambda *args: False  # type: ignore[method-assign]
+        MarkerMask.speculate = lambda *args: False  # type: ignore[method-assign]
     try:
         start = time.perf_counter()
         events = list(decode(runtime, index, request, [1, 2, 3]))
         wall = time.perf_counter() - start
     finally:
         decoder_module.Decoder._reject = original  # type: ignore[method-assign]
-        decoder_module.Decoder._speculate = speculate  # type: ignore[method-assign]
+        MarkerMask.speculate = speculate  # type: ignore[method-assign]
     done = events[-1]
     assert isinstance(done, Done)
     generated = done.usage.generated_tokens

@@ -48,9 +48,8 @@ import numpy as np
 
 from citebacktrack import Budgets, Citeformer, Source
 from citebacktrack.backends.local import LocalBackend
-from citebacktrack.decoding.sampling import SamplingConfig
 from citebacktrack.models import default_model_path
-from citebacktrack.request import DecodingOptions, GenerationRequest
+from citebacktrack.request import DecodingOptions, GenerationRequest, SamplingConfig
 from citebacktrack.retrieval import PassageIndex, load_passages, sample_docs_path
 from citebacktrack.support import LexicalSupportScorer
 
@@ -493,22 +492,25 @@ def profile_decoder(
     """One instrumented pass over the workload: where a constrained token's time goes."""
     import xgrammar as xgr
 
+    from citebacktrack.decoding import _masking
     from citebacktrack.decoding import decoder as decoder_module
 
     watch = Stopwatch()
     dec = decoder_module.Decoder
+    mask = _masking.MarkerMask
     matcher = xgr.GrammarMatcher
     llama = runtime.llama if hasattr(runtime, "llama") else None
     with contextlib.ExitStack() as stack:
         for target, name, label, skip in (
             (dec, "_allowed", "_allowed", ""),
-            (dec, "_filter_markers", "  _filter_markers", ""),
-            (dec, "_filter_ramble", "  _filter_ramble", ""),
-            (dec, "_filter_dangling", "  _filter_dangling", ""),
+            (mask, "_filter_markers", "  _filter_markers", ""),
+            (mask, "_filter_ramble", "  _filter_ramble", ""),
+            (mask, "_filter_dangling", "  _filter_dangling", ""),
             (dec, "_judge", "_judge", ""),
             (decoder_module, "propose", "sampling", ""),
             (decoder_module, "sample_masked", "sampling", ""),
             (decoder_module, "advance", "advance", "  _filter_markers"),
+            (_masking, "advance", "advance", "  _filter_markers"),
             (matcher, "fill_next_token_bitmask", "  fill_next_token_bitmask", ""),
             (matcher, "accept_token", "accept_token", ""),
             (matcher, "rollback", "rollback", ""),

@@ -15,7 +15,7 @@ the process's resident set (RSS, from ``/proc``) at the first rollback, the 1,00
   the answer itself grows, so growth per kept token is the figure to compare.
 
 ``--uncapped`` lifts the two bounds the decoder keeps on what rollbacks leave behind
-(``Trace.MAX_ENTRIES`` and the verdict cache's ``_VERDICT_CLAIMS``) to show the growth they
+(``Trace.MAX_ENTRIES`` and the verdict cache's ``VERDICT_CLAIMS``) to show the growth they
 prevent.
 
     python benchmarks/rollback_memory.py [--rollbacks 10000] [--uncapped] [--json out.json]
@@ -36,11 +36,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from citebacktrack.backends.local import decode
-from citebacktrack.decoding import decoder as decoder_module
-from citebacktrack.decoding.budgets import Budgets
+from citebacktrack.decoding import _masking
 from citebacktrack.decoding.runtime import Logits, Vocabulary
 from citebacktrack.grammar.citations import citation_grammar
-from citebacktrack.request import GenerationRequest
+from citebacktrack.request import Budgets, GenerationRequest
 from citebacktrack.support import SupportResult
 from citebacktrack.testing import ScriptedRuntime, default_vocabulary, index_for
 from citebacktrack.types import (
@@ -204,12 +203,12 @@ class Result:
 @contextlib.contextmanager
 def uncapped() -> Iterator[None]:
     """Lift the trace's and the verdict cache's bounds (to show what they prevent)."""
-    entries, claims = Trace.MAX_ENTRIES, decoder_module._VERDICT_CLAIMS
-    Trace.MAX_ENTRIES, decoder_module._VERDICT_CLAIMS = 10**9, 10**9
+    entries, claims = Trace.MAX_ENTRIES, _masking.VERDICT_CLAIMS
+    Trace.MAX_ENTRIES, _masking.VERDICT_CLAIMS = 10**9, 10**9
     try:
         yield
     finally:
-        Trace.MAX_ENTRIES, decoder_module._VERDICT_CLAIMS = entries, claims
+        Trace.MAX_ENTRIES, _masking.VERDICT_CLAIMS = entries, claims
 
 
 def measure(scenario: str, rollbacks: int, *, capped: bool = True) -> Result:
