@@ -29,7 +29,7 @@ from citebacktrack.backends import hf_runtime as hf_module
 from citebacktrack.backends.hf_runtime import HFRuntime, converted_model_dir
 from citebacktrack.backends.llamacpp_runtime import LlamaCppRuntime
 from citebacktrack.backends.local import fixed_prefix_length
-from citebacktrack.decoding.runtime import ChatRuntime, Logits, PrefillStats, PrefixCachingRuntime
+from citebacktrack.decoding.runtime import Logits, PrefillStats, PrefixCachingRuntime
 from citebacktrack.errors import (
     BackendError,
     ConfigurationError,
@@ -90,7 +90,7 @@ def hf_converted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Converted
 
 
 @pytest.fixture(params=["llamacpp", pytest.param("hf", marks=pytest.mark.slow)], scope="module")
-def runtime(request: pytest.FixtureRequest) -> ChatRuntime:
+def runtime(request: pytest.FixtureRequest) -> PrefixCachingRuntime:
     """Each runtime in turn."""
     if request.param == "llamacpp":
         llama: LlamaCppRuntime = request.getfixturevalue("llama_runtime")
@@ -99,7 +99,7 @@ def runtime(request: pytest.FixtureRequest) -> ChatRuntime:
     return converted.runtime
 
 
-def greedy(runtime: ChatRuntime, logits: Logits, n: int) -> tuple[list[int], list[Logits]]:
+def greedy(runtime: PrefixCachingRuntime, logits: Logits, n: int) -> tuple[list[int], list[Logits]]:
     """Feed ``n`` argmax tokens one at a time; return them and the logits after each."""
     tokens: list[int] = []
     after: list[Logits] = []
@@ -111,7 +111,7 @@ def greedy(runtime: ChatRuntime, logits: Logits, n: int) -> tuple[list[int], lis
     return tokens, after
 
 
-def stepwise(runtime: ChatRuntime, prompt: list[int], tokens: list[int]) -> Logits:
+def stepwise(runtime: PrefixCachingRuntime, prompt: list[int], tokens: list[int]) -> Logits:
     """A fresh run evaluated the way a decode is: prefill, then one token per forward."""
     logits = runtime.prefill(prompt)
     for token in tokens:
@@ -119,7 +119,7 @@ def stepwise(runtime: ChatRuntime, prompt: list[int], tokens: list[int]) -> Logi
     return logits
 
 
-def tokenize_plain(runtime: ChatRuntime, text: str) -> list[int]:
+def tokenize_plain(runtime: PrefixCachingRuntime, text: str) -> list[int]:
     """Tokenize ``text`` with the runtime's own tokenizer, no special tokens."""
     if isinstance(runtime, LlamaCppRuntime):
         return [int(t) for t in runtime.llama.tokenize(text.encode(), add_bos=False, special=False)]
@@ -131,12 +131,12 @@ def tokenize_plain(runtime: ChatRuntime, text: str) -> list[int]:
 # --------------------------------------------------------------------------- (a) vocabulary
 
 
-def test_runtimes_satisfy_the_protocol(runtime: ChatRuntime) -> None:
-    assert isinstance(runtime, ChatRuntime)
+def test_runtimes_satisfy_the_protocol(runtime: PrefixCachingRuntime) -> None:
+    assert isinstance(runtime, PrefixCachingRuntime)
     assert runtime.context_window > 0
 
 
-def test_vocabulary_facts(runtime: ChatRuntime) -> None:
+def test_vocabulary_facts(runtime: PrefixCachingRuntime) -> None:
     vocabulary = runtime.vocabulary
     assert vocabulary.size == VOCAB_SIZE
     assert len(vocabulary.tokens) == VOCAB_SIZE
@@ -147,7 +147,7 @@ def test_vocabulary_facts(runtime: ChatRuntime) -> None:
     assert vocabulary.tokens[260] == b" the"  # leading space kept
 
 
-def test_token_bytes_round_trip(runtime: ChatRuntime) -> None:
+def test_token_bytes_round_trip(runtime: PrefixCachingRuntime) -> None:
     ids = tokenize_plain(runtime, SENTENCE)
     pieces = [runtime.vocabulary.tokens[i] for i in ids]
     assert b"".join(pieces) == SENTENCE.encode("utf-8")
@@ -163,7 +163,7 @@ def test_token_bytes_round_trip(runtime: ChatRuntime) -> None:
     assert not all(is_utf8(piece) for piece in pieces)
 
 
-def test_encode_chat_opens_the_assistant_turn(runtime: ChatRuntime) -> None:
+def test_encode_chat_opens_the_assistant_turn(runtime: PrefixCachingRuntime) -> None:
     ids = runtime.encode_chat(QUESTION)
     text = b"".join(runtime.vocabulary.tokens[i] for i in ids)
     assert ids[0] == IM_START
@@ -174,7 +174,7 @@ def test_encode_chat_opens_the_assistant_turn(runtime: ChatRuntime) -> None:
 # --------------------------------------------------------------------------- (b) KV cache
 
 
-def test_replay_after_truncate_reproduces_the_logits(runtime: ChatRuntime) -> None:
+def test_replay_after_truncate_reproduces_the_logits(runtime: PrefixCachingRuntime) -> None:
     prompt = runtime.encode_chat(QUESTION)
     tokens, first = greedy(runtime, runtime.prefill(prompt), 8)
     assert runtime.n_tokens == len(prompt) + 8
@@ -186,7 +186,7 @@ def test_replay_after_truncate_reproduces_the_logits(runtime: ChatRuntime) -> No
     assert runtime.n_tokens == len(prompt) + 8
 
 
-def test_greedy_regeneration_after_truncate_matches_a_fresh_run(runtime: ChatRuntime) -> None:
+def test_greedy_regeneration_after_truncate_matches_a_fresh_run(runtime: PrefixCachingRuntime) -> None:
     prompt = runtime.encode_chat(QUESTION)
     tokens, first = greedy(runtime, runtime.prefill(prompt), 8)
 
@@ -199,7 +199,7 @@ def test_greedy_regeneration_after_truncate_matches_a_fresh_run(runtime: ChatRun
     assert greedy(runtime, fresh, 5)[0] == tokens[3:]
 
 
-def test_batched_prefill_agrees_with_token_by_token(runtime: ChatRuntime) -> None:
+def test_batched_prefill_agrees_with_token_by_token(runtime: PrefixCachingRuntime) -> None:
     prompt = runtime.encode_chat(QUESTION)
     tokens, first = greedy(runtime, runtime.prefill(prompt), 6)
     batched = runtime.prefill(prompt + tokens)
@@ -210,7 +210,7 @@ def test_batched_prefill_agrees_with_token_by_token(runtime: ChatRuntime) -> Non
     assert float(np.abs(batched - first[-1]).max()) < tolerance
 
 
-def test_truncate_then_forward_gives_the_logits_at_that_position(runtime: ChatRuntime) -> None:
+def test_truncate_then_forward_gives_the_logits_at_that_position(runtime: PrefixCachingRuntime) -> None:
     """The off-by-one check: a different token after truncate(n) sits at position n."""
     prompt = runtime.encode_chat(QUESTION)
     tokens, _ = greedy(runtime, runtime.prefill(prompt), 8)
@@ -226,7 +226,7 @@ def test_truncate_then_forward_gives_the_logits_at_that_position(runtime: ChatRu
     assert float(np.abs(after - one_too_many_removed).max()) > 1.0
 
 
-def test_truncate_to_the_current_length_is_a_no_op(runtime: ChatRuntime) -> None:
+def test_truncate_to_the_current_length_is_a_no_op(runtime: PrefixCachingRuntime) -> None:
     prompt = runtime.encode_chat(QUESTION)
     tokens, first = greedy(runtime, runtime.prefill(prompt), 2)
     runtime.truncate(runtime.n_tokens)
@@ -235,7 +235,7 @@ def test_truncate_to_the_current_length_is_a_no_op(runtime: ChatRuntime) -> None
     np.testing.assert_allclose(runtime.forward([tokens[1]]), first[1], atol=1e-4)
 
 
-def test_logits_are_fresh_float32_copies(runtime: ChatRuntime) -> None:
+def test_logits_are_fresh_float32_copies(runtime: PrefixCachingRuntime) -> None:
     prompt = runtime.encode_chat(QUESTION)
     first = runtime.prefill(prompt)
     kept = first.copy()
@@ -245,7 +245,7 @@ def test_logits_are_fresh_float32_copies(runtime: ChatRuntime) -> None:
     np.testing.assert_array_equal(first, kept)  # the next forward did not overwrite it
 
 
-def test_misuse_raises_configuration_errors(runtime: ChatRuntime) -> None:
+def test_misuse_raises_configuration_errors(runtime: PrefixCachingRuntime) -> None:
     prompt = runtime.encode_chat(QUESTION)
     runtime.prefill(prompt)
     with pytest.raises(ConfigurationError, match="truncate to"):
@@ -293,7 +293,7 @@ def chat(question: str, prefix: list[ChatMessage] = PREFIX) -> list[ChatMessage]
     return [*prefix, ChatMessage("user", question)]
 
 
-def prefixed(runtime: ChatRuntime, messages: list[ChatMessage]) -> tuple[list[int], int]:
+def prefixed(runtime: PrefixCachingRuntime, messages: list[ChatMessage]) -> tuple[list[int], int]:
     """The prompt of ``messages`` and the length of its fixed prefix (all but the last turn)."""
     assert isinstance(runtime, PrefixCachingRuntime)
     prompt = runtime.encode_chat(messages)
@@ -304,7 +304,7 @@ def prefixed(runtime: ChatRuntime, messages: list[ChatMessage]) -> tuple[list[in
 
 
 def decode_with_prefix(
-    runtime: ChatRuntime, prompt: list[int], n: int, steps: int = 8
+    runtime: PrefixCachingRuntime, prompt: list[int], n: int, steps: int = 8
 ) -> tuple[list[int], list[Logits]]:
     """Prefill with ``fixed_prefix=n``, then ``steps`` greedy tokens; every logits row."""
     assert isinstance(runtime, PrefixCachingRuntime)
@@ -319,7 +319,7 @@ def assert_same_run(a: tuple[list[int], list[Logits]], b: tuple[list[int], list[
         np.testing.assert_array_equal(x, y)  # bit for bit, not approximately
 
 
-def test_a_reused_prefix_gives_bit_identical_answers(runtime: ChatRuntime) -> None:
+def test_a_reused_prefix_gives_bit_identical_answers(runtime: PrefixCachingRuntime) -> None:
     """B's tokens and logits are the same run first, after A (same prefix, reused), and
     after C (another prefix); the reusing prefill evaluates only the part after the prefix."""
     assert isinstance(runtime, PrefixCachingRuntime)
@@ -364,7 +364,7 @@ def test_a_reused_prefix_gives_bit_identical_answers(runtime: ChatRuntime) -> No
     assert runtime.last_prefill == PrefillStats(len(b), len(b), len(b), 0)
 
 
-def test_prefix_prefill_agrees_with_a_whole_prefill(runtime: ChatRuntime) -> None:
+def test_prefix_prefill_agrees_with_a_whole_prefill(runtime: PrefixCachingRuntime) -> None:
     """Splitting the prompt at the prefix moves llama.cpp's logits only by batch rounding."""
     assert isinstance(runtime, PrefixCachingRuntime)
     b, n = prefixed(runtime, chat("Who wrote Hamlet?"))
@@ -376,7 +376,7 @@ def test_prefix_prefill_agrees_with_a_whole_prefill(runtime: ChatRuntime) -> Non
     assert int(np.argmax(split)) == int(np.argmax(whole))
 
 
-def test_bad_fixed_prefix_is_a_configuration_error(runtime: ChatRuntime) -> None:
+def test_bad_fixed_prefix_is_a_configuration_error(runtime: PrefixCachingRuntime) -> None:
     assert isinstance(runtime, PrefixCachingRuntime)
     prompt = runtime.encode_chat(QUESTION)
     for bad in (-1, len(prompt) + 1):

@@ -9,7 +9,6 @@ and the backtracking operators of :mod:`citebacktrack.decoding.operators`).
 
 from citebacktrack.decoding.decoder import Decoder
 from citebacktrack.decoding.runtime import (
-    ChatRuntime,
     FixedPrefixRuntime,
     Logits,
     PrefillStats,
@@ -19,7 +18,6 @@ from citebacktrack.decoding.runtime import (
 )
 
 __all__ = [
-    "ChatRuntime",
     "Decoder",
     "FixedPrefixRuntime",
     "Logits",

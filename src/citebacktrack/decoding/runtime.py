@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from citebacktrack.types import ChatMessage
 
 __all__ = [
-    "ChatRuntime",
     "FixedPrefixRuntime",
     "Logits",
     "PrefillStats",
@@ -90,20 +89,6 @@ class TokenRuntime(Protocol):
         ...
 
 
-@runtime_checkable
-class ChatRuntime(TokenRuntime, Protocol):
-    """A token runtime for a chat model: it can also turn messages into prompt tokens."""
-
-    @property
-    def context_window(self) -> int:
-        """Most tokens (prompt plus answer) the model can hold."""
-        ...
-
-    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
-        """Apply the model's chat template (with the assistant turn opened) and tokenize."""
-        ...
-
-
 @dataclass(frozen=True, slots=True)
 class PrefillStats:
     """What the last :meth:`PrefixCachingRuntime.prefill` did.
@@ -122,8 +107,18 @@ class PrefillStats:
 
 
 @runtime_checkable
-class PrefixCachingRuntime(ChatRuntime, Protocol):
-    """A chat runtime that can keep a fixed prompt prefix's KV cache between prefills."""
+class PrefixCachingRuntime(TokenRuntime, Protocol):
+    """A token runtime for a chat model (it turns messages into prompt tokens) that can keep
+    a fixed prompt prefix's KV cache between prefills: what the local backends run on."""
+
+    @property
+    def context_window(self) -> int:
+        """Most tokens (prompt plus answer) the model can hold."""
+        ...
+
+    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """Apply the model's chat template (with the assistant turn opened) and tokenize."""
+        ...
 
     @property
     def last_prefill(self) -> PrefillStats | None:
