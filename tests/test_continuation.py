@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 
 from citebacktrack.errors import GrammarError, InvalidSourcesError
 from citebacktrack.grammar import continuation_grammar as exported
+from citebacktrack.grammar._continuation import _derivation, continuation_grammar
 from citebacktrack.grammar.citations import citation_grammar
-from citebacktrack.grammar.continuation import _derivation, continuation_grammar
 from citebacktrack.grammar.emit import Dialect, emit
 from citebacktrack.grammar.ir import Grammar
 from citebacktrack.types import CitationMode, Policy

@@ -34,8 +34,8 @@ from citebacktrack._tracker import ClosedMarker, TextState, advance
 from citebacktrack.backends._openai_server import parse_response as _parse_response
 from citebacktrack.backends.openai import check_grammar_text
 from citebacktrack.errors import BackendError, GrammarError
+from citebacktrack.grammar._continuation import continuation_grammar
 from citebacktrack.grammar.citations import citation_grammar
-from citebacktrack.grammar.continuation import continuation_grammar
 from citebacktrack.grammar.emit import Dialect, emit
 from citebacktrack.grammar.ir import (
     CharClass,
@@ -503,7 +503,7 @@ CHAT_BODIES = [
 def _hosted_engine(mode: str, api: str) -> Any:
     """A hosted engine whose client is never called (only its reader is fuzzed)."""
     openai = pytest.importorskip("openai")
-    from citebacktrack.backends.openai_hosted import HOSTED_ENGINES
+    from citebacktrack.backends._openai_hosted import HOSTED_ENGINES
 
     client = openai.OpenAI(api_key="sk-fuzz", base_url="https://api.openai.test/v1")
     return HOSTED_ENGINES[mode](client=client, model="gpt-5", api=api)  # type: ignore[arg-type]

@@ -25,8 +25,7 @@ httpx2 = pytest.importorskip("httpx2")
 from citebacktrack import Citeformer  # noqa: E402
 from citebacktrack._tracker import TextState, advance  # noqa: E402
 from citebacktrack.backends import OpenAIBackend  # noqa: E402
-from citebacktrack.backends.openai import OpenAICompatibleEngine  # noqa: E402
-from citebacktrack.backends.openai_hosted import (  # noqa: E402
+from citebacktrack.backends._openai_hosted import (  # noqa: E402
     ANSWER_TOOL,
     HOSTED_ENGINES,
     MAX_SCHEMA_SOURCES,
@@ -35,6 +34,7 @@ from citebacktrack.backends.openai_hosted import (  # noqa: E402
     answer_schema,
     render_answer,
 )
+from citebacktrack.backends.openai import OpenAICompatibleEngine  # noqa: E402
 from citebacktrack.errors import (  # noqa: E402
     BackendClosedError,
     BackendError,

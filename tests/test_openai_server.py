@@ -17,7 +17,7 @@ import pytest
 
 from citebacktrack.errors import GrammarError, MissingDependencyError, ModelLoadError
 from citebacktrack.grammar import Dialect, citation_grammar, emit
-from citebacktrack.grammar.continuation import continuation_grammar
+from citebacktrack.grammar._continuation import continuation_grammar
 from citebacktrack.prompts import build_messages
 from citebacktrack.segments import SegmentCall
 from citebacktrack.types import Policy, Source

@@ -186,7 +186,9 @@ def test_replay_after_truncate_reproduces_the_logits(runtime: PrefixCachingRunti
     assert runtime.n_tokens == len(prompt) + 8
 
 
-def test_greedy_regeneration_after_truncate_matches_a_fresh_run(runtime: PrefixCachingRuntime) -> None:
+def test_greedy_regeneration_after_truncate_matches_a_fresh_run(
+    runtime: PrefixCachingRuntime,
+) -> None:
     prompt = runtime.encode_chat(QUESTION)
     tokens, first = greedy(runtime, runtime.prefill(prompt), 8)
 
@@ -210,7 +212,9 @@ def test_batched_prefill_agrees_with_token_by_token(runtime: PrefixCachingRuntim
     assert float(np.abs(batched - first[-1]).max()) < tolerance
 
 
-def test_truncate_then_forward_gives_the_logits_at_that_position(runtime: PrefixCachingRuntime) -> None:
+def test_truncate_then_forward_gives_the_logits_at_that_position(
+    runtime: PrefixCachingRuntime,
+) -> None:
     """The off-by-one check: a different token after truncate(n) sits at position n."""
     prompt = runtime.encode_chat(QUESTION)
     tokens, _ = greedy(runtime, runtime.prefill(prompt), 8)

@@ -19,8 +19,8 @@ from typing import Any, ClassVar
 
 from citebacktrack.backends._openai_hosted_base import ANSWER_TOOL, HostedEngine, HostedReply
 from citebacktrack.errors import BackendError
+from citebacktrack.grammar._gbnf_check import check_grammar_text
 from citebacktrack.grammar.emit import Dialect, emit
-from citebacktrack.grammar.gbnf_check import check_grammar_text
 from citebacktrack.segments import SegmentCall
 from citebacktrack.syntax import MARKER_CLOSE, MARKER_OPEN
 

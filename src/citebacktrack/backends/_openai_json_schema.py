@@ -8,7 +8,7 @@ enum of ``1..n``, so at most :data:`MAX_SCHEMA_SOURCES` sources) and renders it 
 validator.
 
 The schema and the rendering are the JSON-schema dialect of the citation grammar
-(:mod:`citebacktrack.grammar.json_schema`); what the request and the reply look like on
+(:mod:`citebacktrack.grammar._json_schema`); what the request and the reply look like on
 each API, and what both hosted engines share, is in
 :mod:`citebacktrack.backends._openai_hosted_base`.
 """
@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 from citebacktrack.backends._openai_hosted_base import HostedEngine, HostedReply
 from citebacktrack.backends._sdk import excerpt, load_json
 from citebacktrack.errors import BackendError, ConfigurationError
-from citebacktrack.grammar.json_schema import MAX_SCHEMA_SOURCES, answer_schema, render_answer
+from citebacktrack.grammar._json_schema import MAX_SCHEMA_SOURCES, answer_schema, render_answer
 from citebacktrack.segments import SegmentCall
 
 __all__ = ["MAX_SCHEMA_SOURCES", "OpenAIJsonSchemaEngine", "answer_schema", "render_answer"]

@@ -50,8 +50,8 @@ from citebacktrack.backends._sdk import (
     safe_cause,
 )
 from citebacktrack.errors import BackendError, ConfigurationError
+from citebacktrack.grammar._gbnf_check import check_grammar_text
 from citebacktrack.grammar.emit import Dialect, emit
-from citebacktrack.grammar.gbnf_check import check_grammar_text
 from citebacktrack.segments import SegmentCall, SegmentResult
 from citebacktrack.types import ChatMessage
 

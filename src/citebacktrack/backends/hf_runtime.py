@@ -1,4 +1,5 @@
-"""A :class:`~citebacktrack.decoding.runtime.PrefixCachingRuntime` on transformers with a ``DynamicCache``.
+"""A :class:`~citebacktrack.decoding.runtime.PrefixCachingRuntime` on transformers (a
+``DynamicCache``).
 
 The runtime runs the model on new tokens only, passing the cache back in, and rolls back by
 cropping the cache. torch and transformers are imported only when a runtime is built.

@@ -1,4 +1,5 @@
-"""A :class:`~citebacktrack.decoding.runtime.PrefixCachingRuntime` on llama-cpp-python's low-level API.
+"""A :class:`~citebacktrack.decoding.runtime.PrefixCachingRuntime` on llama-cpp-python's
+low-level API.
 
 The runtime drives one sequence of a ``llama_cpp.Llama`` by hand: ``eval`` appends tokens to
 the KV cache, the logits of the last evaluated token are copied out of the context, and a

@@ -11,8 +11,9 @@ The backend picks one of three engines by ``mode``, each in its own module:
 * ``"json_schema"``: :class:`~citebacktrack.backends._openai_json_schema.OpenAIJsonSchemaEngine`,
   hosted OpenAI with Structured Outputs (:mod:`citebacktrack.backends._openai_json_schema`).
 
-``OpenAICompatibleEngine``, ``chatml``, ``ChatTemplate`` and ``check_grammar_text`` (of
-:mod:`citebacktrack.grammar.gbnf_check`) are imported here too, where they always were.
+This is the public face of all three: the engines, ``chatml``, ``ChatTemplate``,
+``check_grammar_text`` (GBNF, EBNF and Lark checked before any request is sent) and
+``MAX_SCHEMA_SOURCES`` are imported from here; the modules that hold them are private.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import JsonValue
 
+from citebacktrack.backends._openai_grammar_tool import OpenAIGrammarToolEngine
+from citebacktrack.backends._openai_hosted import HOSTED_ENGINES
+from citebacktrack.backends._openai_json_schema import OpenAIJsonSchemaEngine
 from citebacktrack.backends._openai_server import (
     ChatTemplate,
     Endpoint,
@@ -29,11 +33,11 @@ from citebacktrack.backends._openai_server import (
     Server,
     chatml,
 )
-from citebacktrack.backends.openai_hosted import HOSTED_ENGINES
 from citebacktrack.backends.segment import SegmentBackend
 from citebacktrack.errors import ConfigurationError
+from citebacktrack.grammar._gbnf_check import check_grammar_text
+from citebacktrack.grammar._json_schema import MAX_SCHEMA_SOURCES
 from citebacktrack.grammar.emit import Dialect
-from citebacktrack.grammar.gbnf_check import check_grammar_text
 from citebacktrack.segments import SegmentEngine
 
 if TYPE_CHECKING:
@@ -42,17 +46,18 @@ if TYPE_CHECKING:
     from citebacktrack.backends._openai_hosted_base import Api
 
 __all__ = [
+    "MAX_SCHEMA_SOURCES",
     "ChatTemplate",
     "OpenAIBackend",
     "OpenAICompatibleEngine",
+    "OpenAIGrammarToolEngine",
+    "OpenAIJsonSchemaEngine",
     "chatml",
     "check_grammar_text",
 ]
 
 HostedMode = Literal["json_schema", "cfg"]
 Mode = Literal["server", "json_schema", "cfg"]
-
-# Read by tests/test_fuzz_inputs.py under the names they had when they lived here.
 
 
 class OpenAIBackend(SegmentBackend):

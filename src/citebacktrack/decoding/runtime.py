@@ -116,10 +116,6 @@ class PrefixCachingRuntime(TokenRuntime, Protocol):
         """Most tokens (prompt plus answer) the model can hold."""
         ...
 
-    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
-        """Apply the model's chat template (with the assistant turn opened) and tokenize."""
-        ...
-
     @property
     def last_prefill(self) -> PrefillStats | None:
         """What the last prefill evaluated and reused (``None`` before the first)."""

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from citebacktrack.errors import BackendError, GrammarError
+from citebacktrack.grammar._continuation import continuation_grammar, is_answer_prefix
 from citebacktrack.grammar.citations import citation_grammar
-from citebacktrack.grammar.continuation import continuation_grammar, is_answer_prefix
 from citebacktrack.grammar.ir import Grammar
 from citebacktrack.types import Policy
 

@@ -8,7 +8,7 @@ mode (:data:`HOSTED_ENGINES`), each in its own module:
 * ``"json_schema"``: :class:`OpenAIJsonSchemaEngine`
   (:mod:`citebacktrack.backends._openai_json_schema`), Structured Outputs with the ids as an
   enum (:func:`answer_schema`), rendered back into ``[N]`` text (:func:`render_answer`, both
-  of :mod:`citebacktrack.grammar.json_schema`).
+  of :mod:`citebacktrack.grammar._json_schema`).
 
 What both send on the Responses API and on Chat Completions, and the base they share, is in
 :mod:`citebacktrack.backends._openai_hosted_base`.
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from citebacktrack.backends._openai_grammar_tool import ANSWER_TOOL, OpenAIGrammarToolEngine
 from citebacktrack.backends._openai_json_schema import OpenAIJsonSchemaEngine
-from citebacktrack.grammar.json_schema import MAX_SCHEMA_SOURCES, answer_schema, render_answer
+from citebacktrack.grammar._json_schema import MAX_SCHEMA_SOURCES, answer_schema, render_answer
 
 __all__ = [
     "ANSWER_TOOL",
