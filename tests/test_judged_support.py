@@ -432,3 +432,38 @@ def test_no_copy_when_no_source_names_what_the_question_is_about() -> None:
     answer = Citeformer(MockBackend([script])).generate(question, [eiffel])
     assert answer.text == ""
     assert answer.stop_reason is StopReason.NO_SUPPORTED_ANSWER
+
+
+def test_a_copy_says_whom_it_is_about() -> None:
+    # Read without its passage, "The song was performed live ..." is about whatever song
+    # the reader has in mind: a copy names its passage's subject, or the question does.
+    song = Source(
+        title="Blue Harbour (song)",
+        text="Blue Harbour is a single by the band Tin Lanterns. The song was performed "
+        "live on a 1999 episode of a late-night television show.",
+    )
+    other = Source(
+        title="Red Delta",
+        text="Red Delta is a song by the band Tin Lanterns, released in 1996 on a vinyl single.",
+    )
+    asked_of_another = "On which show did Tin Lanterns perform Red Delta live?"
+    offered = [text for _, text in validator([song, other], asked_of_another).grounding("")]
+    assert (
+        "The song was performed live on a 1999 episode of a late-night television show"
+        not in offered
+    )
+    assert offered  # the sentences that name their subject stay
+    for text in offered:
+        assert "Blue Harbour" in text or "Red Delta" in text
+    asked_of_it = "On which show was Blue Harbour performed live?"
+    offered = [text for _, text in validator([song, other], asked_of_it).grounding("")]
+    assert (
+        "The song was performed live on a 1999 episode of a late-night television show" in offered
+    )
+
+
+def test_an_untitled_source_keeps_its_copies() -> None:
+    untitled = Source(text="It was performed live on a 1999 episode of a late-night show.")
+    question = "When was it performed live on a late-night show?"
+    offered = [text for _, text in validator([untitled], question).grounding("")]
+    assert offered == ["It was performed live on a 1999 episode of a late-night show"]

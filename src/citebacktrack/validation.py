@@ -29,6 +29,7 @@ from citebacktrack.support import (
     SupportScorer,
     content_stems,
     name_stems,
+    names_title,
 )
 from citebacktrack.syntax import (
     CLOSERS,
@@ -316,9 +317,14 @@ class CitationValidator:
         (doubled) and the claim. A sentence must share a word with the question that at
         most half of the sources have (any word of the question some source has, when
         none is that rare); when no source has a word of the question, or none names
-        anything the question names (``Sydney Opera House``), nothing is. The
-        ``limit`` most relevant are kept: the model's likelihood chooses among them.
-        Empty without a scorer or sources to copy from.
+        anything the question names (``Sydney Opera House``), nothing is. A copy must
+        also say whom it is about, since a reader sees it without the passage around
+        it: the sentence or the question names its passage's title (:func:`names_title`:
+        "Gross acted as producer" from *Paul Gross*; not "The song was performed live"
+        nor, asked about the Eiffel Tower, "The energy is stored in sugars" from
+        *Photosynthesis*). An untitled source's subject is unknown and this rule does
+        not apply to it. The ``limit`` most relevant are kept: the model's likelihood
+        chooses among them. Empty without a scorer or sources to copy from.
         """
         if self.scorer is None or self.sources is None:
             return []
@@ -343,6 +349,8 @@ class CitationValidator:
         ranked: list[tuple[float, int, str]] = []
         seen: set[str] = set()
         for source, passage in enumerate(texts, 1):
+            title = content_stems(self.sources[source - 1].title)
+            subject_named = not title or names_title(title, question, idf)
             for sentence in split_sentences(passage):
                 text = quotable_sentence(sentence)
                 if text in seen or not _whole_sentence(text):
@@ -353,6 +361,8 @@ class CitationValidator:
                 stems = content_stems(text)
                 if question and stems.isdisjoint(telling):
                     continue
+                if not subject_named and not names_title(title, stems, idf):
+                    continue  # "The song was ...": about whom, read on its own?
                 relevance = sum(2 * idf(w) for w in stems & question) + sum(
                     idf(w) for w in stems & claimed
                 )

@@ -42,7 +42,7 @@ have nothing to check and are judged supported with score 1.0.
 from citebacktrack.support._base import SetSupportScorer, SupportResult, SupportScorer
 from citebacktrack.support._function import FunctionSupportScorer
 from citebacktrack.support._lexical import LexicalSupportScorer
-from citebacktrack.support._text import content_stems, is_negated, name_stems
+from citebacktrack.support._text import content_stems, is_negated, name_stems, names_title
 
 __all__ = [
     "FunctionSupportScorer",
@@ -53,4 +53,5 @@ __all__ = [
     "content_stems",
     "is_negated",
     "name_stems",
+    "names_title",
 ]

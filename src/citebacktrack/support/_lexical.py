@@ -21,6 +21,7 @@ from citebacktrack.support._text import (
     content_stems,
     is_negated,
     name_stems,
+    names_title,
     prefix_matches,
     terms_of,
     tokenize,
@@ -508,13 +509,7 @@ def _linked(
     same station), nor is a number (a year is shared by unrelated events), nor a word
     many sources name (in ``common``: "English" or "American" link nothing)."""
     words = set(terms.words)
-
-    def titled(source: _IndexedSource) -> bool:
-        total = sum(idf(stem) for stem in source.title_stems)
-        named = sum(idf(stem) for stem in source.title_stems & words)
-        return total > 0 and 2 * named >= total
-
-    if all(titled(source) for source in sources):
+    if all(names_title(source.title_stems, words, idf) for source in sources):
         return True
     entities = [
         frozenset(name for name in match.names - common - words if not name[:1].isdigit())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -240,6 +240,19 @@ def name_stems(text: str) -> frozenset[str]:
     return frozenset(
         token.stem for token in tokenize(text) if token.is_number or token.surface[:1].isupper()
     )
+
+
+def names_title(
+    title_stems: Collection[str], words: Collection[str], idf: Callable[[str], float]
+) -> bool:
+    """Whether text whose content stems are ``words`` names the subject of a passage
+    titled ``title_stems``: the title's words it has, weighted by rarity (``idf``), are
+    at least half of the title's ("Gross" names "Paul Gross"; "University" alone does
+    not name "University of Nairobi", nor "the song" any song). False for an empty title.
+    """
+    total = sum(idf(stem) for stem in title_stems)
+    named = sum(idf(stem) for stem in title_stems if stem in words)
+    return total > 0 and 2 * named >= total
 
 
 def prefix_matches(sorted_vocabulary: tuple[str, ...], prefix: str) -> frozenset[str]:
