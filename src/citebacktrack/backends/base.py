@@ -11,13 +11,15 @@ override ``astream`` only; sync and async then still share the same state machin
 from __future__ import annotations
 
 import contextlib
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from typing import Self
 
 import anyio
 import anyio.to_thread
 
+from citebacktrack import _cancel
 from citebacktrack.answer import acollect, collect
 from citebacktrack.errors import ConfigurationError
 from citebacktrack.request import GenerationRequest
@@ -29,23 +31,87 @@ __all__ = ["Backend", "ChatMessage", "GenerationRequest", "iterate_in_thread"]
 async def iterate_in_thread(iterator: Iterator[Event]) -> AsyncGenerator[Event, None]:
     """Pull ``iterator`` one item per worker-thread hop, so the event loop never blocks.
 
-    However it ends (exhausted, an error, cancelled, or closed with ``aclose()``) it closes
-    ``iterator`` before it returns, so the stream's cleanup has run by then. A step in
-    flight when the caller is cancelled finishes first (a thread cannot be interrupted).
+    However it ends (exhausted, an error, cancelled by any idiom: ``asyncio.wait_for``,
+    ``asyncio.timeout``, ``task.cancel()``, an anyio cancel scope, or closed with
+    ``aclose()`` by an abandoned ``async for``) it closes ``iterator`` before it returns,
+    so the stream's cleanup has run and no thread still works on it. Cancelled, it sets
+    the step's stop flag (:mod:`citebacktrack._cancel`): a decode in flight stops at its
+    next token step, the cancellation waits for that, and only then goes on as the
+    caller's own exception (``TimeoutError``, ``CancelledError``). A step that never checks
+    the flag (a scripted function that sleeps) finishes first: a thread cannot be
+    interrupted.
     """
+    stop = threading.Event()
+    idle = threading.Event()
+    idle.set()
+
+    def step() -> Event | None:
+        token = _cancel.STOP.set(stop)
+        try:
+            return next(iterator, None)
+        except _cancel.Stopped:
+            return None
+        finally:
+            _cancel.STOP.reset(token)
+            idle.set()
+
     try:
         while True:
-            event = await anyio.to_thread.run_sync(next, iterator, None)
+            idle.clear()
+            # Abandoned on cancel: the cancellation reaches the caller's scope at once,
+            # while ``finally`` below waits for the step it left on the thread.
+            event = await anyio.to_thread.run_sync(step, abandon_on_cancel=True)
             if event is None:
                 return
             yield event
     finally:
+        stop.set()
+        await _settle(idle)
         close = getattr(iterator, "close", None)
         if close is not None:
-            # Shielded: in a cancelled scope an unshielded await would raise at once and
-            # leave the stream open (its cleanup deferred to the garbage collector).
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(close)
+            await _through_cancel(close)
+
+
+async def _through_cancel(fn: Callable[[], object]) -> None:
+    """Run ``fn`` on a worker thread to its end, through any cancellation (raised after)."""
+    done = threading.Event()
+
+    def call() -> None:
+        try:
+            fn()
+        finally:
+            done.set()
+
+    pending: BaseException | None = None
+    with anyio.CancelScope(shield=True):
+        try:
+            await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
+        except anyio.get_cancelled_exc_class() as exc:
+            pending = exc
+    await _settle(done)
+    if pending is not None:
+        raise pending
+
+
+async def _settle(flag: threading.Event) -> None:
+    """Wait until ``flag`` is set without blocking the loop, through any cancellation.
+
+    anyio's shield holds off its own cancel scopes, not asyncio's native ``cancel()``
+    (``wait_for``, ``asyncio.timeout``): one of those is caught here and raised again once
+    the flag is set, so a stream is never closed while its step still runs on a thread
+    (``ValueError: generator already executing``).
+    """
+    pending: BaseException | None = None
+    delay = 0.001
+    with anyio.CancelScope(shield=True):
+        while not flag.is_set():
+            try:
+                await anyio.sleep(delay)
+            except anyio.get_cancelled_exc_class() as exc:
+                pending = exc
+            delay = min(2 * delay, 0.02)
+    if pending is not None:
+        raise pending
 
 
 class Backend(ABC):

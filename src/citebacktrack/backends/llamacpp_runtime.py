@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 
+from citebacktrack import _cancel
 from citebacktrack.decoding.runtime import Logits, PrefillStats, Vocabulary
 from citebacktrack.errors import (
     BackendClosedError,
@@ -431,14 +432,24 @@ class LlamaCppRuntime:
             raise ConfigurationError(
                 f"token ids {bad[:5]} are outside the vocabulary of {self._n_vocab} tokens"
             )
+        # The same n_batch chunks llama.cpp's eval cuts (so the same computation), one
+        # eval each: an async caller that went away stops a long prompt between chunks.
+        chunk = max(1, int(self._llama.n_batch))
         try:
-            self._llama.eval(batch)
-        except RuntimeError as exc:
-            # Undo a partial eval (it runs in n_batch chunks) so the cache stays consistent.
+            for start in range(0, len(batch), chunk):
+                if start:
+                    _cancel.check()
+                self._llama.eval(batch[start : start + chunk])
+        except BaseException as exc:
+            # Undo a partial eval so the cache stays consistent.
             self._llama.n_tokens = n_cached
             self._llama._ctx.kv_cache_seq_rm(-1, n_cached, -1)
             self._owned_n = n_cached
-            raise BackendError(f"llama.cpp failed to evaluate {len(batch)} tokens: {exc}") from exc
+            if isinstance(exc, RuntimeError):
+                raise BackendError(
+                    f"llama.cpp failed to evaluate {len(batch)} tokens: {exc}"
+                ) from exc
+            raise
         self._owned_n = int(self._llama.n_tokens)
         pointer = self._lib.llama_get_logits_ith(self._llama._ctx.ctx, -1)
         if not pointer:
