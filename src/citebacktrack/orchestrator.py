@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import cast
+from typing import Self, cast
+
+import anyio
+import anyio.to_thread
 
 from citebacktrack.answer import abuild, acollect, build, collect
 from citebacktrack.backends.base import Backend
@@ -86,6 +90,7 @@ class Citeformer:
         self._backend = backend
         self._owns_backend = backend is None
         self._closed = False
+        self._loading = threading.Lock()
         self.policy = policy or Policy()
         self.scorer = scorer
         self.sampling = sampling or SamplingConfig()
@@ -100,13 +105,45 @@ class Citeformer:
         Raises:
             BackendClosedError: :meth:`close` was called.
         """
+        self._check_open()
+        if self._backend is None:
+            self.load()
+        return cast(Backend, self._backend)
+
+    def _check_open(self) -> None:
         if self._closed:
             raise BackendClosedError(
                 "this Citeformer was closed; create a new Citeformer to answer again"
             )
+
+    def load(self) -> Self:
+        """Load the model now rather than on the first question (the embedded default
+        loads on first use; a backend passed in is already loaded). Returns ``self``, so
+        ``cf = Citeformer().load()``. Safe to call from several threads: one loads.
+
+        Raises:
+            BackendClosedError: :meth:`close` was called.
+            ModelLoadError: the embedded model file is missing or corrupt.
+        """
+        with self._loading:
+            self._check_open()
+            if self._backend is None:
+                self._backend = _default_backend()
+        return self
+
+    async def aload(self) -> Self:
+        """:meth:`load` on a worker thread: the event loop keeps serving while the model
+        loads. ``astream``/``agenerate`` call it before their first answer, so a service
+        never blocks its loop on a lazy load; call it at startup to load ahead of the
+        first request."""
         if self._backend is None:
-            self._backend = _default_backend()
-        return self._backend
+            await anyio.to_thread.run_sync(self.load)
+        return self
+
+    async def _abackend(self) -> Backend:
+        """The backend, loaded off the event loop when it is not loaded yet."""
+        await self.aload()
+        return self.backend
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -115,10 +152,11 @@ class Citeformer:
         left open: its owner closes it); this object answers nothing afterwards. Safe to
         call twice."""
         self._closed = True
-        backend, owned = self._backend, self._owns_backend
-        if owned and backend is not None:
-            self._backend = None
-            backend.close()
+        with self._loading:  # a load in flight finishes first, and is freed here
+            backend, owned = self._backend, self._owns_backend
+            if owned and backend is not None:
+                self._backend = None
+                backend.close()
 
     def __enter__(self) -> Citeformer:
         return self
@@ -270,7 +308,8 @@ class Citeformer:
     ) -> list[Answer]:
         """Async :meth:`generate_many`, at most ``concurrency`` answers in flight."""
         requests = self._requests(items, policy, budgets, sampling)
-        return await self.backend.agenerate_many(requests, concurrency=concurrency)
+        backend = await self._abackend()
+        return await backend.agenerate_many(requests, concurrency=concurrency)
 
     def _requests(
         self,
@@ -304,9 +343,12 @@ class Citeformer:
         budgets: Budgets | None = None,
         sampling: SamplingConfig | None = None,
     ) -> AsyncIterator[Event]:
-        """Async :meth:`stream` (``async for event in cf.astream(...)``)."""
+        """Async :meth:`stream` (``async for event in cf.astream(...)``); input is
+        validated before this returns. A model not loaded yet loads on a worker thread
+        (:meth:`aload`): the event loop is never blocked."""
         request = self._request(question, sources, policy, budgets, sampling)
-        return abuild(self.backend.astream(request), request.sources)
+        self._check_open()
+        return abuild(self._astream(request), request.sources)
 
     async def agenerate(
         self,
@@ -317,9 +359,23 @@ class Citeformer:
         budgets: Budgets | None = None,
         sampling: SamplingConfig | None = None,
     ) -> Answer:
-        """Async :meth:`generate`."""
+        """Async :meth:`generate` (the model, if not loaded yet, loads off the loop)."""
         request = self._request(question, sources, policy, budgets, sampling)
-        return await acollect(self.backend.astream(request), request.sources)
+        self._check_open()
+        return await acollect(self._astream(request), request.sources)
+
+    async def _astream(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        """The backend's stream of ``request``, the backend loaded off the loop first."""
+        backend = await self._abackend()
+        events = backend.astream(request)
+        try:
+            async for event in events:
+                yield event
+        finally:
+            # Closed here when the caller stops early, not later by the garbage collector.
+            aclose = getattr(events, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
 
 def _normalize_sources(sources: Sequence[Source | str]) -> tuple[Source, ...]:
