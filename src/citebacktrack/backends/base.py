@@ -19,7 +19,7 @@ from typing import Self
 import anyio
 import anyio.to_thread
 
-from citebacktrack import _cancel
+from citebacktrack._cancel import STOP, Stopped
 from citebacktrack.answer import acollect, collect
 from citebacktrack.errors import ConfigurationError
 from citebacktrack.request import GenerationRequest
@@ -42,22 +42,33 @@ async def iterate_in_thread(iterator: Iterator[Event]) -> AsyncGenerator[Event, 
     interrupted.
     """
     stop = threading.Event()
-    idle = threading.Event()
-    idle.set()
+    settled = threading.Event()  # no step of this stream runs on a thread
+    settled.set()
+    guard = threading.Lock()
+    state = "idle"  # "queued" (handed to a thread), "running", "idle", "abandoned"
 
     def step() -> Event | None:
-        token = _cancel.STOP.set(stop)
+        nonlocal state
+        with guard:
+            if state == "abandoned":  # its caller left before a thread took it
+                return None
+            state = "running"
+        token = STOP.set(stop)
         try:
             return next(iterator, None)
-        except _cancel.Stopped:
+        except Stopped:
             return None
         finally:
-            _cancel.STOP.reset(token)
-            idle.set()
+            STOP.reset(token)
+            with guard:
+                state = "idle"
+            settled.set()
 
     try:
         while True:
-            idle.clear()
+            with guard:
+                state = "queued"
+                settled.clear()
             # Abandoned on cancel: the cancellation reaches the caller's scope at once,
             # while ``finally`` below waits for the step it left on the thread.
             event = await anyio.to_thread.run_sync(step, abandon_on_cancel=True)
@@ -66,7 +77,11 @@ async def iterate_in_thread(iterator: Iterator[Event]) -> AsyncGenerator[Event, 
             yield event
     finally:
         stop.set()
-        await _settle(idle)
+        with guard:
+            if state == "queued":  # cancelled before a thread started it: it never will
+                state = "abandoned"
+                settled.set()
+        await _settle(settled)
         close = getattr(iterator, "close", None)
         if close is not None:
             await _through_cancel(close)

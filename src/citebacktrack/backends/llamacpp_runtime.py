@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 
-from citebacktrack import _cancel
+from citebacktrack._cancel import stop_if_cancelled
 from citebacktrack.decoding.runtime import Logits, PrefillStats, Vocabulary
 from citebacktrack.errors import (
     BackendClosedError,
@@ -438,7 +438,7 @@ class LlamaCppRuntime:
         try:
             for start in range(0, len(batch), chunk):
                 if start:
-                    _cancel.check()
+                    stop_if_cancelled()
                 self._llama.eval(batch[start : start + chunk])
         except BaseException as exc:
             # Undo a partial eval so the cache stays consistent.

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from citebacktrack import _cancel
+from citebacktrack._cancel import stop_if_cancelled
 from citebacktrack._draft import COMPLETE, Accepted, Draft
 from citebacktrack._tracker import ClosedMarker, TextState, advance
 from citebacktrack.decoding._masking import MarkerMask
@@ -131,7 +131,7 @@ class Decoder(GroundedRecovery):
         run.forward_passes = 1
         prompt_len = len(prompt)
         while run.draft.stop is None:
-            _cancel.check()  # an async caller that went away stops it within one step
+            stop_if_cancelled()  # an async caller that went away stops it within one step
             if self._out_of_time(started):
                 run.draft.stop = StopReason.WALL_TIME
                 break

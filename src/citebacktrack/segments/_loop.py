@@ -8,7 +8,7 @@ from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from citebacktrack import _cancel
+from citebacktrack._cancel import stop_if_cancelled
 from citebacktrack._draft import Accepted, Draft
 from citebacktrack._tracker import ClosedMarker, TextState, advance
 from citebacktrack.grammar.ir import Grammar, choice, lit
@@ -573,7 +573,7 @@ def run_segments(engine: SegmentEngine, request: GenerationRequest) -> Iterator[
     """Drive a :class:`SegmentLoop` over ``engine`` (blocking); ``Done`` last."""
     loop = _loop_for(engine, request)
     while (call := loop.next_call()) is not None:
-        _cancel.check()  # an async caller that went away stops it between calls
+        stop_if_cancelled()  # an async caller that went away stops it between calls
         yield from loop.feed(engine.complete(call))
     yield from loop.finish()
 
