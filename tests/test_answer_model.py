@@ -28,6 +28,7 @@ from citebacktrack import (
     Policy,
     SamplingConfig,
     Source,
+    Started,
     StopReason,
     TextDelta,
     Trace,
@@ -131,6 +132,8 @@ def _stream(script: str, options: dict[str, object]) -> list[Event]:
 
 
 def _check_stream_is_the_answer(events: Sequence[Event], answer: Answer) -> None:
+    assert isinstance(events[0], Started)
+    assert not any(isinstance(e, Started) for e in events[1:])
     assert isinstance(events[-1], Done)
     assert not any(isinstance(e, Done) for e in events[:-1])
     assert events[-1].answer == answer
@@ -230,6 +233,18 @@ def test_a_dead_end_from_any_backend_is_built_like_every_other_stop() -> None:
     _check_stream_is_the_answer(list(cf.stream(QUESTION, SOURCES)), answer)
 
 
+def test_a_citation_may_come_just_before_the_text_that_holds_it() -> None:
+    # What the decoder sends: the citation first, so a client knows its reference number
+    # when the marker's text arrives; the builder checks it against that text.
+    builder = AnswerBuilder(SOURCES)
+    shown = [builder.feed(_cite(11)), builder.feed(TextDelta(text="It is tall [2]."))]
+    assert shown[0] == []
+    assert [type(e).__name__ for e in shown[1]] == ["CitationAccepted", "TextDelta"]
+    assert shown[1][0].citation.reference_number == 1
+    builder.feed(_done())
+    assert builder.answer.citations[0].start == 11
+
+
 def test_held_whitespace_is_released_when_more_text_follows() -> None:
     builder = AnswerBuilder(SOURCES)
     shown = []
@@ -244,7 +259,7 @@ def test_held_whitespace_is_released_when_more_text_follows() -> None:
         ([TextDelta(text="hi")], "without a Done"),
         ([TextDelta(text="It is tall [7]."), _cite(11, 7)], "there are 3 sources"),
         ([TextDelta(text="It is tall [2]."), _cite(3)], "where the text has"),
-        ([_cite(0), TextDelta(text="[2] later")], "outside the 0 characters"),
+        ([TextDelta(text="It is"), _cite(6)], "ended after 5 characters"),
         ([_done(), TextDelta(text="late")], "after Done"),
         (
             [

@@ -18,7 +18,8 @@ from collections.abc import Awaitable, Callable, Sequence
 import anyio
 import pytest
 
-from citebacktrack import BackendClosedError, Budgets, Citeformer, Source, _cancel
+from citebacktrack import BackendClosedError, Budgets, Citeformer, Source
+from citebacktrack._cancel import STOP
 from citebacktrack.backends.local import LocalBackend
 from citebacktrack.backends.segment import SegmentBackend
 from citebacktrack.decoding.runtime import Logits, TokenRuntime
@@ -43,7 +44,7 @@ class SlowRuntime(ScriptedRuntime):
         self.after_stop = 0
 
     def forward(self, tokens: Sequence[int]) -> Logits:
-        stop = _cancel.STOP.get()
+        stop = STOP.get()
         if stop is not None and stop.is_set():
             self.after_stop += 1
         time.sleep(STEP_S)
@@ -161,7 +162,9 @@ def test_an_abandoned_async_for_stops_the_decode() -> None:
         await warmed(cf)
         events = cf.astream(QUESTION, SOURCES)
         first = await anext(aiter(events))
-        assert first.type == "text"
+        assert first.type == "started"
+        second = await anext(aiter(events))
+        assert second.type in ("citation_accepted", "text")  # the decode is under way
         await events.aclose()  # what `break` out of `async with aclosing(...)` does
         stopped_within_one_step(backend.runtimes[1])
         await next_answer_is_served(cf)
@@ -364,7 +367,8 @@ async def _anyio_scope(cf: Citeformer) -> None:
 
 async def _abandoned(cf: Citeformer) -> None:
     events = cf.astream(REAL_QUESTION, REAL_SOURCES)
-    await anext(aiter(events))
+    await anext(aiter(events))  # Started
+    await anext(aiter(events))  # the first event of the decode
     await events.aclose()
 
 

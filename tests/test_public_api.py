@@ -89,6 +89,7 @@ RAG_ESSENTIALS = {
     "render",
     # stream events
     "Event",
+    "Started",
     "TextDelta",
     "CitationAccepted",
     "CitationRejected",
@@ -125,6 +126,7 @@ PUBLIC_MODULES = [
     "citebacktrack.render",
     "citebacktrack.request",
     "citebacktrack.segments",
+    "citebacktrack.sse",
     "citebacktrack.support",
     "citebacktrack.syntax",
     "citebacktrack.testing",

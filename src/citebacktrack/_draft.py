@@ -266,7 +266,7 @@ class Draft:
         return None
 
     def release(self, safe: int) -> list[Event]:
-        """Release ``out`` up to byte ``safe``: the text and the citations inside it."""
+        """Release ``out`` up to byte ``safe``: the citations inside it, then the text."""
         if not self.released:
             # Leading whitespace is not part of the answer: skip it, never emit it.
             lead = leading_space(self.out[:safe])
@@ -277,11 +277,14 @@ class Draft:
             return []
         start, base = self.released, self.released_chars
         text = self.out[start:safe].decode("utf-8", "replace")
-        events: list[Event] = [TextDelta(text=text)]
-        for item in self.accepted:
-            marker = item.marker
-            if start <= marker.start and marker.end <= safe:
-                events.append(CitationAccepted(citation=self._citation(item, start, base)))
+        # The citations first: a client knows each marker's reference number and evidence
+        # when the text holding it arrives (the answer builder checks them against it).
+        events: list[Event] = [
+            CitationAccepted(citation=self._citation(item, start, base))
+            for item in self.accepted
+            if start <= item.marker.start and item.marker.end <= safe
+        ]
+        events.append(TextDelta(text=text))
         self.released = safe
         self.released_chars = base + len(text)
         return events

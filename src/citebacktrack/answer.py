@@ -31,6 +31,7 @@ from citebacktrack.types import (
     Reference,
     Rollback,
     Source,
+    Started,
     TextDelta,
 )
 
@@ -56,6 +57,8 @@ class AnswerBuilder:
         self._held = ""
         """Trailing whitespace received but not yet emitted."""
         self._citations: list[Citation] = []
+        self._pending: list[Citation] = []
+        """Citations received before the text that holds their marker."""
         self._numbers: dict[int, int] = {}
         self._answer: Answer | None = None
 
@@ -81,7 +84,14 @@ class AnswerBuilder:
             case TextDelta(text=text):
                 return self._text(text)
             case CitationAccepted(citation=citation):
+                if citation.end > self._received:
+                    self._pending.append(citation)  # shown just before its text
+                    return []
                 return [CitationAccepted(citation=self._citation(citation))]
+            case Started():
+                raise BackendError(
+                    "a backend yielded Started; the answer builder starts a stream itself"
+                )
             case CitationRejected():
                 offset = self._offset(event.char_offset)
                 return [event.model_copy(update={"char_offset": offset})]
@@ -109,7 +119,11 @@ class AnswerBuilder:
         self._held = text[len(body) :]
         self._parts.append(out)
         self._length += len(out)
-        return [TextDelta(text=out)]
+        arrived = [c for c in self._pending if c.end <= self._received]
+        self._pending = [c for c in self._pending if c.end > self._received]
+        events: list[Event] = [CitationAccepted(citation=self._citation(c)) for c in arrived]
+        events.append(TextDelta(text=out))
+        return events
 
     def _offset(self, backend_offset: int) -> int:
         return max(0, backend_offset - self._lead)
@@ -126,7 +140,7 @@ class AnswerBuilder:
             raise BackendError(
                 f"a backend reported [{index}] at {start}..{end}, outside the "
                 f"{self._length} characters of text sent so far; a citation must be "
-                "reported after the text that holds it"
+                "reported next to the text that holds it"
             )
         written = "".join(self._parts)[start:end]
         if written != f"[{index}]":
@@ -156,6 +170,13 @@ class AnswerBuilder:
         return fixed
 
     def _done(self, done: Done) -> Done:
+        if self._pending:
+            first = self._pending[0]
+            raise BackendError(
+                f"a backend reported [{first.source_index}] at {first.start}..{first.end}, "
+                f"but its stream ended after {self._received} characters of text; a "
+                "citation must be followed (or preceded) by the text that holds it"
+            )
         trace = done.trace
         if self._lead:
             entries = tuple(
@@ -198,10 +219,13 @@ def references(citations: Sequence[Citation], sources: Sequence[Source]) -> tupl
 
 
 def build(events: Iterator[Event], sources: Sequence[Source]) -> Iterator[Event]:
-    """Re-emit a backend stream as the answer builder corrects it (``Done`` carries the
-    answer); closing this iterator closes ``events``."""
+    """Re-emit a backend stream as the answer builder corrects it: :class:`Started` (the
+    numbered sources) first, at once; each accepted citation just before the text that
+    holds its marker; ``Done`` carrying the answer last. Closing this iterator closes
+    ``events``."""
     builder = AnswerBuilder(sources)
     try:
+        yield Started(sources=builder.sources)
         for event in events:
             yield from builder.feed(event)
         _ = builder.answer  # raises when the stream ended without Done
@@ -215,6 +239,7 @@ async def abuild(events: AsyncIterator[Event], sources: Sequence[Source]) -> Asy
     """Async :func:`build`; closing this iterator closes ``events``."""
     builder = AnswerBuilder(sources)
     try:
+        yield Started(sources=builder.sources)
         async for event in events:
             for out in builder.feed(event):
                 yield out

@@ -16,9 +16,12 @@ from pydantic import (
     ConfigDict,
     Field,
     JsonValue,
+    SerializerFunctionWrapHandler,
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_serializer,
+    model_validator,
 )
 from pydantic_core import ErrorDetails
 
@@ -41,6 +44,7 @@ __all__ = [
     "Rollback",
     "SentenceOrigin",
     "Source",
+    "Started",
     "StopReason",
     "TextDelta",
     "Trace",
@@ -480,8 +484,23 @@ class Answer(BaseModel):
         )
 
 
+class Started(BaseModel):
+    """The first event of a :class:`~citebacktrack.Citeformer` stream, sent before the
+    model reads the prompt: the sources the answer's ``[N]`` markers number, in order
+    (``[N]`` is ``sources[N - 1]``), so a client can list them, and later open a
+    citation's evidence in its passage, before any text arrives. A backend's own stream
+    has no ``Started``: the answer builder sends it."""
+
+    model_config = _FROZEN
+    type: Literal["started"] = "started"
+    sources: tuple[Source, ...] = Field(description="The numbered sources, [1] first.")
+
+
 class TextDelta(BaseModel):
-    """Answer text that is final: it will never be rolled back."""
+    """Answer text that is final: it will never be rolled back. Its markers are written
+    as the answer's text writes them, ``[N]`` the source's number in the request; the
+    :class:`CitationAccepted` of each marker comes just before the text that holds it,
+    with the source's reference number (order of first use)."""
 
     model_config = _FROZEN
     type: Literal["text"] = "text"
@@ -521,7 +540,9 @@ class Done(BaseModel):
 
     From :class:`~citebacktrack.Citeformer` (and ``Backend.generate``) it carries the
     finished :class:`Answer`, the same one ``generate`` returns; a backend's own stream
-    ends with ``answer=None`` and the answer builder fills it in.
+    ends with ``answer=None`` and the answer builder fills it in. With an answer, its
+    JSON holds the usage and trace once, inside ``answer`` (``usage`` and ``trace`` are
+    the answer's own, and are read back from it).
     """
 
     model_config = _FROZEN
@@ -530,9 +551,30 @@ class Done(BaseModel):
     trace: Trace = Field(description="What the decoder did.")
     answer: Answer | None = Field(default=None, description="The finished answer.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _from_answer(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("answer"), dict | Answer):
+            answer = data["answer"]
+            for name in ("usage", "trace"):
+                if name not in data:
+                    data = {
+                        **data,
+                        name: answer[name] if isinstance(answer, dict) else getattr(answer, name),
+                    }
+        return data
+
+    @model_serializer(mode="wrap")
+    def _once(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if self.answer is not None:
+            data.pop("usage", None)
+            data.pop("trace", None)
+        return data
+
 
 Event = Annotated[
-    TextDelta | CitationAccepted | CitationRejected | Rollback | Done,
+    Started | TextDelta | CitationAccepted | CitationRejected | Rollback | Done,
     Field(discriminator="type"),
 ]
 """Any stream event; ``match`` on the class to handle them."""
