@@ -566,3 +566,14 @@ def test_one_token_checks_agree_with_the_full_mask_for_every_token_at_every_step
     with patch.object(Decoder, "_step", checking_step):
         list(decode(runtime, INDEX, req, [1, 2, 3]))
     assert checked >= VOCAB.size
+
+
+def test_a_long_claim_in_a_trace_line_is_cut_at_a_word_after_an_ellipsis() -> None:
+    from citebacktrack.decoding.decoder import _shown
+
+    claim = "The Eiffel Tower was built in 1889, and it is currently standing at 327.5 metres tall."
+    assert _shown("short claim") == "short claim"
+    shown = _shown(claim, limit=40)
+    assert shown.startswith("…")
+    assert claim.endswith(shown[1:])
+    assert claim[-len(shown[1:]) - 1] == " "  # begins at a whole word

@@ -457,7 +457,7 @@ class Decoder(GroundedRecovery):
             source_index=best_id,
             reason=RejectionReason.UNSUPPORTED,
             score=score,
-            detail=f"no source supports {claim[-80:]!r}; best [{best_id}] {score:.2f}: {why}",
+            detail=f"no source supports {_shown(claim)!r}; best [{best_id}] {score:.2f}: {why}",
         )
         retries = run.marker_retries.get(sentence, 0) + 1
         run.marker_retries[sentence] = retries
@@ -582,3 +582,13 @@ class Decoder(GroundedRecovery):
             prompt_tokens=prompt_len,
             generated=run.generated,
         )
+
+
+def _shown(claim: str, limit: int = 80) -> str:
+    """``claim`` for a trace line: whole when short, else its last words after an
+    ellipsis (cut at a word, never mid-word: "uilt in 1889" read as a claim of its own)."""
+    if len(claim) <= limit:
+        return claim
+    tail = claim[-limit:]
+    space = tail.find(" ")
+    return "…" + (tail[space + 1 :] if 0 <= space < limit // 2 else tail)
