@@ -88,84 +88,65 @@ async def next_answer_is_served(cf: Citeformer) -> None:
     assert answer.citations
 
 
-def test_wait_for_raises_timeout_error_and_stops_the_decode() -> None:
+# --- every idiom, once on the scripted model and once on the embedded one --------------------
+
+Idiom = Callable[[Citeformer, str, list[Source], float], Awaitable[None]]
+"""Cancels an answer to ``question`` over ``sources`` after ``after`` seconds, one way."""
+
+
+async def _wait_for(cf: Citeformer, question: str, sources: list[Source], after: float) -> None:
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(cf.agenerate(question, sources), timeout=after)
+
+
+async def _timeout(cf: Citeformer, question: str, sources: list[Source], after: float) -> None:
+    async def bounded() -> None:
+        async with asyncio.timeout(after):
+            async for _ in cf.astream(question, sources):
+                pass
+
+    with pytest.raises(TimeoutError):
+        await bounded()
+
+
+async def _task_cancel(cf: Citeformer, question: str, sources: list[Source], after: float) -> None:
+    task = asyncio.create_task(cf.agenerate(question, sources))
+    await asyncio.sleep(after)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def _anyio_scope(cf: Citeformer, question: str, sources: list[Source], after: float) -> None:
+    with anyio.move_on_after(after) as scope:
+        await cf.agenerate(question, sources)
+    assert scope.cancelled_caught
+
+
+async def _abandoned(cf: Citeformer, question: str, sources: list[Source], after: float) -> None:
+    events = cf.astream(question, sources)
+    first = await anext(aiter(events))
+    assert first.type == "started"
+    second = await anext(aiter(events))
+    assert second.type in ("citation_accepted", "text")  # the decode is under way
+    await events.aclose()  # what `break` out of `async with aclosing(...)` does
+
+
+EVERY_IDIOM = pytest.mark.parametrize(
+    "idiom",
+    [_wait_for, _timeout, _task_cancel, _anyio_scope, _abandoned],
+    ids=["wait_for", "asyncio.timeout", "task.cancel", "anyio scope", "abandoned async for"],
+)
+
+
+@EVERY_IDIOM
+def test_every_idiom_raises_its_own_exception_and_stops_the_decode(idiom: Idiom) -> None:
     backend = SlowBackend(SHORT, LONG, SHORT)
     cf = Citeformer(backend)
 
     async def main() -> None:
         await warmed(cf)
-        with pytest.raises(TimeoutError):
-            await asyncio.wait_for(cf.agenerate(QUESTION, SOURCES), timeout=0.3)
-        stopped_within_one_step(backend.runtimes[1])
-        await next_answer_is_served(cf)
-
-    asyncio.run(main())
-
-
-def test_asyncio_timeout_raises_timeout_error() -> None:
-    backend = SlowBackend(SHORT, LONG, SHORT)
-    cf = Citeformer(backend)
-
-    async def main() -> None:
-        await warmed(cf)
-
-        async def drain() -> None:
-            async with asyncio.timeout(0.3):
-                async for _ in cf.astream(QUESTION, SOURCES):
-                    pass
-
-        with pytest.raises(TimeoutError):
-            await drain()
-        stopped_within_one_step(backend.runtimes[1])
-        await next_answer_is_served(cf)
-
-    asyncio.run(main())
-
-
-def test_task_cancel_raises_cancelled_error() -> None:
-    backend = SlowBackend(SHORT, LONG, SHORT)
-    cf = Citeformer(backend)
-
-    async def main() -> None:
-        await warmed(cf)
-        task = asyncio.create_task(cf.agenerate(QUESTION, SOURCES))
-        await asyncio.sleep(0.3)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        stopped_within_one_step(backend.runtimes[1])
-        await next_answer_is_served(cf)
-
-    asyncio.run(main())
-
-
-def test_an_anyio_cancel_scope_moves_on() -> None:
-    backend = SlowBackend(SHORT, LONG, SHORT)
-    cf = Citeformer(backend)
-
-    async def main() -> None:
-        await warmed(cf)
-        with anyio.move_on_after(0.3) as scope:
-            await cf.agenerate(QUESTION, SOURCES)
-        assert scope.cancelled_caught
-        stopped_within_one_step(backend.runtimes[1])
-        await next_answer_is_served(cf)
-
-    anyio.run(main)
-
-
-def test_an_abandoned_async_for_stops_the_decode() -> None:
-    backend = SlowBackend(SHORT, LONG, SHORT)
-    cf = Citeformer(backend)
-
-    async def main() -> None:
-        await warmed(cf)
-        events = cf.astream(QUESTION, SOURCES)
-        first = await anext(aiter(events))
-        assert first.type == "started"
-        second = await anext(aiter(events))
-        assert second.type in ("citation_accepted", "text")  # the decode is under way
-        await events.aclose()  # what `break` out of `async with aclosing(...)` does
+        await idiom(cf, QUESTION, SOURCES, 0.3)
         stopped_within_one_step(backend.runtimes[1])
         await next_answer_is_served(cf)
 
@@ -332,57 +313,13 @@ def real_alone(real_cf: Citeformer) -> str:
     return real_cf.generate(REAL_QUESTION, REAL_SOURCES).text
 
 
-async def _drain(cf: Citeformer) -> None:
-    async for _ in cf.astream(REAL_QUESTION, REAL_SOURCES):
-        pass
-
-
-async def _wait_for(cf: Citeformer) -> None:
-    with pytest.raises(TimeoutError):
-        await asyncio.wait_for(cf.agenerate(REAL_QUESTION, REAL_SOURCES), timeout=0.5)
-
-
-async def _timeout(cf: Citeformer) -> None:
-    async def bounded() -> None:
-        async with asyncio.timeout(0.5):
-            await _drain(cf)
-
-    with pytest.raises(TimeoutError):
-        await bounded()
-
-
-async def _task_cancel(cf: Citeformer) -> None:
-    task = asyncio.create_task(cf.agenerate(REAL_QUESTION, REAL_SOURCES))
-    await asyncio.sleep(0.5)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-
-
-async def _anyio_scope(cf: Citeformer) -> None:
-    with anyio.move_on_after(0.5) as scope:
-        await cf.agenerate(REAL_QUESTION, REAL_SOURCES)
-    assert scope.cancelled_caught
-
-
-async def _abandoned(cf: Citeformer) -> None:
-    events = cf.astream(REAL_QUESTION, REAL_SOURCES)
-    await anext(aiter(events))  # Started
-    await anext(aiter(events))  # the first event of the decode
-    await events.aclose()
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "idiom",
-    [_wait_for, _timeout, _task_cancel, _anyio_scope, _abandoned],
-    ids=["wait_for", "asyncio.timeout", "task.cancel", "anyio scope", "abandoned async for"],
-)
+@EVERY_IDIOM
 def test_the_embedded_model_is_cancelled_by_every_idiom(
-    real_cf: Citeformer, real_alone: str, idiom: Callable[[Citeformer], Awaitable[None]]
+    real_cf: Citeformer, real_alone: str, idiom: Idiom
 ) -> None:
     async def main() -> str:
-        await idiom(real_cf)
+        await idiom(real_cf, REAL_QUESTION, REAL_SOURCES, 0.5)
         with anyio.fail_after(120):  # the model is free: the next answer is the same
             return (await real_cf.agenerate(REAL_QUESTION, REAL_SOURCES)).text
 
