@@ -554,14 +554,11 @@ class Done(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _from_answer(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("answer"), dict | Answer):
-            answer = data["answer"]
-            for name in ("usage", "trace"):
-                if name not in data:
-                    data = {
-                        **data,
-                        name: answer[name] if isinstance(answer, dict) else getattr(answer, name),
-                    }
+        answer = data.get("answer") if isinstance(data, dict) else None
+        if isinstance(answer, Answer):
+            return {"usage": answer.usage, "trace": answer.trace} | data
+        if isinstance(answer, dict):
+            return {name: answer[name] for name in ("usage", "trace") if name in answer} | data
         return data
 
     @model_serializer(mode="wrap")
