@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from citebacktrack.backends.base import Backend
-from citebacktrack.errors import CitebacktrackError, ConfigurationError
+from citebacktrack.errors import CitebacktrackError, ConfigurationError, MissingDependencyError
 from citebacktrack.grammar.citations import citation_grammar
 from citebacktrack.grammar.emit import Dialect, emit
 from citebacktrack.orchestrator import Citeformer
@@ -171,6 +171,83 @@ class SplitChoice(StrEnum):
     ALL = "all"
     TUNE = "tune"
     HOLDOUT = "holdout"
+
+
+@app.command()
+def serve(
+    docs: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder of .txt/.md documents searched when a request sends no sources "
+            "(default: the bundled sample documents)."
+        ),
+    ] = None,
+    backend: Annotated[BackendName, typer.Option(help="Model engine.")] = BackendName.LLAMACPP,
+    model: Annotated[
+        Path | None, typer.Option(help="GGUF model file (default: embedded SmolLM2-135M-Instruct).")
+    ] = None,
+    server_url: Annotated[
+        str | None,
+        typer.Option(
+            help="Answer with an OpenAI-compatible server at this URL (e.g. "
+            "http://127.0.0.1:8080/v1) instead of a local model."
+        ),
+    ] = None,
+    server_model: Annotated[str, typer.Option(help="Model name sent to --server-url.")] = "default",
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.", min=0, max=65535)] = 8000,
+    policy: Annotated[CitationMode, typer.Option(help="Citation policy.")] = CitationMode.REQUIRED,
+    max_new_tokens: Annotated[int, typer.Option(help="Most answer tokens.", min=1)] = 160,
+    max_concurrent: Annotated[
+        int, typer.Option(help="Answers decoded at once (a local model decodes one).", min=1)
+    ] = 1,
+    max_queue: Annotated[
+        int, typer.Option(help="Answers waiting their turn; past it: 429.", min=0)
+    ] = 32,
+    max_body_bytes: Annotated[
+        int, typer.Option(help="Largest request body; past it: 413.", min=1)
+    ] = 1024 * 1024,
+) -> None:
+    """Serve cited answers over HTTP (POST /v1/answers, GET /health, the page at /)."""
+    try:
+        import uvicorn
+
+        from citebacktrack.serve import Limits, create_app
+    except ImportError as exc:
+        _fail(
+            MissingDependencyError(feature="citebacktrack serve", extra="serve", module="uvicorn")
+            if not isinstance(exc, MissingDependencyError)
+            else exc
+        )
+    from citebacktrack.retrieval import sample_docs_path
+
+    try:
+        if server_url is not None:
+            from citebacktrack.backends.openai import OpenAIBackend
+
+            engine: Backend = OpenAIBackend.from_base_url(server_url, model=server_model)
+            name = "server"
+        else:
+            engine = _build_backend(backend, model)
+            name = backend.value
+        cf = Citeformer(
+            engine,
+            policy=Policy(mode=policy),
+            budgets=Budgets(max_new_tokens=max_new_tokens),
+        )
+        limits = Limits(
+            max_concurrent=max_concurrent, max_queue=max_queue, max_body_bytes=max_body_bytes
+        )
+        service = create_app(
+            cf,
+            documents=docs if docs is not None else sample_docs_path(),
+            limits=limits,
+            backend_name=name,
+        )
+    except (CitebacktrackError, ValueError) as exc:
+        _fail(exc)
+    Console(stderr=True).print(f"serving on http://{host}:{port}/ (the page), API at /docs")
+    uvicorn.run(service, host=host, port=port, log_level="warning")
 
 
 EVAL_N_CTX = 8192
