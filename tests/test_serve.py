@@ -18,12 +18,11 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from serving import RunningServer
-from test_cancellation import LONG, SHORT, SlowBackend
-
 from citebacktrack import Citeformer, MockBackend
 from citebacktrack.retrieval import sample_docs_path
 from citebacktrack.serve import Limits, create_app
+from serving import RunningServer
+from test_cancellation import LONG, SHORT, SlowBackend
 
 SOURCES = [
     {"title": "Eiffel Tower", "text": "The Eiffel Tower was completed in 1889."},
@@ -74,7 +73,8 @@ def test_stream_is_server_sent_events_started_first_done_last(
     events = list(stream)
     stream.close()
     kinds = [kind for kind, _ in events]
-    assert kinds[0] == "started" and kinds[-1] == "done"
+    assert kinds[0] == "started"
+    assert kinds[-1] == "done"
     assert [s["title"] for s in events[0][1]["sources"]] == ["Eiffel Tower", "Photosynthesis"]
     text = "".join(data["text"] for kind, data in events if kind == "text")
     assert text == events[-1][1]["answer"]["text"] == SCRIPT
