@@ -312,53 +312,85 @@ def _until(condition: object, timeout: float = 10) -> None:
         time.sleep(0.02)
 
 
-@pytest.mark.slow
-def test_the_readme_command_serves_the_embedded_model(tmp_path: Path) -> None:
-    """``citebacktrack serve`` as the README starts it: the embedded model, the sample docs."""
+def _free_port() -> int:
     import socket
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+        return int(probe.getsockname()[1])
+
+
+def _serve_cli_and_ask(args: list[str], question: str) -> dict[str, object]:
+    """``citebacktrack serve ARGS`` in a process, until /health is 200; then one JSON
+    answer to ``question`` over the served documents."""
+    import http.client
+
+    port = _free_port()
     cli = Path(sys.executable).with_name("citebacktrack")
     process = subprocess.Popen(
-        [str(cli), "serve", "--port", str(port)],
+        [str(cli), "serve", "--port", str(port), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
-        import http.client
-
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 180
         while True:
-            probe_conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            probe = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
             try:
-                probe_conn.request("GET", "/health")
-                if probe_conn.getresponse().status == 200:
+                probe.request("GET", "/health")
+                if probe.getresponse().status == 200:
                     break
             except OSError:
                 pass
             finally:
-                probe_conn.close()
+                probe.close()
             assert process.poll() is None, process.stdout.read() if process.stdout else ""
             assert time.monotonic() < deadline, "serve did not become ready"
             time.sleep(0.5)
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-        conn.request(
-            "POST",
-            "/v1/answers",
-            body=json.dumps({"question": "When was the Eiffel Tower built?", "k": 3}),
-            headers={"Content-Type": "application/json"},
-        )
-        response = conn.getresponse()
-        payload = json.loads(response.read())
-        conn.close()
+        try:
+            conn.request(
+                "POST",
+                "/v1/answers",
+                body=json.dumps({"question": question, "k": 3}),
+                headers={"Content-Type": "application/json"},
+            )
+            response = conn.getresponse()
+            payload: dict[str, object] = json.loads(response.read())
+        finally:
+            conn.close()
         assert response.status == 200, payload
-        assert payload["answer"]["citations"], payload["answer"]
-        assert "Eiffel" in payload["sources"][0]["text"] + payload["sources"][0]["title"]
+        return payload
     finally:
         process.terminate()
         process.wait(timeout=30)
         if process.stdout is not None:
             process.stdout.close()
+
+
+@pytest.mark.slow
+def test_the_readme_command_serves_the_embedded_model() -> None:
+    """``citebacktrack serve`` as the README starts it: the embedded model, the sample docs."""
+    payload = _serve_cli_and_ask([], "When was the Eiffel Tower built?")
+    answer, sources = payload["answer"], payload["sources"]
+    assert answer["citations"], answer  # type: ignore[index]
+    assert "Eiffel" in sources[0]["text"] + sources[0]["title"]  # type: ignore[index]
+
+
+@pytest.mark.slow
+def test_serve_over_an_openai_compatible_server() -> None:
+    """``serve --server-url``: a real llama.cpp server answers, the segment backend checks."""
+    from citebacktrack.backends.llamacpp_server import LlamaCppServer
+
+    with LlamaCppServer(n_ctx=4096) as server:
+        payload = _serve_cli_and_ask(
+            ["--server-url", server.base_url, "--server-model", server.model.stem],
+            "When was the Eiffel Tower built?",
+        )
+    answer, sources = payload["answer"], payload["sources"]
+    assert answer["citations"], answer  # type: ignore[index]
+    for citation in answer["citations"]:  # type: ignore[index]
+        evidence = citation["evidence"]
+        cited = sources[citation["source_index"] - 1]  # type: ignore[index]
+        assert cited["text"][evidence["start"] : evidence["end"]] == evidence["text"]

@@ -33,6 +33,13 @@ app = typer.Typer(
 )
 
 
+class ServerKind(StrEnum):
+    """OpenAI-compatible servers ``serve --server-url`` can drive."""
+
+    LLAMACPP = "llama.cpp"
+    VLLM = "vllm"
+
+
 class BackendName(StrEnum):
     """Engines the command line can run."""
 
@@ -194,6 +201,9 @@ def serve(
         ),
     ] = None,
     server_model: Annotated[str, typer.Option(help="Model name sent to --server-url.")] = "default",
+    server_kind: Annotated[
+        ServerKind, typer.Option(help="What runs at --server-url (sets its grammar dialect).")
+    ] = ServerKind.LLAMACPP,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.", min=0, max=65535)] = 8000,
     policy: Annotated[CitationMode, typer.Option(help="Citation policy.")] = CitationMode.REQUIRED,
@@ -225,7 +235,9 @@ def serve(
         if server_url is not None:
             from citebacktrack.backends.openai import OpenAIBackend
 
-            engine: Backend = OpenAIBackend.from_base_url(server_url, model=server_model)
+            engine: Backend = OpenAIBackend.from_base_url(
+                server_url, model=server_model, server=server_kind.value
+            )
             name = "server"
         else:
             engine = _build_backend(backend, model)
