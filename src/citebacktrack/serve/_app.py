@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
@@ -61,6 +62,8 @@ class _Service:
         self.failure: str | None = None
         self.admitted = 0  # answering or waiting
         self.slots = anyio.Semaphore(limits.max_concurrent)
+        self._tickets = itertools.count()
+        self._live: set[int] = set()  # the tickets of the answers admitted and not released
 
     async def start(self) -> None:
         try:
@@ -126,9 +129,10 @@ class _Service:
         except CitebacktrackError as exc:
             raise from_library(exc) from exc
 
-    def admit(self) -> Callable[[], None]:
+    def admit(self) -> tuple[int, Callable[[], None]]:
         """Count one more answer in progress or waiting, or refuse it (429) past capacity;
-        returns the release, which may be called more than once."""
+        returns its ticket (admission order) and the release, which may be called more
+        than once."""
         capacity = self.limits.max_concurrent + self.limits.max_queue
         if self.admitted >= capacity:
             raise ServiceError(
@@ -139,6 +143,8 @@ class _Service:
                 headers={"Retry-After": "1"},
             )
         self.admitted += 1
+        ticket = next(self._tickets)
+        self._live.add(ticket)
         released = False
 
         def release() -> None:
@@ -146,8 +152,9 @@ class _Service:
             if not released:
                 released = True
                 self.admitted -= 1
+                self._live.discard(ticket)
 
-        return release
+        return ticket, release
 
     def events(self, body: AnswerRequest, sources: list[Source]) -> AsyncIterator[Event]:
         overrides: dict[str, Any] = {}
@@ -162,7 +169,9 @@ class _Service:
         except CitebacktrackError as exc:
             raise from_library(exc) from exc
 
-    async def answer_events(self, events: AsyncIterator[Event]) -> AsyncIterator[Event | Queued]:
+    async def answer_events(
+        self, events: AsyncIterator[Event], ticket: int
+    ) -> AsyncIterator[Event | Queued]:
         """The answer's events, ``Started`` first, then ``Queued`` if it must wait, then the
         decode once a slot is free."""
         try:
@@ -170,7 +179,9 @@ class _Service:
                 yield event
                 if event.type == "started":
                     break
-            ahead = self.admitted - 1
+            # Only the answers admitted before this one and still there: those that came
+            # after it (requests arriving together) are not ahead of it.
+            ahead = sum(1 for other in self._live if other < ticket)
             if self.slots.value == 0 and ahead > 0:
                 yield Queued(ahead=ahead)
             async with self.slots:
@@ -320,11 +331,11 @@ def create_app(
         sources = await anyio.to_thread.run_sync(service.sources_for, body)
         events = service.events(body, sources)  # input checked here: 4xx before admission
         try:
-            release = service.admit()
+            ticket, release = service.admit()
         except ServiceError:
             await events.aclose()  # type: ignore[attr-defined]
             raise
-        answer_events = service.answer_events(events)
+        answer_events = service.answer_events(events, ticket)
         if body.stream or MEDIA_TYPE in request.headers.get("accept", ""):
             return _ClosingStream(
                 _frames(answer_events),
