@@ -577,3 +577,16 @@ def test_a_long_claim_in_a_trace_line_is_cut_at_a_word_after_an_ellipsis() -> No
     assert shown.startswith("…")
     assert claim.endswith(shown[1:])
     assert claim[-len(shown[1:]) - 1] == " "  # begins at a whole word
+
+
+def test_a_trace_line_shows_a_sentence_whole_and_never_cuts_inside_a_word() -> None:
+    from citebacktrack.decoding.decoder import _shown
+
+    sentence = (
+        "The bees use their waggle dance to tell the other bees of the hive where the best "
+        "flowers of the valley are found"
+    )
+    assert _shown(sentence) == sentence  # 117 characters: whole ("he bees use..." was shown)
+    long_word = "a " + "b" * 50 + " cc"  # the last 40 characters start inside the long word
+    assert _shown(long_word, limit=40) == "…cc"
+    assert _shown("b" * 50, limit=40) == "b" * 50  # one word longer than the limit: whole

@@ -101,7 +101,8 @@ def test_score_answer_with_only_invalid_markers() -> None:
 
 def test_score_answer_uncited_and_empty() -> None:
     uncited = score_answer("Paris.", n_sources=3, gold=[1], gold_answer="Paris")
-    assert (uncited.validity, uncited.precision, uncited.recall) == (1.0, 0.0, 0.0)
+    # no marker: nothing to be valid or not (was 1.0, a perfect score for not citing)
+    assert (uncited.validity, uncited.precision, uncited.recall) == (None, 0.0, 0.0)
     assert uncited.cites_per_sentence == 0.0
     assert not uncited.cited
     assert uncited.non_empty
@@ -110,7 +111,7 @@ def test_score_answer_uncited_and_empty() -> None:
     assert not empty.non_empty
     assert not empty.cited
     assert not empty.hit
-    assert (empty.sentences, empty.cites_per_sentence, empty.validity) == (0, 0.0, 1.0)
+    assert (empty.sentences, empty.cites_per_sentence, empty.validity) == (0, 0.0, None)
 
     # markers alone are not an answer, but they do cite
     only_markers = score_answer(" [1]. ", n_sources=3, gold=[1], gold_answer="Paris")
@@ -348,7 +349,7 @@ def test_evaluate_summaries_with_plain_systems() -> None:
 
     markdown = report.to_markdown()
     assert "### all (2 questions)" in markdown
-    assert "### holdout (1 questions)" in markdown
+    assert "### holdout (1 question)" in markdown
     assert "| fixed | 2 | 100% | 100% | 0.750 | 0.750 | 0.750 | 50% |" in markdown
     assert "| broken | 2 | 0% | 0% |" in markdown
     assert "—" in markdown  # no trace for the broken system
@@ -357,6 +358,94 @@ def test_evaluate_summaries_with_plain_systems() -> None:
     assert payload["summary"]["all"]["fixed"]["micro_precision"] == pytest.approx(2 / 3)
     assert payload["answers"][0]["metrics"]["cited_sources"] == [1, 2]
     assert payload["answers"][0]["split"] == "holdout"
+
+
+def test_validity_is_a_dash_for_an_answer_or_a_system_without_markers() -> None:
+    examples = [_example("q-paris", ["a", "b"], (1,)), _example("q-rome", ["a", "b"], (1,))]
+    texts = {"q-paris": "Paris [1] [9].", "q-rome": "Rome."}  # validity 1/2, then no marker
+
+    def uncited(example: Example) -> SystemOutput:
+        return SystemOutput(text="Paris is the capital.")
+
+    def mixed(example: Example) -> SystemOutput:
+        return SystemOutput(text=texts[example.id])
+
+    report = evaluate(examples, {"uncited": uncited, "mixed": mixed})
+    summaries = report.summaries["all"]
+    assert summaries["uncited"].validity is None  # was 1.000: perfect for writing no marker
+    assert summaries["mixed"].validity == 0.5  # the answer without markers is not averaged in
+    assert "| uncited | 2 | 100% | 0% | — | 0.000 |" in report.to_markdown()
+    assert "| mixed | 2 | 100% | 50% | 0.500 |" in report.to_markdown()
+    payload = json.loads(json.dumps(report.to_dict()))
+    assert payload["summary"]["all"]["uncited"]["validity"] is None
+    assert [a["metrics"]["validity"] for a in payload["answers"] if a["system"] == "mixed"] == [
+        0.5,
+        None,
+    ]
+
+
+def test_headings_count_questions_in_the_singular_and_the_plural() -> None:
+    def fixed(example: Example) -> SystemOutput:
+        raise BackendError("engine down")
+
+    one = evaluate([_example("q-paris", ["a"], (1,))], {"s": fixed}).to_markdown()
+    assert "### holdout (1 question)\n" in one
+    assert "1 error" in one
+    assert "error(s)" not in one
+    two = evaluate([_example(f"q{i}", ["a"], (1,)) for i in range(2)], {"s": fixed})
+    assert "(2 questions)" in two.to_markdown()
+    assert "2 errors" in two.to_markdown()
+
+
+def test_fewer_than_twenty_questions_are_warned_about() -> None:
+    def answer(example: Example) -> SystemOutput:
+        return SystemOutput(text="Paris [1].")
+
+    small = evaluate([_example(f"q{i}", ["a"], (1,)) for i in range(3)], {"s": answer})
+    assert small.questions == 3
+    (warning,) = small.warnings()
+    assert warning.startswith("only 3 questions: a mean over so few answers moves by up to 0.33")
+    assert small.to_markdown().startswith(f"> **Warning:** {warning}\n")
+    assert small.to_dict()["warnings"] == [warning]
+    enough = evaluate([_example(f"q{i}", ["a"], (1,)) for i in range(20)], {"s": answer})
+    assert enough.warnings() == []
+    assert "Warning" not in enough.to_markdown()
+    assert enough.to_dict()["warnings"] == []
+
+
+def test_plots_name_their_n_and_show_each_answer_and_a_confidence_interval() -> None:
+    pytest.importorskip("matplotlib")
+    from matplotlib.collections import PathCollection
+
+    from citebacktrack.evaluation._report import (
+        _mean_ci,
+        _precision_recall_figure,
+        _seconds_figure,
+    )
+
+    examples = [_example(f"q{i}", ["a", "b"], (1,)) for i in range(4)]
+    texts = {"q0": "A [1].", "q1": "A [2].", "q2": "A [1][2].", "q3": "A [1]."}
+
+    def answer(example: Example) -> SystemOutput:
+        return SystemOutput(text=texts[example.id], seconds=1.0 + len(example.id))
+
+    report = evaluate(examples, {"raw": answer, "validated": answer})
+    figure = _precision_recall_figure(report)
+    axes = figure.axes[0]
+    assert "4 questions" in axes.get_title()
+    assert [t.get_text() for t in axes.get_xticklabels()] == ["raw\nn=4", "validated\nn=4"]
+    dots = [c for c in axes.collections if isinstance(c, PathCollection)]
+    points = sum(c.get_offsets().shape[0] for c in dots)  # type: ignore[union-attr]
+    assert points == 2 * 2 * 4  # systems x metrics x answers
+    precision = [1.0, 0.0, 0.5, 1.0]
+    mean, half = _mean_ci(precision)
+    assert (mean, half) == pytest.approx((0.625, 1.96 * 0.4787135538781691 / 2))
+    error_bars = [c for c in axes.collections if c not in dots]
+    assert error_bars  # the intervals are drawn
+    seconds = _seconds_figure(report).axes[0]
+    assert "4 questions" in seconds.get_title()
+    assert [t.get_text() for t in seconds.get_xticklabels()] == ["raw\nn=4", "validated\nn=4"]
+    assert _mean_ci([0.5]) == (0.5, 0.0)
 
 
 def _scripted(scripts: dict[str, str]) -> FunctionBackend:
@@ -578,6 +667,19 @@ def test_cli_eval_writes_results(tmp_path: Path, scripted_cli: list[FunctionBack
             assert (out / name).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_cli_eval_warns_about_a_small_sample_on_stderr_and_in_the_results(
+    tmp_path: Path, scripted_cli: list[FunctionBackend]
+) -> None:
+    out = tmp_path / "out"
+    args = ["eval", str(TINY), "--systems", "grammar", "--limit", "3", "--no-plots"]
+    result = CliRunner().invoke(cli.app, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "warning: only 3 questions: a mean over so few answers" in result.stderr
+    assert "run 20 or more questions" in result.stderr
+    assert "> **Warning:** only 3 questions" in (out / "results.md").read_text()
+    assert json.loads((out / "results.json").read_text())["warnings"][0].startswith("only 3")
+
+
 def test_cli_eval_split_and_limit(tmp_path: Path, scripted_cli: list[FunctionBackend]) -> None:
     out = tmp_path / "out"
     args = ["eval", str(TINY), "--systems", "grammar", "--split", "tune", "--limit", "1"]
@@ -586,7 +688,7 @@ def test_cli_eval_split_and_limit(tmp_path: Path, scripted_cli: list[FunctionBac
     payload = json.loads((out / "results.json").read_text())
     assert [a["id"] for a in payload["answers"]] == ["q-rome"]
     assert set(payload["summary"]) == {"all", "tune"}
-    assert "### tune (1 questions)" in (out / "results.md").read_text()
+    assert "### tune (1 question)" in (out / "results.md").read_text()
     assert not (out / "precision_recall.png").exists()
 
 

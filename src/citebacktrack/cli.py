@@ -1,9 +1,14 @@
 """The ``citebacktrack`` command line: ``ask`` over a folder of documents, ``grammar``,
-``eval`` over a QA dataset with gold sources."""
+``serve`` over HTTP, ``eval`` over a QA dataset with gold sources.
+
+Output is for people and for pipes alike: at a terminal rich wraps at its width; written
+to a pipe or a file every line (an answer, a quote, a table row) is written whole, never
+wrapped at 80 columns."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import os
 from datetime import UTC, datetime
@@ -31,6 +36,50 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Answers with [N] citations that were checked against their sources while decoding.",
 )
+
+
+def _version() -> str:
+    """The installed package's version (its metadata), else the source tree's."""
+    try:
+        return importlib.metadata.version("citebacktrack")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - run from a checkout
+        from citebacktrack import __version__
+
+        return __version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"citebacktrack {_version()}")
+        raise typer.Exit
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="Print the version and exit.",
+        ),
+    ] = False,
+) -> None:
+    """Answers with [N] citations that were checked against their sources while decoding."""
+
+
+def _console(*, stderr: bool = False) -> Console:
+    """A console on stdout (or stderr): at a terminal it wraps at the terminal's width;
+    elsewhere (a pipe, a file) it writes each line whole (no wrap at 80 columns)."""
+    console = Console(stderr=stderr)
+    console.soft_wrap = not console.is_terminal
+    return console
+
+
+def _counted(count: int, noun: str) -> str:
+    """``1 question``, ``2 questions`` (``noun`` takes an ``s``)."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 class ServerKind(StrEnum):
@@ -89,7 +138,8 @@ def ask(
     ] = None,
     backend: Annotated[BackendName, typer.Option(help="Model engine.")] = BackendName.LLAMACPP,
     model: Annotated[
-        Path | None, typer.Option(help="GGUF model file (default: embedded SmolLM2-135M-Instruct).")
+        Path | None,
+        typer.Option(help="GGUF model file (default: the embedded SmolLM2-135M-Instruct)."),
     ] = None,
     policy: Annotated[CitationMode, typer.Option(help="Citation policy.")] = CitationMode.REQUIRED,
     k: Annotated[
@@ -103,7 +153,7 @@ def ask(
     """Answer QUESTION over a folder of documents, with checked citations."""
     from citebacktrack.retrieval import PassageIndex, load_passages, sample_docs_path
 
-    console = Console(stderr=True)
+    console = _console(stderr=True)
     skipped: list[tuple[Path, str]] = []
     try:
         folder = docs if docs is not None else sample_docs_path()
@@ -133,7 +183,7 @@ def ask(
         }
         typer.echo(json.dumps(payload, indent=2, ensure_ascii=False))
         return
-    _print_answer(Console(), answer, sources)
+    _print_answer(_console(), answer, sources)
 
 
 def _print_answer(console: Console, answer: Answer, sources: list[Source]) -> None:
@@ -158,8 +208,9 @@ def _print_answer(console: Console, answer: Answer, sources: list[Source]) -> No
                 console.print(f'      [italic]"{escape(quote)}"[/]', highlight=False)
     trace, usage = answer.trace, answer.usage
     console.print(
-        f"\n[dim]trace: {trace.rejections} citation(s) rejected, {trace.backtracks} rollback(s), "
-        f"{trace.tokens_wasted} token(s) wasted, {usage.completion_tokens} kept, "
+        f"\n[dim]trace: {_counted(trace.rejections, 'citation')} rejected, "
+        f"{_counted(trace.backtracks, 'rollback')}, {_counted(trace.tokens_wasted, 'token')} "
+        f"wasted, {usage.completion_tokens} kept, "
         f"{trace.forward_passes_per_kept_token:.2f} forward passes per kept token, "
         f"stop: {trace.stop_reason.value}[/]"
     )
@@ -191,7 +242,8 @@ def serve(
     ] = None,
     backend: Annotated[BackendName, typer.Option(help="Model engine.")] = BackendName.LLAMACPP,
     model: Annotated[
-        Path | None, typer.Option(help="GGUF model file (default: embedded SmolLM2-135M-Instruct).")
+        Path | None,
+        typer.Option(help="GGUF model file (default: the embedded SmolLM2-135M-Instruct)."),
     ] = None,
     server_url: Annotated[
         str | None,
@@ -258,7 +310,7 @@ def serve(
         )
     except (CitebacktrackError, ValueError) as exc:
         _fail(exc)
-    Console(stderr=True).print(f"serving on http://{host}:{port}/ (the page), API at /docs")
+    _console(stderr=True).print(f"serving on http://{host}:{port}/ (the page), API at /docs")
     uvicorn.run(service, host=host, port=port, log_level="warning")
 
 
@@ -323,24 +375,32 @@ def eval_command(
     systems: Annotated[
         str | None,
         typer.Option(
-            help="Comma list of raw,grammar,validated,segment,citeformer (default: raw,"
-            "grammar,validated, plus citeformer when a peer virtualenv is given). segment: "
-            "the validator over segment-level backtracking on a llama.cpp server "
-            "(--server-url, else one started on 127.0.0.1 with the same model)."
+            help="Systems to run, comma-separated (e.g. raw,validated): raw, grammar, "
+            "validated, segment, citeformer (default: raw, grammar and validated, plus "
+            "citeformer when a peer virtualenv is given). segment: the validator over "
+            "segment-level backtracking on a llama.cpp server (--server-url, else one "
+            "started on 127.0.0.1 with the same model)."
         ),
     ] = None,
     limit: Annotated[
-        int | None, typer.Option(help="Only the first N records (after --split).", min=1)
+        int | None,
+        typer.Option(
+            help="Only the first N records (after --split); under 20 measure little.",
+            min=1,
+            metavar="N",
+        ),
     ] = None,
     split: Annotated[
-        SplitChoice, typer.Option(help="Records to run: all, tune (2/3) or holdout (1/3).")
+        SplitChoice,
+        typer.Option(help="Records to run: all, tune (2/3) or holdout (1/3).", metavar="SPLIT"),
     ] = SplitChoice.ALL,
     out: Annotated[
         Path, typer.Option(help="Folder for results.json, results.md and the plots.")
     ] = Path("eval-out"),
     backend: Annotated[BackendName, typer.Option(help="Model engine.")] = BackendName.LLAMACPP,
     model: Annotated[
-        Path | None, typer.Option(help="GGUF model file (default: embedded SmolLM2-135M-Instruct).")
+        Path | None,
+        typer.Option(help="GGUF model file (default: the embedded SmolLM2-135M-Instruct)."),
     ] = None,
     peer_venv: Annotated[
         Path | None,
@@ -352,11 +412,13 @@ def eval_command(
     server_url: Annotated[
         str | None,
         typer.Option(
-            help="OpenAI-compatible llama.cpp server (…/v1) serving the same model, for the "
-            "segment system (default: start one; needs the server extra)."
+            help="OpenAI-compatible llama.cpp server (its URL ends in /v1) serving the same "
+            "model, for the segment system (default: start one; needs the server extra)."
         ),
     ] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Most answer tokens.", min=1)] = 160,
+    max_new_tokens: Annotated[
+        int, typer.Option(help="Most answer tokens.", min=1, metavar="N")
+    ] = 160,
     plots: Annotated[bool, typer.Option(help="Write PNG plots (needs matplotlib).")] = True,
 ) -> None:
     """Score citation precision/recall, validity and answer hits over a QA dataset."""
@@ -379,12 +441,13 @@ def eval_command(
         evaluate,
         load_dataset,
         peer_python,
+        small_sample_warning,
         standard_systems,
         write_plots,
     )
     from citebacktrack.models import default_model_path
 
-    console = Console(stderr=True)
+    console = _console(stderr=True)
     peer: PeerCiteformer | None = None
     engine: Backend | None = None
     server: LlamaCppServer | None = None
@@ -422,8 +485,12 @@ def eval_command(
             engine, names, budgets=budgets, peer=peer, segment_backend=segment_backend
         )
         console.print(
-            f"{len(examples)} question(s) × {len(runners)} system(s): {', '.join(runners)}"
+            f"{_counted(len(examples), 'question')} × {_counted(len(runners), 'system')}: "
+            f"{', '.join(runners)}"
         )
+        warning = small_sample_warning(len(examples))
+        if warning is not None:
+            console.print(f"[yellow]warning:[/] {escape(warning)}")
         with Progress(
             TextColumn("[progress.description]{task.description}"),
             BarColumn(),
@@ -492,7 +559,7 @@ def eval_command(
 
 
 def _fail(exc: Exception) -> None:
-    Console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}")
+    _console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}")
     raise typer.Exit(code=2)
 
 

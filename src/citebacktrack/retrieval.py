@@ -56,13 +56,14 @@ class Passage:
     title: str
     text: str
 
-    def to_source(self) -> Source:
-        """This passage as a citable source."""
+    def to_source(self, score: float | None = None) -> Source:
+        """This passage as a citable source (``score``: its retrieval score, if any)."""
         return Source(
             id=f"{self.path.name}#{self.number}",
             title=self.title,
             text=self.text,
             url=self.path.resolve().as_uri(),
+            score=score,
         )
 
 
@@ -183,9 +184,13 @@ class PassageIndex:
         )
 
     def search(self, query: str, k: int = 5) -> list[Source]:
-        """The ``k`` passages that best match ``query``, best first, as sources."""
+        """The ``k`` passages that best match ``query``, best first, as sources; each
+        source's ``score`` is its BM25 score (never used to judge support)."""
         k = max(1, min(k, len(self.passages)))
         tokens = self._bm25s.tokenize([query], stopwords="en", show_progress=False)
         results, scores = self._retriever.retrieve(tokens, k=k, show_progress=False)
-        del scores  # zero-score passages stay: distractors are normal, the validator sorts them
-        return [self.passages[int(i)].to_source() for i in results[0]]
+        # Zero-score passages stay: distractors are normal, the validator sorts them.
+        return [
+            self.passages[int(i)].to_source(score=float(score))
+            for i, score in zip(results[0], scores[0], strict=True)
+        ]

@@ -584,11 +584,16 @@ class Decoder(GroundedRecovery):
         )
 
 
-def _shown(claim: str, limit: int = 80) -> str:
-    """``claim`` for a trace line: whole when short, else its last words after an
-    ellipsis (cut at a word, never mid-word: "uilt in 1889" read as a claim of its own)."""
+def _shown(claim: str, limit: int = 300) -> str:
+    """``claim`` for a trace line: whole up to ``limit`` characters (the default
+    ``max_uncited_chars``, so a sentence the default policy lets cite is shown whole),
+    else its last whole words after an ellipsis; never cut inside a word ("uilt in 1889",
+    "he bees use" read as claims of their own): a last word longer than ``limit`` is
+    shown whole."""
     if len(claim) <= limit:
         return claim
-    tail = claim[-limit:]
-    space = tail.find(" ")
-    return "…" + (tail[space + 1 :] if 0 <= space < limit // 2 else tail)
+    words = claim.split(" ")
+    shown = words.pop()
+    while words and len(words[-1]) + 1 + len(shown) <= limit:
+        shown = f"{words.pop()} {shown}"
+    return f"…{shown}" if words else shown

@@ -15,7 +15,9 @@ Definitions (per answer; a summary is the mean over answers):
   A marker is *valid* when it is exactly ``[N]`` with ``1 <= N <= len(sources)``.
 * **non-empty**: a word character is left after removing the markers.
 * **cited**: at least one valid marker.
-* **validity**: valid markers / markers (1.0 for an answer without markers).
+* **validity**: valid markers / markers; none for an answer without markers (shown as
+  ``—``), and a summary's is the mean over the answers that have markers (``—`` when none
+  has).
 * **precision** / **recall**: with ``C`` the set of validly cited source numbers and ``G``
   the gold ones, ``|C ∩ G| / |C|`` and ``|C ∩ G| / |G|``; both 0 when ``C`` is empty.
   Micro (pooled) figures divide the summed intersections by the summed ``|C|`` / ``|G|``.
@@ -27,6 +29,10 @@ Definitions (per answer; a summary is the mean over answers):
 * **seconds**: wall clock around one system call, end to end (prefill included).
 * From the decoder's trace, when the system has one: rejections, rollbacks, tokens wasted,
   kept tokens and the stop reason.
+
+A report over fewer than :data:`SMALL_SAMPLE` (20) questions carries a warning
+(``report.warnings()``, first in its Markdown and in ``to_dict()["warnings"]``): a mean
+over n answers moves by up to 1/n when one answer changes.
 
 Records are split deterministically for tuning: an id is in ``holdout`` when
 ``int(sha256(id).hexdigest(), 16) % 3 == 0``, else in ``tune`` (about a third held out).
@@ -61,10 +67,12 @@ from citebacktrack.evaluation._metrics import (
 )
 from citebacktrack.evaluation._peer import PEER_SETUP, PeerCiteformer, peer_python
 from citebacktrack.evaluation._report import (
+    SMALL_SAMPLE,
     AnswerRecord,
     EvaluationReport,
     SystemSummary,
     TraceSummary,
+    small_sample_warning,
     summarize,
     write_plots,
 )
@@ -86,6 +94,7 @@ from citebacktrack.evaluation._systems import (
 __all__ = [
     "DEFAULT_SYSTEMS",
     "PEER_SETUP",
+    "SMALL_SAMPLE",
     "SPLITS",
     "SYSTEM_NAMES",
     "AnswerMetrics",
@@ -112,6 +121,7 @@ __all__ = [
     "render_prompt",
     "score_answer",
     "sentence_origins",
+    "small_sample_warning",
     "split_of",
     "standard_systems",
     "strip_markers",

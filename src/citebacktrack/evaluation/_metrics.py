@@ -95,7 +95,8 @@ class AnswerMetrics:
     cited: bool
     markers: int
     valid_markers: int
-    validity: float
+    validity: float | None
+    """Valid markers / markers; None for an answer without markers (nothing to judge)."""
     cited_sources: tuple[int, ...]
     correct_sources: int
     """``|cited ∩ gold|``."""
@@ -122,7 +123,7 @@ def score_answer(
         cited=bool(cited),
         markers=len(markers),
         valid_markers=len(valid),
-        validity=len(valid) / len(markers) if markers else 1.0,
+        validity=len(valid) / len(markers) if markers else None,
         cited_sources=tuple(sorted(cited)),
         correct_sources=correct,
         gold_sources=len(gold_set),
