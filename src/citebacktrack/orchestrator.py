@@ -9,6 +9,7 @@ from typing import Self, cast
 import anyio
 import anyio.to_thread
 
+from citebacktrack.adapters import adapter_hint
 from citebacktrack.answer import abuild, acollect, build, collect
 from citebacktrack.backends.base import Backend
 from citebacktrack.decoding.operators import Operator
@@ -382,8 +383,12 @@ def _normalize_sources(sources: Sequence[Source | str]) -> tuple[Source, ...]:
     """The sources as ``Source``s with their ids filled in, checked by :func:`check_sources`."""
     if sources is None:
         raise InvalidSourcesError("no sources given; pass the sources to cite")
-    if isinstance(sources, str | Source):
-        raise InvalidSourcesError("sources must be a list of Source (or str), not a single item")
+    hint = None if isinstance(sources, tuple) else adapter_hint(sources)  # one Document
+    if isinstance(sources, str | Source) or hint:
+        raise InvalidSourcesError(
+            "sources must be a list of Source (or str), not a single item"
+            + (f"; {hint}" if hint else "")
+        )
     items: list[object] = list(sources)
     for number, item in enumerate(items, start=1):
         if isinstance(item, str):

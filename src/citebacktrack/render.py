@@ -6,7 +6,9 @@ formats: the answer's ``[N]`` is the source's position in the request
 (``Citation.source_index``); with ``renumber=True`` (the default) each marker is rewritten
 to its reference number (``Citation.reference_number``: order of first use), so a reader
 sees ``[1]``, ``[2]``, … whatever the retriever's order; ``source_id`` is the caller's own id,
-shown in each reference.
+shown in each reference when the caller chose it (not a position, nor a random UUID:
+:func:`~citebacktrack.adapters.is_generated_id`). A source without a title is shown as
+``source N``, ``N`` its position in the request.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 from collections.abc import Callable
 from typing import Literal
 
+from citebacktrack.adapters import is_generated_id
 from citebacktrack.errors import ConfigurationError
 from citebacktrack.types import Answer, Reference
 
@@ -35,7 +38,8 @@ def render(
     """The answer in ``style``.
 
     * ``"markdown"``: markers become footnote references (``[^1]``) and each cited source
-      a footnote with its title, id, URL and (``quotes``) the passages quoted as evidence;
+      a footnote with its title, id (one the caller chose), URL and (``quotes``) the
+      passages quoted as evidence;
     * ``"text"``: the answer, then ``References:`` with one line per source and its
       quotes indented below it;
     * ``"json"``: ``Answer.model_dump`` as JSON (text and offsets as generated; each
@@ -67,14 +71,16 @@ def render(
         return body
     lines = [body, ""] if style == "markdown" else [body, "", "References:"]
     for ref in sorted(answer.references, key=label):
-        title = ref.title or f"source {ref.source_id}"
+        title = ref.title or f"source {ref.source_index}"
+        given = not is_generated_id(ref.source_id, ref.source_index)
+        shown = f" (id {ref.source_id})" if given else ""
         link = f" <{ref.url}>" if ref.url else ""
         said = evidence_quotes(answer, ref.source_index) if quotes else []
         if style == "markdown":
             quoted = "".join(f' "{q}"' for q in said)
-            lines.append(f"[^{label(ref)}]: **{title}** (id {ref.source_id}){link}{quoted}")
+            lines.append(f"[^{label(ref)}]: **{title}**{shown}{link}{quoted}")
         else:
-            lines.append(f"[{label(ref)}] {title} (id {ref.source_id}){link}")
+            lines.append(f"[{label(ref)}] {title}{shown}{link}")
             lines.extend(f'    "{q}"' for q in said)
     return "\n".join(lines)
 

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from citebacktrack.adapters import adapter_hint
 from citebacktrack.errors import ConfigurationError, InvalidSourcesError
 from citebacktrack.grammar.citations import MAX_SOURCES
 from citebacktrack.types import ChatMessage, Policy, Source
@@ -54,7 +55,8 @@ def check_sources(sources: Sequence[object]) -> None:
     1-based position, so ``Source(id="2")`` and an id-less second source collide).
 
     Raises:
-        InvalidSourcesError: the first rule broken, with the source's number and what to do.
+        InvalidSourcesError: the first rule broken, with the source's number and what to do
+            (for a LangChain document or LlamaIndex node, the adapter that converts it).
     """
     if not sources:
         raise InvalidSourcesError("no sources given; pass at least one Source to cite")
@@ -66,9 +68,9 @@ def check_sources(sources: Sequence[object]) -> None:
     seen: dict[str, int] = {}
     for number, source in enumerate(sources, start=1):
         if not isinstance(source, Source):
+            hint = adapter_hint(source) or "pass Source(text=...) (or, to Citeformer, a str)"
             raise InvalidSourcesError(
-                f"source {number} is of type {type(source).__name__}, not Source; "
-                "pass Source(text=...) (or, to Citeformer, a str)"
+                f"source {number} is of type {type(source).__name__}, not Source; {hint}"
             )
         if not source.text.strip():
             raise InvalidSourcesError(

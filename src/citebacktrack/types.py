@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, overload
 
 from pydantic import (
     BaseModel,
@@ -25,7 +25,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
-from citebacktrack.adapters import langchain_fields, llamaindex_fields
+from citebacktrack.adapters import adapt, langchain_fields, llamaindex_fields
 from citebacktrack.errors import ConfigurationError, InvalidSourcesError
 
 __all__ = [
@@ -150,35 +150,32 @@ class Source(_Input):
             raise ValueError("an id must be a non-empty string, or None for the source's position")
         return _encodable(value)
 
+    @overload  # a list is also an object: the list overload comes first
     @classmethod
-    def from_langchain(cls, document: object, *, score: float | None = None) -> Source:
-        """A source from a LangChain ``Document`` (or a ``(Document, score)`` pair).
-
-        Duck-typed (no LangChain import): ``page_content`` becomes the text, ``id`` the
-        id when set, ``metadata`` is copied whole; ``title`` and ``url`` are taken from
-        the metadata keys ``title`` and ``url`` (or ``source`` when it is an http(s)
-        URL); ``score`` from the argument, the pair, or a numeric ``score`` /
-        ``relevance_score`` metadata key.
-
-        Raises:
-            InvalidSourcesError: no string ``page_content``, or metadata that is not JSON
-                (convert those values, e.g. dates to ISO strings, before passing it).
-        """
-        return cls(**langchain_fields(document, score=score))
-
+    def from_langchain(cls, document: list[Any], *, score: None = None) -> list[Source]: ...  # type: ignore[overload-overlap]
+    @overload
     @classmethod
-    def from_llamaindex(cls, node: object, *, score: float | None = None) -> Source:
-        """A source from a LlamaIndex ``NodeWithScore`` or node (``TextNode``, ``Document``).
+    def from_langchain(cls, document: object, *, score: float | None = None) -> Source: ...
+    @classmethod
+    def from_langchain(cls, document: object, *, score: float | None = None) -> Any:
+        """A source from a LangChain ``Document`` or ``(Document, score)`` pair; from a list
+        of them (a retriever's result), a list of sources. Duck-typed: no LangChain import.
+        :func:`~citebacktrack.adapters.langchain_fields` maps the fields and says what it
+        raises (:class:`~citebacktrack.errors.InvalidSourcesError`)."""
+        return adapt(cls, document, langchain_fields, score=score)
 
-        Duck-typed (no LlamaIndex import): the node's text (``get_content()``, without
-        metadata) becomes the text, ``node_id`` the id, ``metadata`` is copied whole;
-        ``title`` and ``url`` come from the metadata keys ``title`` (or ``file_name``)
-        and ``url``; ``score`` from the argument or ``NodeWithScore.score``.
-
-        Raises:
-            InvalidSourcesError: the node has no text, or metadata that is not JSON.
-        """
-        return cls(**llamaindex_fields(node, score=score))
+    @overload
+    @classmethod
+    def from_llamaindex(cls, node: list[Any], *, score: None = None) -> list[Source]: ...  # type: ignore[overload-overlap]
+    @overload
+    @classmethod
+    def from_llamaindex(cls, node: object, *, score: float | None = None) -> Source: ...
+    @classmethod
+    def from_llamaindex(cls, node: object, *, score: float | None = None) -> Any:
+        """A source from a LlamaIndex ``NodeWithScore`` or node; from a list of them, a list
+        of sources. Duck-typed: no LlamaIndex import. Fields are mapped (and errors raised)
+        by :func:`~citebacktrack.adapters.llamaindex_fields`."""
+        return adapt(cls, node, llamaindex_fields, score=score)
 
 
 class CitationMode(StrEnum):
