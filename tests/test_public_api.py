@@ -31,13 +31,16 @@ def test_top_level_all_is_sorted_and_complete() -> None:
 
 
 def test_core_imports_without_heavy_engines() -> None:
-    """torch, transformers, vllm, llama_cpp and xgrammar are blocked; core still works."""
+    """torch, transformers, vllm, llama_cpp, xgrammar and the LangChain and LlamaIndex
+    integrations' frameworks are blocked; core still works."""
     code = textwrap.dedent(
         """
         import sys
-        for name in ("torch", "transformers", "vllm", "llama_cpp", "xgrammar", "triton"):
+        for name in ("torch", "transformers", "vllm", "llama_cpp", "xgrammar", "triton",
+                     "langchain_core", "llama_index"):
             sys.modules[name] = None  # any import of them now raises ImportError
         import citebacktrack
+        import citebacktrack.integrations
         from citebacktrack import Citeformer, MockBackend, Source
         from citebacktrack.grammar import citation_grammar, emit
         print(emit(citation_grammar(2), "gbnf").splitlines()[0])
@@ -122,6 +125,9 @@ PUBLIC_MODULES = [
     "citebacktrack.errors",
     "citebacktrack.evaluation",
     "citebacktrack.grammar",
+    "citebacktrack.integrations",
+    "citebacktrack.integrations.langchain",
+    "citebacktrack.integrations.llamaindex",
     "citebacktrack.orchestrator",
     "citebacktrack.render",
     "citebacktrack.request",
