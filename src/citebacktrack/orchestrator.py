@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import Self, cast
 
 import anyio
 import anyio.to_thread
 
+from citebacktrack._arguments import Number, instance, refused
 from citebacktrack.adapters import adapter_hint
 from citebacktrack.answer import abuild, acollect, build, collect
 from citebacktrack.backends.base import Backend
@@ -30,7 +31,7 @@ from citebacktrack.request import (
     check_sources,
 )
 from citebacktrack.support import LexicalSupportScorer, SupportScorer
-from citebacktrack.types import Answer, Event, Policy, Source
+from citebacktrack.types import Answer, CitationMode, Event, Policy, Source
 from citebacktrack.validation import CitationValidator
 
 __all__ = ["Citeformer", "ScorerFactory"]
@@ -69,6 +70,12 @@ class Citeformer:
             (see :mod:`citebacktrack.decoding.operators`).
         demo: a worked example shown before the question; ``None`` for none.
 
+    Every argument is checked here, and every per-call override where it is given: a
+    value of the wrong type (``"llamacpp"`` for a backend, a dict for ``budgets``, a
+    string for ``policy``, a number for ``scorer``) raises
+    :class:`~citebacktrack.errors.ConfigurationError` naming the argument, what was given
+    and what to pass, before anything is loaded or generated.
+
     ``generate``, ``stream``, ``agenerate`` and ``astream`` take a question, its sources
     and the same per-call ``policy``, ``budgets`` and ``sampling`` overrides; :meth:`run`
     answers a prepared :class:`~citebacktrack.request.GenerationRequest`
@@ -88,16 +95,23 @@ class Citeformer:
         operators: Sequence[Operator] = (),
         demo: Demo | None = DEFAULT_DEMO,
     ) -> None:
-        self._backend = backend
+        self._backend: Backend | None = instance("backend", backend, Backend, _BACKEND_HINT)
         self._owns_backend = backend is None
         self._closed = False
         self._loading = threading.Lock()
-        self.policy = policy or Policy()
+        self.policy, self.budgets, self.sampling = _settings(
+            policy, budgets, sampling, (Policy(), Budgets(), SamplingConfig())
+        )
+        if scorer is not None and not callable(scorer):
+            raise refused(
+                "scorer",
+                scorer,
+                "a callable that builds a SupportScorer from the sources",
+                _SCORER_HINT,
+            )
         self.scorer = scorer
-        self.sampling = sampling or SamplingConfig()
-        self.budgets = budgets or Budgets()
-        self.operators = tuple(operators)
-        self.demo = demo
+        self.operators = DecodingOptions(operators=cast(tuple[Operator, ...], operators)).operators
+        self.demo: Demo | None = instance("demo", demo, Demo, _DEMO_HINT)
 
     @property
     def backend(self) -> Backend:
@@ -196,10 +210,9 @@ class Citeformer:
                 f"{exc.start}, which is not Unicode text; decode the original bytes with "
                 "errors='replace'"
             ) from exc
-        policy = policy or self.policy
-        sampling = sampling or self.sampling
-        if not isinstance(policy, Policy):
-            raise ConfigurationError(f"policy must be a Policy, got {type(policy).__name__}")
+        policy, budgets, sampling = _settings(
+            policy, budgets, sampling, (self.policy, self.budgets, self.sampling)
+        )
         normalized = _normalize_sources(sources)
         n = len(normalized)
         validator = CitationValidator(
@@ -216,7 +229,7 @@ class Citeformer:
             policy=policy,
             grammar=citation_grammar(n, policy),
             validator=validator,
-            budgets=budgets or self.budgets,
+            budgets=budgets,
             decoding=DecodingOptions(sampling=sampling, operators=self.operators),
             segments=SegmentOptions.from_sampling(sampling),
         )
@@ -308,6 +321,7 @@ class Citeformer:
         sampling: SamplingConfig | None = None,
     ) -> list[Answer]:
         """Async :meth:`generate_many`, at most ``concurrency`` answers in flight."""
+        concurrency = Number(8, whole=True, minimum=1)("concurrency", concurrency)
         requests = self._requests(items, policy, budgets, sampling)
         backend = await self._abackend()
         return await backend.agenerate_many(requests, concurrency=concurrency)
@@ -319,18 +333,24 @@ class Citeformer:
         budgets: Budgets | None,
         sampling: SamplingConfig | None,
     ) -> list[GenerationRequest]:
+        if isinstance(items, str | bytes | GenerationRequest) or not isinstance(items, Iterable):
+            raise refused("items", items, "a list", _ITEMS_HINT)
+        _settings(policy, budgets, sampling, (self.policy, self.budgets, self.sampling))
         requests = []
-        for item in items:
+        for number, item in enumerate(items):
             if isinstance(item, GenerationRequest):
-                if policy or budgets or sampling:
+                if policy is not None or budgets is not None or sampling is not None:
                     raise ConfigurationError(
                         "a GenerationRequest already holds its sources and options; pass "
                         "it without the overrides, or pass (question, sources) pairs"
                     )
                 requests.append(item)
-            else:
+            elif isinstance(item, tuple | list) and len(item) == 2:
                 question, sources = item
                 requests.append(self._request(question, sources, policy, budgets, sampling))
+            else:
+                what = "a (question, sources) pair or a GenerationRequest"
+                raise refused(f"items[{number}]", item, what, _ITEMS_HINT)
         return requests
 
     # ------------------------------------------------------------------ async
@@ -377,6 +397,48 @@ class Citeformer:
             aclose = getattr(events, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+
+_BACKEND_HINT = (
+    "pass an engine object from citebacktrack.backends (e.g. LlamaCppBackend(), "
+    "HFBackend(...), OpenAIBackend(...)) or MockBackend([...]), not its name; or None for "
+    "the embedded model"
+)
+_SCORER_HINT = (
+    "pass a factory: a scorer class such as LexicalSupportScorer (the default) or a function "
+    "from the sources to a SupportScorer (not a scorer already built); or None to check "
+    "only ids, duplicates and counts"
+)
+_DEMO_HINT = (
+    "pass citebacktrack.prompts.Demo(question=..., sources=(...), answer=...), or None "
+    "for no worked example"
+)
+_ITEMS_HINT = "pass a list such as [(question, [Source(text=...)]), request]"
+
+
+def _settings(
+    policy: object,
+    budgets: object,
+    sampling: object,
+    defaults: tuple[Policy, Budgets, SamplingConfig],
+) -> tuple[Policy, Budgets, SamplingConfig]:
+    """The policy, budgets and sampling to use: each one given, checked to be of its class
+    (``None`` takes its default), else the error naming it and what to pass."""
+    mode = policy.strip().casefold() if isinstance(policy, str) else None
+    modes = [member.value for member in CitationMode]
+    example = f"Policy(mode={mode!r})" if mode in modes else "Policy(mode='auto')"
+    hints = {
+        "policy": f"pass a Policy, e.g. {example}, or None for the default",
+        "budgets": "pass Budgets(...), e.g. Budgets(max_new_tokens=128), or None for the default",
+        "sampling": "pass SamplingConfig(...), e.g. SamplingConfig(temperature=0.7), or None "
+        "for the default (greedy)",
+    }
+    given = {"policy": policy, "budgets": budgets, "sampling": sampling}
+    chosen = [
+        instance(name, value, type(default), hints[name]) or default
+        for (name, value), default in zip(given.items(), defaults, strict=True)
+    ]
+    return cast(tuple[Policy, Budgets, SamplingConfig], tuple(chosen))
 
 
 def _normalize_sources(sources: Sequence[Source | str]) -> tuple[Source, ...]:

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, cast
 
+from citebacktrack._arguments import Number, choice, flag, instance
 from citebacktrack.adapters import is_generated_id
-from citebacktrack.errors import ConfigurationError
 from citebacktrack.types import Answer, Reference
 
 __all__ = ["Style", "evidence_quotes", "render", "renumbered_text"]
@@ -28,8 +28,12 @@ Style = Literal["markdown", "text", "json"]
 
 
 def renumbered_text(answer: Answer) -> str:
-    """The answer text with each ``[N]`` rewritten to its reference number."""
-    return _rewrite(answer, lambda number: f"[{number}]")
+    """The answer text with each ``[N]`` rewritten to its reference number.
+
+    Raises:
+        ConfigurationError: ``answer`` is not an :class:`Answer`.
+    """
+    return _rewrite(_answer(answer), lambda number: f"[{number}]")
 
 
 def render(
@@ -52,12 +56,16 @@ def render(
         quotes: include the evidence quotes (Markdown and text).
 
     Raises:
-        ConfigurationError: an unknown style.
+        ConfigurationError: ``answer`` is not an :class:`Answer` (an answer's text is
+            rendered from the answer itself), an unknown style (styles are matched ignoring
+            case), or ``renumber``/``quotes`` not a bool; the message names the argument.
     """
+    answer = _answer(answer)
+    style = cast(Style, choice("style", style, ("markdown", "text", "json")))
+    renumber = flag("renumber", renumber)
+    quotes = flag("quotes", quotes)
     if style == "json":
         return json.dumps(answer.model_dump(mode="json"), indent=2, ensure_ascii=False)
-    if style not in ("markdown", "text"):
-        raise ConfigurationError(f"style must be 'markdown', 'text' or 'json', got {style!r}")
 
     def label(ref: Reference) -> int:
         return ref.number if renumber else ref.source_index
@@ -86,7 +94,14 @@ def render(
 
 
 def evidence_quotes(answer: Answer, source_index: int) -> list[str]:
-    """The distinct evidence passages quoted for one source, in answer order."""
+    """The distinct evidence passages quoted for one source, in answer order.
+
+    Raises:
+        ConfigurationError: ``answer`` is not an :class:`Answer`, or ``source_index`` is not
+            an int >= 1.
+    """
+    answer = _answer(answer)
+    source_index = Number(1, whole=True, minimum=1)("source_index", source_index)
     seen: list[str] = []
     for citation in answer.citations:
         evidence = citation.evidence
@@ -95,6 +110,13 @@ def evidence_quotes(answer: Answer, source_index: int) -> list[str]:
             if text and text not in seen:
                 seen.append(text)
     return seen
+
+
+def _answer(answer: object) -> Answer:
+    """``answer`` if it is an :class:`Answer`, else the error saying what to pass."""
+    hint = "pass the Answer that Citeformer.generate returns (or Done.answer of a stream)"
+    checked: Answer = instance("answer", answer, Answer, hint, optional=False)
+    return checked
 
 
 def _rewrite(

@@ -18,10 +18,11 @@ hand-built one can be passed to ``Citeformer.generate`` and gives the same answe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from citebacktrack._arguments import Number, check_fields, instance, refused
 from citebacktrack.adapters import adapter_hint
 from citebacktrack.errors import ConfigurationError, InvalidSourcesError
 from citebacktrack.grammar.citations import MAX_SOURCES
@@ -41,6 +42,28 @@ __all__ = [
     "check_sources",
     "source_id",
 ]
+
+
+def _operator_tuple(operators: object) -> tuple[Operator, ...]:
+    """``operators`` as a tuple, each checked to be an operator (an object with
+    ``max_depth`` and ``check``, :class:`~citebacktrack.decoding.operators.Operator`).
+
+    Raises:
+        ConfigurationError: not a list or tuple of operators (a single operator, a string
+            and a ``None`` are refused), naming the item.
+    """
+    name = "operators"
+    hint = (
+        "pass a list of operators, e.g. [ProbabilityThreshold(0.05)] from "
+        "citebacktrack.decoding.operators, or () for none"
+    )
+    if isinstance(operators, str | bytes | Mapping) or not isinstance(operators, Iterable):
+        raise refused(name, operators, "a list or tuple of operators", hint)
+    items = tuple(operators)
+    for number, item in enumerate(items):
+        if not (hasattr(item, "max_depth") and callable(getattr(item, "check", None))):
+            raise refused(f"{name}[{number}]", item, "an operator", hint)
+    return items
 
 
 def source_id(source: Source, number: int) -> str:
@@ -98,6 +121,11 @@ class Budgets:
         max_backtracks: rollbacks in total (stop reason ``backtrack_budget``).
         max_rolled_back_tokens: tokens thrown away in total (``rolled_back_token_budget``).
         max_wall_time_s: seconds for the whole decode, ``None`` for no limit (``wall_time``).
+
+    Raises:
+        ConfigurationError: a count that is not an int (a bool, a string or a float is
+            refused) or is out of range, or a time that is not a positive number; the
+            message names the field, the value given and what to pass.
     """
 
     max_new_tokens: int = 256
@@ -108,14 +136,17 @@ class Budgets:
     max_wall_time_s: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("max_new_tokens", "max_backtracks", "max_rolled_back_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigurationError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("retries_per_checkpoint", "sentence_retries"):
-            if getattr(self, name) < 0:
-                raise ConfigurationError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.max_wall_time_s is not None and self.max_wall_time_s <= 0:
-            raise ConfigurationError(f"max_wall_time_s must be > 0, got {self.max_wall_time_s}")
+        check_fields(
+            self,
+            {
+                "max_new_tokens": Number(256, whole=True, minimum=1),
+                "retries_per_checkpoint": Number(3, whole=True, minimum=0),
+                "sentence_retries": Number(1, whole=True, minimum=0),
+                "max_backtracks": Number(32, whole=True, minimum=1),
+                "max_rolled_back_tokens": Number(1024, whole=True, minimum=1),
+                "max_wall_time_s": Number(30.0, above=0, optional=True),
+            },
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -127,6 +158,10 @@ class SamplingConfig:
         top_k: keep only the k most likely tokens (0: all).
         top_p: keep the smallest set of tokens whose probability reaches p (1.0: all).
         seed: seed of the random state; the same seed and inputs give the same answer.
+
+    Raises:
+        ConfigurationError: a field of the wrong type (a bool or a string is never a
+            number; ``top_k`` and ``seed`` are ints) or out of range, named in the message.
     """
 
     temperature: float = 0.0
@@ -135,14 +170,15 @@ class SamplingConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0.0:
-            raise ConfigurationError(
-                f"temperature must be >= 0 (0 is greedy), got {self.temperature}"
-            )
-        if self.top_k < 0:
-            raise ConfigurationError(f"top_k must be >= 0 (0 keeps all tokens), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigurationError(f"top_p must be in (0, 1], got {self.top_p}")
+        check_fields(
+            self,
+            {
+                "temperature": Number(0.7, minimum=0),  # 0 is greedy
+                "top_k": Number(40, whole=True, minimum=0),  # 0 keeps all tokens
+                "top_p": Number(0.9, above=0, maximum=1),
+                "seed": Number(0, whole=True),
+            },
+        )
 
     @property
     def is_greedy(self) -> bool:
@@ -164,7 +200,9 @@ class DecodingOptions:
     operators: tuple[Operator, ...] = ()
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "operators", tuple(self.operators))
+        hint = "pass SamplingConfig(...), or leave it out for greedy decoding"
+        instance("DecodingOptions.sampling", self.sampling, SamplingConfig, hint, optional=False)
+        object.__setattr__(self, "operators", _operator_tuple(self.operators))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -189,18 +227,16 @@ class SegmentOptions:
     resample_temperature: float = 0.7
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0.0:
-            raise ConfigurationError(f"temperature must be >= 0, got {self.temperature}")
-        if not self.resample_temperature >= 0.0:
-            raise ConfigurationError(
-                f"resample_temperature must be >= 0, got {self.resample_temperature}"
-            )
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigurationError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.max_segment_tokens < 1:
-            raise ConfigurationError(
-                f"max_segment_tokens must be at least 1, got {self.max_segment_tokens}"
-            )
+        check_fields(
+            self,
+            {
+                "temperature": Number(0.7, minimum=0),
+                "top_p": Number(0.9, above=0, maximum=1),
+                "seed": Number(0, whole=True, optional=True),
+                "max_segment_tokens": Number(256, whole=True, minimum=1),
+                "resample_temperature": Number(0.7, minimum=0),
+            },
+        )
 
     @classmethod
     def from_sampling(cls, sampling: SamplingConfig) -> SegmentOptions:
@@ -250,6 +286,16 @@ class GenerationRequest:
     def __post_init__(self) -> None:
         object.__setattr__(self, "messages", tuple(self.messages))
         object.__setattr__(self, "sources", tuple(self.sources))
+        for name, cls in (
+            ("policy", Policy),
+            ("budgets", Budgets),
+            ("decoding", DecodingOptions),
+            ("segments", SegmentOptions),
+        ):
+            hint = f"pass {cls.__name__}(...) (Citeformer.build_request fills every field)"
+            instance(f"GenerationRequest.{name}", getattr(self, name), cls, hint, optional=False)
+        if self.question is not None and not isinstance(self.question, str):
+            raise refused("GenerationRequest.question", self.question, "a str", "or None")
         if not self.messages:
             raise ConfigurationError("a request needs at least one chat message")
         check_sources(self.sources)

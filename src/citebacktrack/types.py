@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal, overload
 
 from pydantic import (
@@ -25,6 +24,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
+from citebacktrack._arguments import CASELESS, Choices, MismatchError, Number, shown
 from citebacktrack.adapters import adapt, langchain_fields, llamaindex_fields
 from citebacktrack.errors import ConfigurationError, InvalidSourcesError
 
@@ -57,9 +57,9 @@ _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
 class _Input(BaseModel):
     """A value the caller builds (``Source``, ``Policy``): a value it cannot be built from
-    raises this library's typed error (``_error``), naming the field, what was wrong with
-    it and ``_hint``, instead of pydantic's ``ValidationError`` (``raise ... from`` keeps
-    pydantic's report). Only ``Model(...)`` maps; ``model_validate`` is pydantic's own."""
+    raises this library's typed error (``_error``), naming the field, what was wrong, what
+    was given and ``_hint``, instead of pydantic's ``ValidationError`` (``raise ... from``
+    keeps pydantic's report). Only ``Model(...)`` maps; ``model_validate`` is pydantic's."""
 
     _error: ClassVar[type[ConfigurationError]] = ConfigurationError
     _hint: ClassVar[str] = ""
@@ -73,17 +73,15 @@ class _Input(BaseModel):
 
 
 def _problem(error: ErrorDetails) -> str:
-    """One pydantic error as ``field: what is wrong (got value)``."""
+    """One pydantic error as ``field: what is wrong (got type value)``, and what to pass
+    when a rule of :mod:`citebacktrack._arguments` refused it."""
     where = ".".join(str(part) for part in error["loc"]) or "value"
     cause = error.get("ctx", {}).get("error")
+    got = f"(got {shown(error.get('input'))})"
+    if isinstance(cause, MismatchError):
+        return f"{where}: input should be {cause.what} {got}; {cause.hint}"
     what = str(cause) if error["type"] == "value_error" and cause else error["msg"]
-    return f"{where}: {what[:1].lower()}{what[1:]} (got {_short(error.get('input'))})"
-
-
-def _short(value: object) -> str:
-    """``repr(value)``, cut to a length an error message can carry."""
-    text = repr(value)
-    return text if len(text) <= 60 else f"{text[:57]}..."
+    return f"{where}: {what[:1].lower()}{what[1:]} {got}"
 
 
 def _encodable(value: str | None) -> str | None:
@@ -137,7 +135,7 @@ class Source(_Input):
         default_factory=dict,
         description="Free-form metadata (any JSON value), copied to the source's Reference.",
     )
-    score: float | None = Field(
+    score: Annotated[float | None, Number(example=0.5, optional=True).field()] = Field(
         default=None,
         description="The retriever's relevance score, if any; copied to the Reference. "
         "Never used to judge support.",
@@ -178,8 +176,10 @@ class Source(_Input):
         return adapt(cls, node, llamaindex_fields, score=score)
 
 
-class CitationMode(StrEnum):
-    """When the answer must cite."""
+class CitationMode(Choices):
+    """When the answer must cite. Its values are matched ignoring case and surrounding
+    whitespace (``CitationMode(" AUTO ")``, ``Policy(mode="Required")``); any other value
+    raises :class:`~citebacktrack.errors.ConfigurationError`."""
 
     REQUIRED = "required"
     """Every sentence carries at least one citation (the default)."""
@@ -192,18 +192,20 @@ class CitationMode(StrEnum):
 class Policy(_Input):
     """What counts as a well-cited answer. The grammar and the validator both follow it.
 
-    A value out of range or of the wrong type raises
-    :class:`~citebacktrack.errors.ConfigurationError` naming the field.
+    A value out of range or of the wrong type (a bool or a string for a number) raises
+    :class:`~citebacktrack.errors.ConfigurationError` naming the field; ``mode`` and
+    ``fallback`` are matched ignoring case and surrounding whitespace.
     """
 
     model_config = _FROZEN
     _hint = (
-        "mode is one of 'required', 'auto', 'quotes_only'; max_citations_per_sentence "
-        "1..10; fallback 'copy', 'quote' or 'abstain'; max_uncited_chars 20..2000"
+        "mode is one of 'required', 'auto', 'quotes_only' (any case); "
+        "max_citations_per_sentence an int 1..10; fallback 'copy', 'quote' or 'abstain'; "
+        "max_uncited_chars an int 20..2000"
     )
 
     mode: CitationMode = Field(default=CitationMode.REQUIRED, description="When citations are due.")
-    max_citations_per_sentence: int = Field(
+    max_citations_per_sentence: Annotated[int, Number(example=3, whole=True).field()] = Field(
         default=3,
         ge=1,
         le=10,
@@ -212,7 +214,7 @@ class Policy(_Input):
             "the validator counts across the sentence and rejects the marker past the limit."
         ),
     )
-    fallback: Literal["copy", "quote", "abstain"] = Field(
+    fallback: Annotated[Literal["copy", "quote", "abstain"], CASELESS] = Field(
         default="copy",
         description=(
             "REQUIRED: what to do with a sentence that no source supports after its "
@@ -226,7 +228,7 @@ class Policy(_Input):
             "sentences or ends with stop reason no_supported_answer and an empty text."
         ),
     )
-    max_uncited_chars: int = Field(
+    max_uncited_chars: Annotated[int, Number(example=300, whole=True).field()] = Field(
         default=300,
         ge=20,
         le=2000,
@@ -258,7 +260,7 @@ class Evidence(BaseModel):
     text: str = Field(description="The quoted source text, ``source.text[start:end]``.")
 
 
-class SentenceOrigin(StrEnum):
+class SentenceOrigin(Choices):
     """How a cited sentence of the answer was obtained."""
 
     MODEL = "model"
@@ -333,7 +335,7 @@ class Reference(BaseModel):
     score: float | None = Field(default=None, description="The source's retrieval score.")
 
 
-class StopReason(StrEnum):
+class StopReason(Choices):
     """Why generation ended."""
 
     END = "end"
@@ -359,7 +361,7 @@ class StopReason(StrEnum):
     copies of source sentences or a quote (``Citation.origin`` says which)."""
 
 
-class RejectionReason(StrEnum):
+class RejectionReason(Choices):
     """Why the validator rejected a citation."""
 
     OUT_OF_RANGE = "out_of_range"

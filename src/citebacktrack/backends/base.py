@@ -19,9 +19,9 @@ from typing import Self
 import anyio
 import anyio.to_thread
 
+from citebacktrack._arguments import Number
 from citebacktrack._cancel import STOP, Stopped
 from citebacktrack.answer import acollect, collect
-from citebacktrack.errors import ConfigurationError
 from citebacktrack.request import GenerationRequest
 from citebacktrack.types import Answer, ChatMessage, Event
 
@@ -180,8 +180,7 @@ class Backend(ABC):
         self, requests: Sequence[GenerationRequest], *, concurrency: int = 8
     ) -> list[Answer]:
         """Async :meth:`generate_many`: at most ``concurrency`` requests in flight."""
-        if concurrency < 1:
-            raise ConfigurationError(f"concurrency must be at least 1, got {concurrency}")
+        concurrency = Number(8, whole=True, minimum=1)("concurrency", concurrency)
         answers: list[Answer | None] = [None] * len(requests)
         limit = anyio.Semaphore(concurrency)
 

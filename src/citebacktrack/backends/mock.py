@@ -17,9 +17,10 @@ from __future__ import annotations
 import contextlib
 import inspect
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import cast
 
+from citebacktrack._arguments import instance, refused
 from citebacktrack.backends.base import Backend, GenerationRequest, iterate_in_thread
 from citebacktrack.backends.local import decode
 from citebacktrack.decoding.runtime import Vocabulary
@@ -42,11 +43,20 @@ class FunctionBackend(Backend):
     Args:
         fn: returns the text the scripted model tries to write.
         vocabulary: the toy vocabulary (default :func:`toy_vocabulary`).
+
+    Raises:
+        ConfigurationError: ``fn`` is not callable, or ``vocabulary`` is not a Vocabulary.
     """
 
     def __init__(self, fn: ScriptFunction, *, vocabulary: Vocabulary | None = None) -> None:
+        if not callable(fn):
+            hint = "pass a function taking the GenerationRequest, e.g. lambda request: '... [1].'"
+            raise refused("fn", fn, "a callable that returns the script (a str)", hint)
+        hint = "pass citebacktrack.testing.toy_vocabulary(...), or None for the default"
+        self._vocabulary = instance("vocabulary", vocabulary, Vocabulary, hint) or (
+            default_vocabulary()
+        )
         self._fn = fn
-        self._vocabulary = vocabulary or default_vocabulary()
         self._is_async = inspect.iscoroutinefunction(fn)
         self.requests: list[GenerationRequest] = []
         """Every request received, for assertions in tests."""
@@ -87,15 +97,18 @@ class MockBackend(FunctionBackend):
     """A backend that answers with scripted responses, one per call, in order.
 
     Raises:
+        ConfigurationError: ``responses`` is not a list of str (a single str is refused).
         MockExhaustedError: called more often than there are responses.
     """
 
     def __init__(self, responses: Sequence[str], *, vocabulary: Vocabulary | None = None) -> None:
-        if isinstance(responses, str):
-            raise ConfigurationError(
-                "MockBackend takes a list of responses, e.g. MockBackend(['...'])"
-            )
+        hint = "pass a list of scripted answers, e.g. MockBackend(['Paris is in France [1].'])"
+        if isinstance(responses, str | bytes) or not isinstance(responses, Iterable):
+            raise refused("responses", responses, "a list of str", hint)
         self.responses = list(responses)
+        for number, response in enumerate(self.responses):
+            if not isinstance(response, str):
+                raise refused(f"responses[{number}]", response, "a str", hint)
         self._lock = threading.Lock()
         self._next = 0
         super().__init__(self._respond, vocabulary=vocabulary)
