@@ -17,7 +17,7 @@ from citebacktrack._tracker import ClosedMarker, TextState, advance
 from citebacktrack.decoding._run import VERDICT_CLAIMS, Run
 from citebacktrack.decoding.matcher import TokenMatcher
 from citebacktrack.decoding.vocab_index import VocabularyIndex
-from citebacktrack.types import CitationMode, Policy
+from citebacktrack.types import CitationMode, Policy, RejectionReason
 from citebacktrack.validation import CitationValidator, Verdict
 
 __all__ = ["MarkerMask", "normalized"]
@@ -162,6 +162,23 @@ class MarkerMask:
                 del run.verdicts[next(iter(run.verdicts))]  # the least recently used
         run.verdicts[key] = verdicts
         return verdicts
+
+    def refusal(self, run: Run, claim: str, best: int) -> tuple[int, Verdict]:
+        """Why no id could close the open marker: the id that came closest and its
+        verdict, whose reason and score agree. ``best`` (the source that supports the
+        claim best) unless the sentence cites it already (its verdict would be a
+        duplicate with no score); then the best-scored id this marker could take, which
+        is redundant where the sentence is supported without it."""
+        state = run.state
+        if best and best not in state.sentence_ids:
+            ids = state.sentence_ids
+            return best, self.validator.check(source_index=best, sentence_ids=ids, claim=claim)
+        open_ids = self.verdicts(run)
+        if not open_ids:
+            why = "every source is cited in this sentence already"
+            return best, Verdict(is_accepted=False, reason=RejectionReason.DUPLICATE, detail=why)
+        closest = max(open_ids, key=lambda i: (open_ids[i].score or 0.0, -i))
+        return closest, open_ids[closest]
 
     def needs_more(self, run: Run) -> bool:
         """Right after a partial marker: the group must go on with another marker."""

@@ -441,23 +441,20 @@ class Decoder(GroundedRecovery):
         best_id, best_score = best[0] if best else (0, 0.0)
         if best_score > run.best_refused[0]:
             run.best_refused = (best_score, best_id, claim)
-        # The verdict on the best source says why (a claim that is not citable scores 0
-        # whatever the scorer gives its words): a trace never says unsupported with 1.0.
-        verdict = (
-            self.validator.check(source_index=best_id, sentence_ids=state.sentence_ids, claim=claim)
-            if best_id
-            else None
-        )
-        score = verdict.score if verdict is not None and verdict.score is not None else best_score
-        why = verdict.detail if verdict is not None else "no source"
+        # The verdict of the id that came closest says why, with its own reason and score:
+        # a trace never says unsupported with a score that supports (MarkerMask.refusal).
+        closest, verdict = self.mask.refusal(run, claim, best_id)
+        reason = verdict.reason or RejectionReason.UNSUPPORTED
+        lead = "no source supports" if reason is RejectionReason.UNSUPPORTED else "nothing adds to"
+        score = "" if verdict.score is None else f" {verdict.score:.2f}"
         yield self._rejection(
             run,
             token_position=marker_token,
             byte_offset=state.marker_start,
-            source_index=best_id,
-            reason=RejectionReason.UNSUPPORTED,
-            score=score,
-            detail=f"no source supports {_shown(claim)!r}; best [{best_id}] {score:.2f}: {why}",
+            source_index=closest,
+            reason=reason,
+            score=verdict.score,
+            detail=f"{lead} {_shown(claim)!r}; best [{closest}]{score}: {verdict.detail}",
         )
         retries = run.marker_retries.get(sentence, 0) + 1
         run.marker_retries[sentence] = retries
