@@ -82,7 +82,11 @@ def test_unsupported_citation_is_masked_and_replaced() -> None:
     trace = done(events).trace
     assert trace.rejections == 2
     assert trace.backtracks == 0
-    assert all("masked before sampling" in e.detail for e in trace.entries)
+    rejections = [e for e in trace.entries if e.kind == "rejection"]
+    assert all("masked before sampling" in e.detail for e in rejections)
+    # The scripted model reports where the answer left its script: both of its [1]s.
+    departures = [(e.reason, e.source_index) for e in trace.entries if e.kind == "departure"]
+    assert departures == [("refused_id", 1), ("refused_id", 1)]
     assert trace.forward_passes == 1 + trace.kept_tokens
 
 

@@ -101,6 +101,7 @@ RAG_ESSENTIALS = {
     # backends a RAG app or its tests construct
     "Backend",
     "MockBackend",
+    "MockSegmentBackend",
     "FunctionBackend",
 }
 

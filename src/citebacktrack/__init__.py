@@ -17,7 +17,7 @@ runtimes for tests in :mod:`citebacktrack.testing`, evaluation in
 """
 
 from citebacktrack.backends.base import Backend
-from citebacktrack.backends.mock import FunctionBackend, MockBackend
+from citebacktrack.backends.mock import FunctionBackend, MockBackend, MockSegmentBackend
 from citebacktrack.errors import (
     BackendClosedError,
     BackendError,
@@ -31,6 +31,7 @@ from citebacktrack.errors import (
     MissingDependencyError,
     MockExhaustedError,
     ModelLoadError,
+    ScriptDepartureError,
 )
 from citebacktrack.orchestrator import Citeformer
 from citebacktrack.render import render
@@ -85,12 +86,14 @@ __all__ = [
     "MissingDependencyError",
     "MockBackend",
     "MockExhaustedError",
+    "MockSegmentBackend",
     "ModelLoadError",
     "Policy",
     "Reference",
     "RejectionReason",
     "Rollback",
     "SamplingConfig",
+    "ScriptDepartureError",
     "SentenceOrigin",
     "Source",
     "Started",

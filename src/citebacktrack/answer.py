@@ -30,6 +30,7 @@ from citebacktrack.types import (
     Event,
     Reference,
     Rollback,
+    ScriptDeparture,
     Source,
     Started,
     TextDelta,
@@ -92,7 +93,7 @@ class AnswerBuilder:
                 raise BackendError(
                     "a backend yielded Started; the answer builder starts a stream itself"
                 )
-            case CitationRejected():
+            case CitationRejected() | ScriptDeparture():
                 offset = self._offset(event.char_offset)
                 return [event.model_copy(update={"char_offset": offset})]
             case Rollback():

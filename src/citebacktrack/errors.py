@@ -13,7 +13,8 @@ Every error the library raises on purpose derives from :class:`CitebacktrackErro
     │   ├── ModelLoadError            a model file is missing, unreadable or not a model
     │   ├── ContextOverflowError      the prompt does not fit the model's context window
     │   └── BackendClosedError        a closed backend or runtime was asked to run
-    └── MockExhaustedError            a MockBackend was called more often than it has scripts
+    ├── MockExhaustedError            a MockBackend was called more often than it has scripts
+    └── ScriptDepartureError          a strict test double's answer left its script (says where)
 
 Foreign exceptions are mapped once, at the boundary that called the foreign code, with
 ``raise ... from exc`` so the original stays visible. Messages say what failed, with the
@@ -35,6 +36,7 @@ __all__ = [
     "MissingDependencyError",
     "MockExhaustedError",
     "ModelLoadError",
+    "ScriptDepartureError",
 ]
 
 
@@ -111,3 +113,21 @@ class BackendClosedError(BackendError):
 
 class MockExhaustedError(CitebacktrackError, RuntimeError):
     """A MockBackend was asked for more responses than it was scripted with."""
+
+
+class ScriptDepartureError(CitebacktrackError, AssertionError):
+    """A strict test double (``MockBackend(..., strict=True)`` and its kin) did not write
+    its script as given: the message shows the script with a caret where the answer left
+    it, what the script has there, what was written instead and what the grammar allowed.
+
+    Attributes:
+        script: the script.
+        offset: where in ``script`` (a ``str`` offset) the answer left it.
+        kind: the departure's kind (a :class:`~citebacktrack.types.DepartureKind` value).
+    """
+
+    def __init__(self, message: str, *, script: str, offset: int, kind: str) -> None:
+        super().__init__(message)
+        self.script = script
+        self.offset = offset
+        self.kind = kind

@@ -16,12 +16,22 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from citebacktrack._departure_log import (
+    Departure,
+    DepartureLog,
+    DepartureReport,
+    WatchedMatcher,
+)
+from citebacktrack._departures import ScriptDeparture
+from citebacktrack._script import ScriptModel
+from citebacktrack.decoding.matcher import TokenMatcher
 from citebacktrack.decoding.runtime import Logits, Vocabulary
 from citebacktrack.decoding.vocab_index import VocabularyIndex
 from citebacktrack.errors import ConfigurationError
 
 if TYPE_CHECKING:
     from citebacktrack.segments import SegmentCall, SegmentResult
+    from citebacktrack.types import Done
 
 __all__ = [
     "STOP",
@@ -75,36 +85,51 @@ def index_for(vocabulary: Vocabulary) -> VocabularyIndex:
 
 
 class ScriptedRuntime:
-    """A token runtime whose model wants to write ``script``.
+    """A token runtime whose model wants to write ``script``, and says where it could not.
 
-    Its logits are a function of the whole generated prefix: the token that continues the
-    script at the current byte offset scores highest (longer matches first); off the
-    script, it prefers ``[``, then ``]``, then ending the answer, then low ids and ``.``,
-    so a constrained decode always finishes.
+    Its logits are a function of the whole generated prefix: the token that continues
+    the script where the model is in it scores highest (longer matches first), then the
+    script past the unit it is stuck on (the next character, or a whole ``[...]``
+    marker), then ``[``, ``]``, ``.``, low ids and a space; the stop token comes first
+    once the script is written and last while some is left. When the answer leaves the
+    script (the grammar or the decoder refused what it wanted), the model follows its
+    script from where the answer rejoins it, and records a departure (``departures``).
+
+    Args:
+        script: what the model wants to write.
+        vocabulary: its vocabulary (default :func:`default_vocabulary`).
+        n_sources: the request's number of sources, so that a cited id out of range is
+            told from a refused one (None: unknown).
+        strict: raise :class:`~citebacktrack.errors.ScriptDepartureError` at the first
+            departure, showing where in the script.
     """
 
-    def __init__(self, script: str, vocabulary: Vocabulary | None = None) -> None:
-        self.script = script.encode()
+    def __init__(
+        self,
+        script: str,
+        vocabulary: Vocabulary | None = None,
+        *,
+        n_sources: int | None = None,
+        strict: bool = False,
+    ) -> None:
         self._vocabulary = vocabulary or _DEFAULT_VOCABULARY
+        self.log = DepartureLog(script, n_sources=n_sources, strict=strict)
+        self._model = ScriptModel(self.log, self._vocabulary)
         self._tokens: list[int] = []
         self._prompt_len = 0
-        size = self._vocabulary.size
-        base = np.zeros(size, dtype=np.float32)
-        by_piece = {piece: i for i, piece in enumerate(self._vocabulary.tokens)}
-        for piece, score in ((b"[", 3.0), (b"]", 2.5), (b".", 2.0), (b" ", 0.5)):
-            if piece in by_piece:
-                base[by_piece[piece]] = score
-        for stop in self._vocabulary.stop_ids:
-            base[stop] = 2.2  # off the script, end as soon as the grammar allows
-        for digit in range(10):
-            piece = str(digit).encode()
-            if piece in by_piece:
-                base[by_piece[piece]] = 2.0 - 0.1 * digit
-        self._base = base
-        self._by_first: dict[int, list[tuple[int, bytes]]] = {}
-        for i, piece in enumerate(self._vocabulary.tokens):
-            if piece and i not in self._vocabulary.stop_ids:
-                self._by_first.setdefault(piece[0], []).append((i, piece))
+        self._watch: WatchedMatcher | None = None
+
+    @property
+    def script(self) -> bytes:
+        """The script, UTF-8; set it (``bytes`` or ``str``) to script the next decode
+        afresh (its departures start again)."""
+        return self.log.script
+
+    @script.setter
+    def script(self, script: bytes | str) -> None:
+        text = script.decode() if isinstance(script, bytes) else script
+        self.log = DepartureLog(text, n_sources=self.log.n_sources, strict=self.log.strict)
+        self._model = ScriptModel(self.log, self._vocabulary)
 
     @property
     def vocabulary(self) -> Vocabulary:
@@ -118,34 +143,49 @@ class ScriptedRuntime:
     def context_window(self) -> int:
         return 1 << 20
 
+    @property
+    def departures(self) -> list[ScriptDeparture]:
+        """Where the output left the script so far, each place once."""
+        return [d.event(self.log.script) for d in self.log.departures]
+
+    def watch(self, matcher: TokenMatcher) -> TokenMatcher:
+        """``matcher``, wrapped so that this model sees the grammar's mask before each
+        token it is given: a departure then says what the grammar allowed, and tells
+        text the grammar cannot take from text the decoder's rules refused."""
+        self._watch = WatchedMatcher(matcher)
+        return self._watch
+
     def prefill(self, prompt: Sequence[int]) -> Logits:
         self._tokens = list(prompt)
         self._prompt_len = len(prompt)
-        return self._logits()
+        self._model.reset()
+        return self._model.logits()
 
     def forward(self, tokens: Sequence[int]) -> Logits:
-        self._tokens.extend(tokens)
-        return self._logits()
+        watch = self._watch
+        grammar = watch.take() if watch is not None and len(tokens) == 1 else None
+        for token in tokens:
+            self._tokens.append(int(token))
+            self._model.feed(int(token), grammar)
+        return self._model.logits()
 
     def truncate(self, n_tokens: int) -> None:
         if not 0 <= n_tokens <= len(self._tokens):
             raise ConfigurationError(f"cannot truncate {len(self._tokens)} tokens to {n_tokens}")
         del self._tokens[n_tokens:]
+        self._model.truncate(max(0, n_tokens - self._prompt_len))
 
-    def _logits(self) -> Logits:
-        pieces = self._vocabulary.tokens
-        written = b"".join(pieces[t] for t in self._tokens[self._prompt_len :])
-        logits = self._base.copy()
-        position = len(written)
-        if position >= len(self.script):
-            for stop in self._vocabulary.stop_ids:
-                logits[stop] = 5.0
-            return logits
-        rest = self.script[position:]
-        for token, piece in self._by_first.get(rest[0], ()):
-            if rest.startswith(piece):
-                logits[token] = 10.0 + 0.1 * len(piece)
-        return logits
+    def unwritten(self, n_generated: int | None, why: str) -> Departure | None:
+        """The script left after the first ``n_generated`` tokens (None: all of them)."""
+        return self._model.unwritten(n_generated, why)
+
+    def report(self) -> DepartureReport:
+        """Folds ``departures`` into the stream of the answer this runtime decodes (the
+        rest of the script is judged after the answer's kept tokens)."""
+        return DepartureReport(
+            self.log,
+            lambda done, _: self.unwritten(done.trace.kept_tokens, done.trace.stop_reason.value),
+        )
 
 
 class PrefixHashRuntime:
@@ -201,14 +241,34 @@ class ScriptedSegmentEngine:
     ``script``: each call decodes greedily under the call's grammar (XGrammar over the
     toy vocabulary), from the call's prefix, and stops after a stop string, at the end of
     the script (the model's stop token) or after ``max_tokens``, like a server would.
+    The model follows its script as :class:`ScriptedRuntime` does, across calls: where
+    the answer left it, ``departures`` says so (each place once).
 
-    ``calls`` records every call, for assertions.
+    ``calls`` records every call, for assertions. ``n_sources`` and ``strict`` are
+    :class:`ScriptedRuntime`'s.
     """
 
-    def __init__(self, script: str, *, vocabulary: Vocabulary | None = None) -> None:
+    def __init__(
+        self,
+        script: str,
+        *,
+        vocabulary: Vocabulary | None = None,
+        n_sources: int | None = None,
+        strict: bool = False,
+    ) -> None:
         self.script = script
         self.vocabulary = vocabulary or _DEFAULT_VOCABULARY
         self.calls: list[SegmentCall] = []
+        self.log = DepartureLog(script, n_sources=n_sources, strict=strict)
+
+    @property
+    def departures(self) -> list[ScriptDeparture]:
+        """Where the answer left the script so far, each place once."""
+        return [d.event(self.log.script) for d in self.log.departures]
+
+    def report(self) -> DepartureReport:
+        """Folds ``departures`` into the stream of the answer this engine serves."""
+        return DepartureReport(self.log, self._unwritten)
 
     def complete(self, call: SegmentCall) -> SegmentResult:
         from citebacktrack.decoding.matcher import FreeMatcher, XGrammarMatcher
@@ -216,13 +276,13 @@ class ScriptedSegmentEngine:
 
         self.calls.append(call)
         index = index_for(self.vocabulary)
-        runtime = ScriptedRuntime(self.script, self.vocabulary)
-        logits = runtime.prefill([0])
+        model = ScriptModel(self.log, self.vocabulary, position=len(self.calls))
         prefix = index.encode(call.prefix.encode()) if call.prefix else []
         if prefix is None:
             raise ConfigurationError(f"the toy vocabulary cannot write {call.prefix!r}")
-        if prefix:
-            logits = runtime.forward(prefix)
+        for token in prefix:  # the answer so far: where in the script the model is
+            model.feed(token)
+        logits = model.logits()
         matcher = (
             XGrammarMatcher(index.compile(call.grammar), self.vocabulary.size)
             if call.grammar is not None
@@ -230,13 +290,15 @@ class ScriptedSegmentEngine:
         )
         out = bytearray()
         for _ in range(call.max_tokens):
-            allowed = matcher.allowed() & index.unblocked
+            grammar = matcher.allowed()
+            allowed = grammar & index.unblocked
             if not allowed.any():
                 raise ConfigurationError("the grammar allows nothing here")
             token = int(np.argmax(np.where(allowed, logits, -np.inf)))
             matcher.accept_token(token)
             if token in self.vocabulary.stop_ids:
                 return self._result(out, "end", len(prefix))
+            model.feed(token, grammar)
             out += self.vocabulary.tokens[token]
             text = out.decode("utf-8", "ignore")
             for stop in call.stop:
@@ -248,11 +310,29 @@ class ScriptedSegmentEngine:
                         prompt_tokens=1 + len(prefix),
                         completion_tokens=len(index.encode(cut.encode()) or ()) + 1,
                     )
-            logits = runtime.forward([token])
+            logits = model.logits()
         return self._result(out, "length", len(prefix))
 
     async def acomplete(self, call: SegmentCall) -> SegmentResult:
         return self.complete(call)
+
+    def _unwritten(self, done: Done, text: str) -> Departure | None:
+        """The script the answer's ``text`` leaves unwritten, found by following the text
+        from the start (the loop may have cut a call's output since: an extra marker
+        dropped, a sentence given up); a place it leaves that no call did is recorded."""
+        if not self.calls:
+            return None
+        final = DepartureLog(self.script, n_sources=self.log.n_sources)
+        model = ScriptModel(final, self.vocabulary, position=len(self.calls))
+        lead = self.script[: len(self.script) - len(self.script.lstrip())]
+        for token in index_for(self.vocabulary).encode((lead + text).encode()) or ():
+            model.feed(token)
+        seen = {d.script_offset for d in self.log.departures}
+        for departure in final.departures:
+            if departure.script_offset not in seen:
+                departure.closed = True
+                self.log.add(departure)
+        return model.unwritten(None, done.trace.stop_reason.value)
 
     def _result(self, out: bytearray, finish: str, prefix: int) -> SegmentResult:
         from citebacktrack.segments import SegmentResult

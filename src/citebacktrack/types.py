@@ -25,6 +25,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from citebacktrack._arguments import CASELESS, Choices, MismatchError, Number, shown
+from citebacktrack._departures import DepartureKind, ScriptDeparture
 from citebacktrack.adapters import adapt, langchain_fields, llamaindex_fields
 from citebacktrack.errors import ConfigurationError, InvalidSourcesError
 
@@ -35,6 +36,7 @@ __all__ = [
     "CitationAccepted",
     "CitationMode",
     "CitationRejected",
+    "DepartureKind",
     "Done",
     "Event",
     "Evidence",
@@ -42,6 +44,7 @@ __all__ = [
     "Reference",
     "RejectionReason",
     "Rollback",
+    "ScriptDeparture",
     "SentenceOrigin",
     "Source",
     "Started",
@@ -394,8 +397,8 @@ class TraceEntry(BaseModel):
 
     model_config = _FROZEN
 
-    kind: Literal["rejection", "rollback", "fallback", "operator"] = Field(
-        description="What happened."
+    kind: Literal["rejection", "rollback", "fallback", "operator", "departure"] = Field(
+        description="What happened (``departure``: only from a scripted test model)."
     )
     token_position: int = Field(description="Generated-token index where it happened.")
     char_offset: int = Field(
@@ -570,7 +573,7 @@ class Done(BaseModel):
 
 
 Event = Annotated[
-    Started | TextDelta | CitationAccepted | CitationRejected | Rollback | Done,
+    Started | TextDelta | CitationAccepted | CitationRejected | Rollback | ScriptDeparture | Done,
     Field(discriminator="type"),
 ]
 """Any stream event; ``match`` on the class to handle them."""

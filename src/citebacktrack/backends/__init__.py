@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from citebacktrack.backends.base import Backend, iterate_in_thread
-from citebacktrack.backends.mock import FunctionBackend, MockBackend
+from citebacktrack.backends.mock import FunctionBackend, MockBackend, MockSegmentBackend
 from citebacktrack.request import DecodingOptions, GenerationRequest, SegmentOptions
 from citebacktrack.types import ChatMessage
 
@@ -34,6 +34,7 @@ __all__ = [
     "LlamaCppBackend",
     "LlamaCppServer",
     "MockBackend",
+    "MockSegmentBackend",
     "OpenAIBackend",
     "SegmentBackend",
     "SegmentOptions",

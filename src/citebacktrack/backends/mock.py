@@ -1,10 +1,15 @@
-"""Test doubles that run through the real decode loop: MockBackend and FunctionBackend.
+"""Test doubles that run through the real decode loop: MockBackend, FunctionBackend, and
+MockSegmentBackend for the segment loop of the server backends.
 
-Both turn a scripted answer into a token-level model (:class:`ScriptedRuntime`) and decode
-it with the same grammar mask, validator and backtracking as the real local backends. The
-script is what the model *wants* to write; the grammar decides what it *can* write. A
-script that cites ``[7]`` with 3 sources never produces it: the mask removes ``7`` and the
-model falls back to its next preference (low ids first), which the validator then checks.
+Each turns a scripted answer into a model that wants to write it (:class:`ScriptedRuntime`,
+or :class:`ScriptedSegmentEngine` for the segment loop) and decodes it with the same
+grammar, validator and backtracking as the real backends. The script is what the model
+*wants* to write; the grammar and the decoder decide what it *can* write. A script that
+cites ``[7]`` with 3 sources never produces it: the grammar cannot write ``7``. Every such
+place is reported: a :class:`~citebacktrack.types.ScriptDeparture` event and a
+``departure`` trace entry (``[7]`` also a ``CitationRejected`` with reason
+``out_of_range``), or, with ``strict=True``, a
+:class:`~citebacktrack.errors.ScriptDepartureError` showing where in the script.
 
 Use them in your own tests::
 
@@ -17,18 +22,32 @@ from __future__ import annotations
 import contextlib
 import inspect
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from typing import cast
 
-from citebacktrack._arguments import instance, refused
+from citebacktrack._arguments import flag, instance, refused
 from citebacktrack.backends.base import Backend, GenerationRequest, iterate_in_thread
 from citebacktrack.backends.local import decode
+from citebacktrack.decoding.matcher import TokenMatcher, XGrammarMatcher
 from citebacktrack.decoding.runtime import Vocabulary
 from citebacktrack.errors import ConfigurationError, MockExhaustedError
-from citebacktrack.testing import ScriptedRuntime, default_vocabulary, index_for
+from citebacktrack.testing import (
+    ScriptedRuntime,
+    ScriptedSegmentEngine,
+    default_vocabulary,
+    index_for,
+)
 from citebacktrack.types import Event
 
-__all__ = ["FunctionBackend", "MockBackend"]
+__all__ = ["FunctionBackend", "MockBackend", "MockSegmentBackend"]
 
 ScriptFunction = Callable[[GenerationRequest], str] | Callable[[GenerationRequest], Awaitable[str]]
 
@@ -43,12 +62,17 @@ class FunctionBackend(Backend):
     Args:
         fn: returns the text the scripted model tries to write.
         vocabulary: the toy vocabulary (default :func:`toy_vocabulary`).
+        strict: raise :class:`~citebacktrack.errors.ScriptDepartureError` where the
+            answer first leaves the script, instead of reporting it and going on.
 
     Raises:
-        ConfigurationError: ``fn`` is not callable, or ``vocabulary`` is not a Vocabulary.
+        ConfigurationError: ``fn`` is not callable, ``vocabulary`` is not a Vocabulary, or
+            ``strict`` is not a bool.
     """
 
-    def __init__(self, fn: ScriptFunction, *, vocabulary: Vocabulary | None = None) -> None:
+    def __init__(
+        self, fn: ScriptFunction, *, vocabulary: Vocabulary | None = None, strict: bool = False
+    ) -> None:
         if not callable(fn):
             hint = "pass a function taking the GenerationRequest, e.g. lambda request: '... [1].'"
             raise refused("fn", fn, "a callable that returns the script (a str)", hint)
@@ -57,6 +81,7 @@ class FunctionBackend(Backend):
             default_vocabulary()
         )
         self._fn = fn
+        self.strict = flag("strict", strict)
         self._is_async = inspect.iscoroutinefunction(fn)
         self.requests: list[GenerationRequest] = []
         """Every request received, for assertions in tests."""
@@ -66,10 +91,18 @@ class FunctionBackend(Backend):
             raise ConfigurationError(
                 f"a scripted backend function must return str, got {type(script).__name__}"
             )
-        runtime = ScriptedRuntime(script, self._vocabulary)
+        runtime = ScriptedRuntime(
+            script, self._vocabulary, n_sources=request.n_sources, strict=self.strict
+        )
         index = index_for(self._vocabulary)
+        matcher: TokenMatcher | None = None
+        if request.grammar is not None:  # the model sees the grammar's mask, to report it
+            compiled = index.compile(request.grammar)
+            matcher = runtime.watch(XGrammarMatcher(compiled, self._vocabulary.size))
         prompt = [0]  # the scripted model ignores the prompt's content
-        yield from decode(runtime, index, request, prompt)
+        report = runtime.report()
+        for event in decode(runtime, index, request, prompt, matcher=matcher):
+            yield from report.feed(event)
 
     def stream(self, request: GenerationRequest) -> Iterator[Event]:
         if self._is_async:
@@ -101,7 +134,13 @@ class MockBackend(FunctionBackend):
         MockExhaustedError: called more often than there are responses.
     """
 
-    def __init__(self, responses: Sequence[str], *, vocabulary: Vocabulary | None = None) -> None:
+    def __init__(
+        self,
+        responses: Sequence[str],
+        *,
+        vocabulary: Vocabulary | None = None,
+        strict: bool = False,
+    ) -> None:
         hint = "pass a list of scripted answers, e.g. MockBackend(['Paris is in France [1].'])"
         if isinstance(responses, str | bytes) or not isinstance(responses, Iterable):
             raise refused("responses", responses, "a list of str", hint)
@@ -111,15 +150,74 @@ class MockBackend(FunctionBackend):
                 raise refused(f"responses[{number}]", response, "a str", hint)
         self._lock = threading.Lock()
         self._next = 0
-        super().__init__(self._respond, vocabulary=vocabulary)
+        super().__init__(self._respond, vocabulary=vocabulary, strict=strict)
 
     def _respond(self, request: GenerationRequest) -> str:
         with self._lock:
             if self._next >= len(self.responses):
                 raise MockExhaustedError(
-                    f"MockBackend was called {self._next + 1} times but has "
+                    f"{type(self).__name__} was called {self._next + 1} times but has "
                     f"{len(self.responses)} scripted responses; add more responses"
                 )
             response = self.responses[self._next]
             self._next += 1
             return response
+
+
+class MockSegmentBackend(MockBackend):
+    """A backend that answers with scripted responses, one per call, in order, through
+    the segment loop the server backends run (:class:`SegmentBackend` over a
+    :class:`~citebacktrack.testing.ScriptedSegmentEngine`): generate to the next ``]``,
+    validate, resubmit the accepted prefix on a rejection. Use it to test an application
+    built on ``OpenAIBackend``, ``VLLMBackend`` or ``AnthropicBackend`` without a server.
+
+    Departures from the script are reported as by :class:`MockBackend`; ``engines`` holds
+    the engine of each answer (its ``calls`` are the segment calls made).
+
+    Raises:
+        ConfigurationError: ``responses`` is not a list of str, or the request has
+            operators (they need a token-level backend).
+        MockExhaustedError: called more often than there are responses.
+    """
+
+    def __init__(
+        self,
+        responses: Sequence[str],
+        *,
+        vocabulary: Vocabulary | None = None,
+        strict: bool = False,
+    ) -> None:
+        super().__init__(responses, vocabulary=vocabulary, strict=strict)
+        self.engines: list[ScriptedSegmentEngine] = []
+        """The engine of each answer, in order."""
+
+    def _engine(self, request: GenerationRequest) -> ScriptedSegmentEngine:
+        self.requests.append(request)
+        engine = ScriptedSegmentEngine(
+            self._respond(request),
+            vocabulary=self._vocabulary,
+            n_sources=request.n_sources,
+            strict=self.strict,
+        )
+        self.engines.append(engine)
+        return engine
+
+    def stream(self, request: GenerationRequest) -> Iterator[Event]:
+        from citebacktrack.backends.segment import SegmentBackend
+
+        engine = self._engine(request)
+        report = engine.report()
+        for event in SegmentBackend(engine).stream(request):
+            yield from report.feed(event)
+
+    async def astream(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        from citebacktrack.backends.segment import SegmentBackend
+
+        engine = self._engine(request)
+        report = engine.report()
+        # Closed here when the caller stops early, not later by the garbage collector.
+        segments = cast(AsyncGenerator[Event, None], SegmentBackend(engine).astream(request))
+        async with contextlib.aclosing(segments) as events:
+            async for event in events:
+                for item in report.feed(event):
+                    yield item
