@@ -106,12 +106,20 @@ def _build_backend(name: BackendName, model: Path | None) -> Backend:
     return LlamaCppBackend(model)
 
 
+BackendOption = Annotated[BackendName, typer.Option(help="Model engine.")]
+ModelOption = Annotated[
+    Path | None,
+    typer.Option(help="GGUF model file (default: the embedded SmolLM2-135M-Instruct)."),
+]
+PolicyOption = Annotated[CitationMode, typer.Option(help="Citation policy.")]
+
+
 @app.command()
 def grammar(
     sources: Annotated[
         int, typer.Option("--sources", "-n", help="Number of sources (ids 1..N).")
     ] = 3,
-    policy: Annotated[CitationMode, typer.Option(help="Citation policy.")] = CitationMode.REQUIRED,
+    policy: PolicyOption = CitationMode.REQUIRED,
     dialect: Annotated[Dialect, typer.Option(help="Grammar language to print.")] = Dialect.EBNF,
     max_per_sentence: Annotated[int, typer.Option(help="Most citations in one sentence.")] = 3,
     bounded: Annotated[
@@ -136,12 +144,9 @@ def ask(
         Path | None,
         typer.Option(help="Folder of .txt/.md documents (default: the bundled sample documents)."),
     ] = None,
-    backend: Annotated[BackendName, typer.Option(help="Model engine.")] = BackendName.LLAMACPP,
-    model: Annotated[
-        Path | None,
-        typer.Option(help="GGUF model file (default: the embedded SmolLM2-135M-Instruct)."),
-    ] = None,
-    policy: Annotated[CitationMode, typer.Option(help="Citation policy.")] = CitationMode.REQUIRED,
+    backend: BackendOption = BackendName.LLAMACPP,
+    model: ModelOption = None,
+    policy: PolicyOption = CitationMode.REQUIRED,
     k: Annotated[
         int, typer.Option("-k", "--top-k-passages", help="Passages to retrieve.", min=1)
     ] = 5,
@@ -240,11 +245,8 @@ def serve(
             "(default: the bundled sample documents)."
         ),
     ] = None,
-    backend: Annotated[BackendName, typer.Option(help="Model engine.")] = BackendName.LLAMACPP,
-    model: Annotated[
-        Path | None,
-        typer.Option(help="GGUF model file (default: the embedded SmolLM2-135M-Instruct)."),
-    ] = None,
+    backend: BackendOption = BackendName.LLAMACPP,
+    model: ModelOption = None,
     server_url: Annotated[
         str | None,
         typer.Option(
@@ -258,7 +260,7 @@ def serve(
     ] = ServerKind.LLAMACPP,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.", min=0, max=65535)] = 8000,
-    policy: Annotated[CitationMode, typer.Option(help="Citation policy.")] = CitationMode.REQUIRED,
+    policy: PolicyOption = CitationMode.REQUIRED,
     max_new_tokens: Annotated[int, typer.Option(help="Most answer tokens.", min=1)] = 160,
     max_concurrent: Annotated[
         int, typer.Option(help="Answers decoded at once (a local model decodes one).", min=1)
@@ -397,11 +399,8 @@ def eval_command(
     out: Annotated[
         Path, typer.Option(help="Folder for results.json, results.md and the plots.")
     ] = Path("eval-out"),
-    backend: Annotated[BackendName, typer.Option(help="Model engine.")] = BackendName.LLAMACPP,
-    model: Annotated[
-        Path | None,
-        typer.Option(help="GGUF model file (default: the embedded SmolLM2-135M-Instruct)."),
-    ] = None,
+    backend: BackendOption = BackendName.LLAMACPP,
+    model: ModelOption = None,
     peer_venv: Annotated[
         Path | None,
         typer.Option(
