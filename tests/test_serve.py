@@ -394,3 +394,34 @@ def test_serve_over_an_openai_compatible_server() -> None:
         evidence = citation["evidence"]
         cited = sources[citation["source_index"] - 1]  # type: ignore[index]
         assert cited["text"][evidence["start"] : evidence["end"]] == evidence["text"]
+
+
+@pytest.mark.slow
+def test_a_client_leaving_frees_the_embedded_model() -> None:
+    """Starlette's client disconnect on the real model: the answer stops, the next one is
+    the answer computed alone."""
+    from citebacktrack import Budgets
+    from citebacktrack.backends.llamacpp import LlamaCppBackend
+    from test_cancellation import REAL_QUESTION, REAL_SOURCES
+
+    body = {
+        "question": REAL_QUESTION,
+        "sources": [{"title": s.title, "text": s.text} for s in REAL_SOURCES],
+    }
+    with LlamaCppBackend(n_ctx=2048) as backend:
+        cf = Citeformer(backend, budgets=Budgets(max_new_tokens=60))
+        alone = cf.generate(REAL_QUESTION, REAL_SOURCES).text
+        server = serve(cf)
+        try:
+            for leave_after in (0.2, 1.5):  # in the prompt's evaluation, then in the decode
+                stream = server.open_stream(body)
+                events = iter(stream)
+                assert next(events)[0] == "started"
+                time.sleep(leave_after)
+                stream.close()
+                _until(lambda: server.get("/health").json()["answering"] == 0, timeout=30)
+                reply = server.post("/v1/answers", body)
+                assert reply.status == 200
+                assert reply.json()["answer"]["text"] == alone
+        finally:
+            server.stop()
