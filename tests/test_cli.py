@@ -175,3 +175,13 @@ def test_passage_index_gives_each_source_its_bm25_score(docs: Path) -> None:
     assert sources[0].score is not None
     assert sources[0].score > 0
     assert sources[1].score == 0.0  # no query word in it: kept, scored 0
+
+
+def test_the_reference_list_shows_the_title_the_score_and_only_a_chosen_id(
+    docs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out, _ = ask(docs, monkeypatch, f"{BEES} [1].")
+    [line] = [line for line in out.splitlines() if line.startswith("  [1] ")]
+    # A passage of the folder has an id of its own (file#passage), shown once, and the
+    # BM25 score it was retrieved with.
+    assert re.fullmatch(r"  \[1\] Honey bees \(id bees\.md#1\) score \d+\.\d\d", line), line

@@ -20,6 +20,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from citebacktrack.adapters import is_generated_id
 from citebacktrack.backends.base import Backend
 from citebacktrack.errors import CitebacktrackError, ConfigurationError, MissingDependencyError
 from citebacktrack.grammar.citations import citation_grammar
@@ -203,10 +204,11 @@ def _print_answer(console: Console, answer: Answer, sources: list[Source]) -> No
         console.print("\n[bold]References[/]")
         for ref in answer.references:
             source = sources[ref.source_index - 1]
-            console.print(
-                f"  [{ref.number}] {escape(ref.title or ref.source_id)} "
-                f"[dim]({escape(ref.source_id)})[/]"
-            )
+            title = ref.title or f"source {ref.source_index}"
+            given = not is_generated_id(ref.source_id, ref.source_index)
+            shown = f" [dim](id {escape(ref.source_id)})[/]" if given else ""
+            score = f" [dim]score {source.score:.2f}[/]" if source.score is not None else ""
+            console.print(f"  [{ref.number}] {escape(title)}{shown}{score}")
             if source.url:
                 console.print(f"      [dim]{escape(source.url)}[/]")
             for quote in evidence_quotes(answer, ref.source_index):
