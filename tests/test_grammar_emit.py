@@ -451,15 +451,16 @@ def test_gbnf_repeat_cap_boundary(gbnf_vocab: GbnfVocab) -> None:
     assert not gbnf_vocab.accepts(text, "a" * 2001)
 
 
-@pytest.mark.parametrize("dialect", ["regex", "EBNF", "", "json"])
+@pytest.mark.parametrize("dialect", ["regex", "e-bnf", "", "json"])
 def test_unknown_dialect(dialect: str) -> None:
     with pytest.raises(GrammarError, match="unknown grammar dialect") as info:
         emit(one_rule(lit("a")), dialect)
     assert "ebnf, gbnf, lark" in str(info.value)
 
 
-@pytest.mark.parametrize("dialect", ["ebnf", "gbnf", "lark"])
+@pytest.mark.parametrize("dialect", ["ebnf", "gbnf", "lark", "EBNF", " Lark "])
 def test_dialect_by_string(dialect: str) -> None:
+    """Any case, as every public enum (issue 22)."""
     assert emit(one_rule(lit("a")), dialect) == emit(one_rule(lit("a")), Dialect(dialect))
 
 

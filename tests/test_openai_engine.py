@@ -546,7 +546,7 @@ def test_clients_are_required_for_their_mode(fake: FakeServer) -> None:
     [
         ({"grammar_dialect": Dialect.EBNF}, "gbnf, not ebnf"),
         ({"server": "vllm", "grammar_dialect": Dialect.GBNF}, "ebnf, lark, not gbnf"),
-        ({"grammar_dialect": "yacc"}, "unknown grammar_dialect"),
+        ({"grammar_dialect": "yacc"}, "grammar_dialect must be one of"),
         ({"server": "tgi"}, "server must be"),
         ({"endpoint": "responses"}, "endpoint must be"),
         ({"server": "vllm", "endpoint": "chat", "chat_template": chatml}, "chat_template"),

@@ -4,6 +4,9 @@ saying what to pass, never a raw ``TypeError``/``AttributeError`` from deep insi
 values the API promises to take (names in any case, numpy numbers, ints for floats) work.
 
 Each row of :data:`REFUSED` is (call, argument name, bad value, a hint the message holds).
+The engine constructors' rows never load a model or start a process: their arguments are
+checked first, and a row that slipped past the checks would meet a model file that does
+not exist (``ModelLoadError``) or a missing vLLM, not a model.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import anyio
 import numpy as np
 import pytest
 
+import citebacktrack.backends as backends
 from citebacktrack import (
     Answer,
     Budgets,
@@ -37,7 +41,9 @@ from citebacktrack import (
     Trace,
     render,
 )
+from citebacktrack.decoding import operators as ops
 from citebacktrack.decoding.operators import ProbabilityThreshold
+from citebacktrack.grammar import Dialect
 from citebacktrack.render import evidence_quotes, renumbered_text
 from citebacktrack.request import DecodingOptions, GenerationRequest, SegmentOptions
 
@@ -78,6 +84,34 @@ def call(method: str, **kwargs: Any) -> Callable[[Any], object]:
         return result
 
     return run
+
+
+NO_MODEL = "/nonexistent/never-loaded.gguf"
+"""A model path that is never opened: the checks come first, and there is no such file."""
+URL = "http://127.0.0.1:9/v1"
+CLAUDE = "claude-sonnet-4-6"
+
+
+def sdk_client(package: str, kind: str) -> Any:
+    """A client of the SDK ``package`` (``kind`` names its class); builds no connection."""
+    module = pytest.importorskip(package)
+    options = (
+        {"api_key": "unused"} if package == "anthropic" else {"api_key": "unused", "base_url": URL}
+    )
+    return getattr(module, kind)(**options)
+
+
+def serve() -> Any:
+    """``citebacktrack.serve`` (the ``serve`` extra)."""
+    return pytest.importorskip("citebacktrack.serve")
+
+
+def rows(label: str, make: Callable[[str, Any], object], cases: list[Any]) -> list[Any]:
+    """A row per (argument, bad value, hint) of ``cases``: ``make(argument, bad)``."""
+    return [
+        pytest.param(lambda v, n=name: make(n, v), name, bad, hint, id=f"{label}-{name}-{bad!r}")
+        for name, bad, hint in cases
+    ]
 
 
 PER_CALL = ("generate", "stream", "agenerate", "astream", "build_request", "generate_many")
@@ -172,7 +206,7 @@ REFUSED: list[Any] = [
     # ---------------------------------------------------------------- the enums
     *(
         pytest.param(enum, enum.__name__, bad, "any case", id=f"{enum.__name__}-{bad!r}")
-        for enum in (CitationMode, StopReason, SentenceOrigin, RejectionReason)
+        for enum in (CitationMode, StopReason, SentenceOrigin, RejectionReason, Dialect)
         for bad in ("sometimes", 3)
     ),
     # ---------------------------------------------------------------- Citeformer(...)
@@ -356,6 +390,284 @@ REFUSED: list[Any] = [
             ("resample_temperature", -1, "resample_temperature=0.7"),
         ]
     ),
+    # ---------------------------------------------------------------- LlamaCppBackend
+    *rows(
+        "LlamaCpp",
+        lambda n, v: backends.LlamaCppBackend(**{"model_path": NO_MODEL, n: v}),
+        [
+            ("model_path", 123, "pass the path of a .gguf file"),
+            ("model_path", b"model.gguf", "or None for the embedded model"),
+            ("runtime", "model.gguf", "LlamaCppRuntime.from_path(...)"),
+            ("n_ctx", "2048", "not a string: n_ctx=2048"),
+            ("n_ctx", 2048.5, "pass a whole number"),
+            ("n_ctx", 2048.0, "pass an int: n_ctx=2048"),
+            ("n_ctx", True, "True and False are not numbers"),
+            ("n_ctx", -1, "n_ctx=4096"),
+            ("n_threads", 0, "n_threads=4"),
+            ("n_threads", "4", "not a string: n_threads=4"),
+            ("grammar_engine", "lark", "one of 'xgrammar', 'gbnf'"),
+            ("grammar_engine", None, "any case is accepted"),
+            ("prefix_cache", "yes", "prefix_cache=True or prefix_cache=False"),
+            ("prefix_cache", 1, "prefix_cache=True"),
+        ],
+    ),
+    # ---------------------------------------------------------------- HFBackend
+    *rows(
+        "HF",
+        lambda n, v: backends.HFBackend(**{n: v}),
+        [
+            ("runtime", "HuggingFaceTB/SmolLM2-135M", "from_pretrained(name_or_path)"),
+            ("runtime", None, "HFRuntime(model, tokenizer)"),
+        ],
+    ),
+    *rows(
+        "HF.from_gguf",
+        lambda n, v: backends.HFBackend.from_gguf(**{"path": NO_MODEL, n: v}),
+        [("path", 123, "pass the path of a .gguf file"), ("prefix_cache", "no", "prefix_cache=")],
+    ),
+    *rows(
+        "HF.from_pretrained",
+        lambda n, v: backends.HFBackend.from_pretrained(**{"name_or_path": "/nonexistent", n: v}),
+        [
+            ("name_or_path", 42, "a local model folder"),
+            ("gguf_file", 3, "the GGUF file's name"),
+            ("prefix_cache", None, "prefix_cache=True"),
+        ],
+    ),
+    *rows(
+        "HF.from_model",
+        lambda n, v: backends.HFBackend.from_model(
+            **{"model": object(), "tokenizer": object(), n: v}
+        ),
+        [
+            ("model", "HuggingFaceTB/SmolLM2-135M", "HFBackend.from_pretrained(name_or_path)"),
+            ("tokenizer", None, "a loaded transformers tokenizer"),
+        ],
+    ),
+    # ---------------------------------------------------------------- OpenAIBackend and engines
+    *rows(
+        "OpenAI",
+        lambda n, v: backends.OpenAIBackend(**{"model": "m", n: v}),
+        [
+            ("mode", "assistants", "'server', 'json_schema', 'cfg'"),
+            ("mode", None, "any case is accepted"),
+            ("model", None, "model='smollm2'"),
+            ("model", "", "a non-empty str"),
+            ("model", 42, "model='smollm2'"),
+            ("server", "tgi", "'llama.cpp', 'vllm'"),
+            ("endpoint", "responses", "'completions', 'chat'"),
+            ("grammar_dialect", "yacc", "'ebnf', 'gbnf', 'lark'"),
+            ("assistant_prefill", "yes", "assistant_prefill=True"),
+            ("chat_template", "chatml", "(messages, prefix) -> prompt"),
+            ("timeout", "60", "not a string: timeout=60.0"),
+            ("timeout", 0, "timeout=60"),
+            ("timeout", -1.5, "timeout=60"),
+            ("timeout", True, "True and False are not numbers"),
+            ("timeout", math.nan, "timeout=60"),
+            ("max_retries", 2.5, "pass a whole number"),
+            ("max_retries", "2", "not a string: max_retries=2"),
+            ("max_retries", -1, "max_retries=2"),
+            ("extra", [("top_k", 1)], "extra={'top_k': 1}"),
+            ("extra", {1: "x"}, "a dict with str keys"),
+            ("api", "chat", "hosted engines (mode='cfg' or 'json_schema') only"),
+            ("send_sampling", False, "hosted engines"),
+            ("engine", 42, "complete()/acomplete()"),
+        ],
+    ),
+    *rows(
+        "OpenAI-cfg",
+        lambda n, v: backends.OpenAIBackend(**{"mode": "cfg", "model": "g", n: v}),
+        [
+            ("api", "completions", "'responses', 'chat'"),
+            ("send_sampling", "no", "send_sampling=True"),
+            ("server", "vllm", "the server engine (mode='server') only"),
+            ("grammar_dialect", Dialect.LARK, "the server engine"),
+            ("timeout", "60", "not a string"),
+        ],
+    ),
+    *rows(
+        "OpenAI.from_base_url",
+        lambda n, v: backends.OpenAIBackend.from_base_url(**{"base_url": URL, "model": "m", n: v}),
+        [
+            ("base_url", 8080, "base_url='http://127.0.0.1:8080/v1'"),
+            ("base_url", "localhost:8080/v1", "base_url='http://127.0.0.1:8080/v1'"),
+            ("base_url", "", "pass the server's URL"),
+            ("model", None, "model="),
+            ("api_key", 123, "pass the key as a str"),
+            ("server", "TGI", "'llama.cpp', 'vllm'"),
+            ("timeout", "60", "not a string: timeout=60.0"),
+            ("max_retries", True, "True and False are not numbers"),
+            ("extra", "top_k=1", "a dict"),
+        ],
+    ),
+    *rows(
+        "OpenAI.from_env",
+        lambda n, v: backends.OpenAIBackend.from_env(**{"model": "g", n: v}),
+        [
+            ("mode", "server", "from_base_url()"),
+            ("mode", "responses", "one of 'cfg', 'json_schema'"),
+            ("model", 5, "model='gpt-5'"),
+            ("api", "assistants", "'responses', 'chat'"),
+            ("timeout", "30", "not a string: timeout=30.0"),
+            ("send_sampling", 0, "send_sampling=True"),
+        ],
+    ),
+    *(
+        pytest.param(
+            lambda v, n=name, e=engine: getattr(backends.openai, e)(**{"model": "m", n: v}),
+            name,
+            bad,
+            hint,
+            id=f"{engine}-{name}-{bad!r}",
+        )
+        for engine, name, bad, hint in [
+            ("OpenAICompatibleEngine", "server", "tgi", "any case"),
+            ("OpenAICompatibleEngine", "timeout", 0, "timeout=60"),
+            ("OpenAIGrammarToolEngine", "api", "completions", "'responses', 'chat'"),
+            ("OpenAIJsonSchemaEngine", "max_retries", -1, "max_retries=2"),
+            ("OpenAIJsonSchemaEngine", "model", None, "model='gpt-5'"),
+        ]
+    ),
+    # ---------------------------------------------------------------- AnthropicBackend
+    *rows(
+        "Anthropic",
+        lambda n, v: (
+            pytest.importorskip("anthropic"),
+            backends.AnthropicBackend(**{"model": CLAUDE, n: v}),
+        ),
+        [
+            ("model", None, "model='claude-sonnet-4-6'"),
+            ("model", "  ", "a non-empty str"),
+            ("stream", "no", "stream=True or stream=False"),
+            ("system", 3, "pass the system prompt, or None"),
+            ("send_sampling", 1, "send_sampling=True"),
+            ("timeout", "60", "not a string: timeout=60.0"),
+            ("timeout", 0, "timeout=60"),
+            ("max_retries", 1.5, "pass a whole number"),
+            ("extra", [1], "extra={'top_k': 1}"),
+            ("engine", 42, "pass AnthropicEngine(...)"),
+        ],
+    ),
+    *rows(
+        "Anthropic.from_env",
+        lambda n, v: (
+            pytest.importorskip("anthropic"),
+            backends.AnthropicBackend.from_env(**{"model": CLAUDE, n: v}),
+        ),
+        [
+            ("base_url", "api.anthropic.com", "base_url='https://api.anthropic.com'"),
+            ("base_url", 443, "pass the server's URL as a str"),
+            ("max_retries", "2", "not a string"),
+        ],
+    ),
+    # ---------------------------------------------------------------- VLLMBackend (no vllm)
+    *rows(
+        "VLLM",
+        lambda n, v: backends.VLLMBackend(**{"model": "m", n: v}),
+        [
+            ("model", 123, "model='Qwen/Qwen3-0.6B'"),
+            ("dialect", "yacc", "'ebnf', 'gbnf', 'lark'"),
+            ("engine_args", [("tensor_parallel_size", 2)], "engine_args={'tensor_parallel_size'"),
+        ],
+    ),
+    *rows(
+        "VLLM-engine",
+        lambda n, v: backends.VLLMBackend(**{n: v}),
+        [
+            ("llm", "Qwen/Qwen3-0.6B", "pass model=..."),
+            ("async_engine", "Qwen/Qwen3-0.6B", "from_async_model"),
+            ("dialect", 3, "any case is accepted"),
+        ],
+    ),
+    *rows(
+        "VLLM.from_async_model",
+        lambda n, v: backends.VLLMBackend.from_async_model(**{"model": "m", n: v}),
+        [("model", None, "model='Qwen/Qwen3-0.6B'"), ("engine_args", "tp=2", "a dict")],
+    ),
+    # ---------------------------------------------------------------- LlamaCppServer
+    *rows(
+        "LlamaCppServer",
+        lambda n, v: backends.LlamaCppServer(**{"model": NO_MODEL, n: v}),
+        [
+            ("model", 123, "pass the path of a .gguf file"),
+            ("n_ctx", "4096", "not a string: n_ctx=4096"),
+            ("n_ctx", -1, "n_ctx=4096"),
+            ("n_threads", 0, "n_threads=4"),
+            ("port", -1, "port=8080"),
+            ("port", 70000, "port=8080"),
+            ("port", "8080", "not a string: port=8080"),
+            ("startup_timeout", 0, "startup_timeout=180"),
+            ("startup_timeout", "60", "not a string"),
+            ("extra_args", "--verbose true", "pass a list of command-line arguments"),
+        ],
+    ),
+    pytest.param(
+        lambda v: backends.LlamaCppServer(NO_MODEL, extra_args=["--n_gpu_layers", v]),
+        "extra_args[1]",
+        0,
+        "pass a list of command-line arguments",
+        id="LlamaCppServer-extra_args-item",
+    ),
+    # ---------------------------------------------------------------- decoding operators
+    *(
+        pytest.param(
+            lambda v, c=cls, n=name: c(**{n: v}),
+            name,
+            bad,
+            hint,
+            id=f"{cls.__name__}-{name}-{bad!r}",
+        )
+        for cls, name, bad, hint in [
+            (ops.ProbabilityThreshold, "threshold", "0.1", "not a string: threshold=0.1"),
+            (ops.ProbabilityThreshold, "threshold", 1, "threshold=0.05"),
+            (ops.ProbabilityThreshold, "threshold", 0.0, "threshold=0.05"),
+            (ops.ProbabilityThreshold, "threshold", True, "True and False are not numbers"),
+            (ops.ProbabilityThreshold, "backtrack_count", 0, "backtrack_count=1"),
+            (ops.ProbabilityThreshold, "backtrack_count", 1.5, "pass a whole number"),
+            (ops.ProbabilityThreshold, "backtrack_count", "2", "not a string: backtrack_count=2"),
+            (ops.EntropyThreshold, "threshold", "3", "not a string: threshold=3.0"),
+            (ops.EntropyThreshold, "threshold", -1, "threshold=3"),
+            (ops.ProbabilityMargin, "margin", None, "margin=0.05"),
+            (ops.ProbabilityDrop, "max_drop", 1, "max_drop=0.8"),
+            (ops.ProbabilityTrend, "window", 0, "window=8"),
+            (ops.ProbabilityTrend, "ratio", "0.25", "not a string: ratio=0.25"),
+            (ops.Repetition, "max_repetitions", 2.0, "pass an int: max_repetitions=2"),
+            (ops.NGramOverlap, "ngram_size", 1, "ngram_size=4"),
+            (ops.NGramOverlap, "ngram_size", "4", "not a string: ngram_size=4"),
+            (ops.LogitThreshold, "threshold", math.inf, "threshold=-5"),
+            (ops.LogitThreshold, "threshold", "-5", "not a string: threshold=-5.0"),
+        ]
+    ),
+    # ---------------------------------------------------------------- citebacktrack.serve
+    *rows(
+        "Limits",
+        lambda n, v: serve().Limits(**{n: v}),
+        [
+            ("max_concurrent", "1", "not a string: max_concurrent=1"),
+            ("max_concurrent", 0, "max_concurrent=1"),
+            ("max_queue", -1, "max_queue=32"),
+            ("max_queue", True, "True and False are not numbers"),
+            ("max_queue", 1.5, "pass a whole number"),
+            ("max_body_bytes", "1MB", "pass a number, e.g. max_body_bytes=1048576"),
+            ("max_sources", None, "max_sources=50"),
+            ("max_source_chars", 2e4, "pass an int: max_source_chars=20000"),
+            ("max_question_chars", 0, "max_question_chars=2000"),
+            ("max_new_tokens", False, "True and False are not numbers"),
+        ],
+    ),
+    *rows(
+        "create_app",
+        lambda n, v: serve().create_app(**{"cf": cf(), n: v}),
+        [
+            ("cf", MockBackend([SCRIPT]), "pass Citeformer(backend)"),
+            ("cf", None, "create_app(Citeformer())"),
+            ("documents", 3, "a folder of .txt/.md documents"),
+            ("limits", {"max_queue": 1}, "Limits(**your_dict)"),
+            ("limits", 8, "Limits(max_queue=8)"),
+            ("backend_name", 3, "backend_name='llamacpp'"),
+            ("backend_name", "", "a non-empty str"),
+        ],
+    ),
 ]
 
 
@@ -486,3 +798,103 @@ def test_an_answer_read_back_from_json_keeps_its_enums() -> None:
     again = Answer.model_validate_json(json.dumps(answer.model_dump(mode="json")))
     assert again == answer
     assert again.stop_reason is StopReason.MAX_NEW_TOKENS
+
+
+# ------------------------------------------------------------------ the engine constructors
+
+
+@pytest.mark.parametrize(
+    ("make", "name", "given", "hint"),
+    [
+        ("openai", "client", "AsyncOpenAI", "pass it as async_client="),
+        ("openai", "async_client", "OpenAI", "pass it as client="),
+        ("anthropic", "client", "AsyncAnthropic", "pass it as async_client="),
+        ("anthropic", "async_client", "Anthropic", "pass it as client="),
+    ],
+)
+def test_a_client_of_the_other_kind_is_refused_by_name(
+    make: str, name: str, given: str, hint: str
+) -> None:
+    client = sdk_client(make, given)
+    backend = backends.OpenAIBackend if make == "openai" else backends.AnthropicBackend
+    with pytest.raises(ConfigurationError) as info:
+        backend(model="m", **{name: client})
+    assert f"{name} must be" in str(info.value)
+    assert given in str(info.value)
+    assert hint in str(info.value)
+
+
+KEY = "sk-ant-api03-0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: backends.AnthropicBackend(KEY),  # the key passed as the engine
+        lambda: backends.AnthropicBackend(client=KEY, model=CLAUDE),
+        lambda: backends.OpenAIBackend(KEY),
+        lambda: backends.OpenAIBackend(async_client=KEY, model="m"),
+        lambda: backends.OpenAIBackend.from_base_url(URL, model="m", api_key=KEY.encode()),
+    ],
+)
+def test_a_string_where_a_client_or_key_goes_is_refused_without_showing_it(
+    make: Callable[[], object],
+) -> None:
+    pytest.importorskip("anthropic")
+    with pytest.raises(ConfigurationError, match="not shown: it may be a key") as info:
+        make()
+    assert KEY not in str(info.value)
+    assert "0123456789" not in str(info.value)
+
+
+def test_a_url_is_shown_without_its_credentials() -> None:
+    with pytest.raises(ConfigurationError, match="http:// or https://") as info:
+        backends.OpenAIBackend.from_base_url("ftp://user:hunter2@host/v1", model="m")
+    assert "hunter2" not in str(info.value)
+
+
+def test_engine_arguments_that_are_still_taken() -> None:
+    """Names in any case, numpy numbers, ints for floats: what worked keeps working."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=URL, api_key="unused")
+    engine = backends.openai.OpenAICompatibleEngine(
+        client=client,
+        model="m",
+        server=" VLLM ",
+        endpoint="Chat",
+        grammar_dialect="LARK",
+        timeout=np.int64(5),
+        max_retries=np.int64(1),
+    )
+    assert (engine.server, engine.endpoint, engine.grammar_dialect) == ("vllm", "chat", "lark")
+    assert engine.grammar_dialect is Dialect.LARK
+    assert (engine.timeout, engine.max_retries) == (5.0, 1)
+    assert type(engine.max_retries) is int
+    assert isinstance(
+        backends.OpenAIBackend(mode="CFG", client=client, model="g").engine,
+        backends.openai.OpenAIGrammarToolEngine,
+    )
+    hosted = backends.OpenAIBackend(mode=" Json_Schema ", client=client, model="g", api="CHAT")
+    assert hosted.engine.api == "chat"  # type: ignore[attr-defined]
+    assert backends.OpenAIBackend(engine.__class__(client=client, model="m"), mode="Server")
+    vllm = backends.VLLMBackend(llm=object(), dialect="Lark")  # type: ignore[arg-type]
+    assert vllm.engine.dialect is Dialect.LARK
+    assert Dialect(" GBNF ") is Dialect.GBNF
+    anthropic = pytest.importorskip("anthropic")
+    claude = backends.AnthropicBackend(
+        client=anthropic.Anthropic(api_key="unused"), model=CLAUDE, timeout=5, system=""
+    )
+    assert claude.engine.timeout == 5.0  # type: ignore[attr-defined]
+
+
+def test_operators_and_limits_take_numpy_numbers_and_store_python_ones() -> None:
+    threshold = ops.ProbabilityThreshold(np.float32(0.5), backtrack_count=np.int64(2))
+    assert (threshold.threshold, threshold.backtrack_count) == (0.5, 2)
+    assert type(threshold.threshold) is float
+    assert type(threshold.backtrack_count) is int
+    assert ops.EntropyThreshold(3) == ops.EntropyThreshold(3.0)
+    assert ops.LogitThreshold(-2).threshold == -2.0
+    assert type(ops.Repetition(np.int32(4)).max_repetitions) is int
+    limits = serve().Limits(max_queue=np.int64(0), max_concurrent=2)
+    assert limits.max_queue == 0
+    assert type(limits.max_queue) is int

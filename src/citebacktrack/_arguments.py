@@ -16,17 +16,26 @@ The rules:
   float, not even ``100.0``; a float argument takes ints and floats (stored as ``float``);
 * a choice among names (an enum's values, a render style, a fallback) is matched ignoring
   case and surrounding whitespace (``"AUTO"``, ``" auto "``); nothing else is guessed;
-* an object argument must be an instance of its class (a ``dict`` is not a ``Budgets``).
+* an object argument must be an instance of its class (a ``dict`` is not a ``Budgets``);
+* a path is a ``str`` or an ``os.PathLike``, a name or URL a ``str`` (not blank), a mapping
+  of options a ``Mapping`` with ``str`` keys, a list of strings a list or tuple (a lone
+  ``str`` is not split into characters).
+
+The engine constructors (``LlamaCppBackend``, ``HFBackend``, ``OpenAIBackend``,
+``AnthropicBackend``, ``VLLMBackend``, ``LlamaCppServer``), the decoding operators and
+``citebacktrack.serve`` use the same rules (:func:`path`, :func:`text`, :func:`member`,
+:func:`mapping`, :func:`strings`, :func:`function`).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Self, cast
+from typing import Any, Self, TypeVar, cast
 
 from pydantic import BeforeValidator, ValidationInfo
 
@@ -40,16 +49,28 @@ __all__ = [
     "check_fields",
     "choice",
     "flag",
+    "function",
     "instance",
+    "mapping",
+    "member",
+    "path",
     "refused",
     "shown",
+    "strings",
+    "text",
 ]
 
+_Enum = TypeVar("_Enum", bound=StrEnum)
 
-def shown(value: object) -> str:
-    """``value`` as an error message shows it: its type and its ``repr``, cut short."""
+
+def shown(value: object, *, secret: bool = False) -> str:
+    """``value`` as an error message shows it: its type and its ``repr``, cut short; a
+    ``secret`` string (a client or key argument, which may hold an API key) by its type
+    alone."""
     if value is None:
         return "None"
+    if secret and isinstance(value, str | bytes):
+        return f"{type(value).__name__} (not shown: it may be a key)"
     text = repr(value)
     if len(text) > 60:
         text = f"{text[:57]}..."
@@ -63,9 +84,11 @@ def refused(
     hint: str,
     *,
     error: type[ConfigurationError] = ConfigurationError,
+    secret: bool = False,
 ) -> ConfigurationError:
-    """The error for ``name`` given ``value``: ``<name> must be <what>, got <value>; <hint>``."""
-    return error(f"{name} must be {what}, got {shown(value)}; {hint}")
+    """The error for ``name`` given ``value``: ``<name> must be <what>, got <value>; <hint>``
+    (a ``secret`` string's value is not shown)."""
+    return error(f"{name} must be {what}, got {shown(value, secret=secret)}; {hint}")
 
 
 class MismatchError(ValueError):
@@ -80,8 +103,9 @@ class MismatchError(ValueError):
 @dataclass(frozen=True, slots=True)
 class Number:
     """A numeric argument: an int (``whole``) or a real number, never a bool or a string,
-    within the bounds (``minimum``/``maximum`` inclusive, ``above`` exclusive; a NaN is in
-    no bounds); ``None`` as well when ``optional``. ``example`` is shown in the hint."""
+    within the bounds (``minimum``/``maximum`` inclusive, ``above``/``below`` exclusive; a
+    NaN is in no bounds; an infinity in none when ``finite``); ``None`` as well when
+    ``optional``. ``example`` is shown in the hint."""
 
     example: float
     whole: bool = False
@@ -89,18 +113,27 @@ class Number:
     above: float | None = None
     maximum: float | None = None
     optional: bool = False
+    below: float | None = None
+    finite: bool = False
 
     @property
     def kind(self) -> str:
         """The type wanted, in words."""
-        return "a valid integer" if self.whole else "a valid number (an int or a float)"
+        if self.whole:
+            return "a valid integer"
+        return f"a valid {'finite ' if self.finite else ''}number (an int or a float)"
 
     @property
     def what(self) -> str:
         """What a value must be, bounds included."""
         bounds = [
             f"{sign} {_number(bound)}"
-            for sign, bound in ((">=", self.minimum), (">", self.above), ("<=", self.maximum))
+            for sign, bound in (
+                (">=", self.minimum),
+                (">", self.above),
+                ("<=", self.maximum),
+                ("<", self.below),
+            )
             if bound is not None
         ]
         text = " ".join([self.kind, " and ".join(bounds)]) if bounds else self.kind
@@ -161,7 +194,9 @@ class Number:
             (self.minimum is None or number >= self.minimum)
             and (self.above is None or number > self.above)
             and (self.maximum is None or number <= self.maximum)
+            and (self.below is None or number < self.below)
             and not math.isnan(number)
+            and (math.isfinite(number) or not self.finite)
         )
 
 
@@ -216,6 +251,64 @@ def choice(name: str, value: object, options: Iterable[str]) -> str:
                 return option
     listed = ", ".join(repr(option) for option in wanted)
     raise refused(name, value, f"one of {listed}", "any case is accepted")
+
+
+def member(name: str, value: object, enum: type[_Enum]) -> _Enum:
+    """The member of ``enum`` that ``value`` (a member or its value, in any case) names,
+    else the error naming ``name`` and the values."""
+    return enum(choice(name, value, [item.value for item in enum]))
+
+
+def path(name: str, value: object, hint: str, *, optional: bool = True) -> Any:
+    """``value`` if it is a ``str`` or an ``os.PathLike`` (or ``None`` when ``optional``),
+    else the error naming ``name``."""
+    if isinstance(value, str | os.PathLike) or (value is None and optional):
+        return value
+    what = "a path (a str or an os.PathLike such as pathlib.Path)"
+    raise refused(name, value, f"{what}, or None" if optional else what, hint)
+
+
+def text(
+    name: str, value: object, hint: str, *, optional: bool = False, blank: bool = False
+) -> Any:
+    """``value`` if it is a ``str``, not blank unless ``blank`` (or ``None`` when
+    ``optional``), else the error naming ``name``."""
+    if value is None and optional:
+        return None
+    if isinstance(value, str) and (blank or value.strip()):
+        return value
+    what = "a str" if blank else "a non-empty str"
+    raise refused(name, value, f"{what}, or None" if optional else what, hint)
+
+
+def mapping(name: str, value: object, hint: str, *, optional: bool = True) -> Any:
+    """``value`` if it is a ``Mapping`` with ``str`` keys (or ``None`` when ``optional``),
+    else the error naming ``name``."""
+    if value is None and optional:
+        return None
+    if isinstance(value, Mapping) and all(isinstance(key, str) for key in value):
+        return value
+    what = "a dict with str keys"
+    raise refused(name, value, f"{what}, or None" if optional else what, hint)
+
+
+def strings(name: str, value: object, hint: str) -> tuple[str, ...]:
+    """``value`` as a tuple if it is a list or tuple of ``str`` (a lone ``str`` is not
+    split into characters), else the error naming ``name`` (or the item)."""
+    if not isinstance(value, list | tuple):
+        raise refused(name, value, "a list of str", hint)
+    for number, item in enumerate(value):
+        if not isinstance(item, str):
+            raise refused(f"{name}[{number}]", item, "a str", hint)
+    return tuple(value)
+
+
+def function(name: str, value: object, hint: str, *, optional: bool = True) -> Any:
+    """``value`` if it is callable (or ``None`` when ``optional``), else the error naming
+    ``name``."""
+    if callable(value) or (value is None and optional):
+        return value
+    raise refused(name, value, "a function, or None" if optional else "a function", hint)
 
 
 def _caseless(value: Any) -> Any:

@@ -63,8 +63,9 @@ class OpenAIGrammarToolEngine(HostedEngine):
             engine sets are refused.
 
     Raises:
-        ConfigurationError: no client, an unknown ``api``, a bad ``timeout``/``max_retries``
-            or a refused ``extra`` field.
+        ConfigurationError: an argument of the wrong type or value (checked first: e.g.
+            ``model=None``, ``api="completions"``, ``timeout="60"``; ``api`` in any case),
+            a refused ``extra`` field, or no client.
         MissingDependencyError: the ``openai`` package is not installed.
     """
 

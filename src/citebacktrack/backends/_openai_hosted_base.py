@@ -53,14 +53,17 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self, cast
 
 from pydantic import JsonValue
 
+from citebacktrack._arguments import choice, flag
 from citebacktrack.backends._sdk import (
     OpenAIClients,
     OpenAIEngine,
     check_extra,
+    check_model,
+    check_timing,
     excerpt,
     import_openai,
     load_json,
@@ -230,6 +233,18 @@ def read_chat(data: Mapping[str, Any]) -> HostedReply:
 # --------------------------------------------------------------------------- engines
 
 
+def _check_arguments(
+    model: object, api: object, send_sampling: object, timeout: object, max_retries: object
+) -> Api:
+    """The hosted engines' arguments checked by their rules; the API name (any case)."""
+    check_model(model, "gpt-5")
+    name = cast(Api, choice("api", api, API_NAMES))
+    if send_sampling is not None:
+        flag("send_sampling", send_sampling)
+    check_timing(timeout, max_retries)
+    return name
+
+
 class HostedEngine(OpenAIEngine):
     """What both hosted engines share: clients, the request frame, reading the answer.
 
@@ -256,9 +271,8 @@ class HostedEngine(OpenAIEngine):
         max_retries: int = 2,
         extra: Mapping[str, JsonValue] | None = None,
     ) -> None:
-        if api not in API_NAMES:
-            raise ConfigurationError(f"api must be 'responses' or 'chat', got {api!r}")
-        fields = check_extra(extra or {}, OWNED_FIELDS)
+        api = _check_arguments(model, api, send_sampling, timeout, max_retries)
+        fields = check_extra(extra, OWNED_FIELDS)
         self._clients = OpenAIClients(
             type(self).__name__, client, async_client, timeout=timeout, max_retries=max_retries
         )
@@ -266,7 +280,7 @@ class HostedEngine(OpenAIEngine):
         self.api: Api = api
         self.send_sampling = self._sends_sampling if send_sampling is None else send_sampling
         self.timeout = self._clients.timeout
-        self.max_retries = max_retries
+        self.max_retries = self._clients.max_retries
         self.extra: dict[str, JsonValue] = fields
 
     @classmethod
@@ -287,8 +301,11 @@ class HostedEngine(OpenAIEngine):
         :meth:`close` / :meth:`aclose` close them. Other arguments are the constructor's.
 
         Raises:
-            ConfigurationError: ``OPENAI_API_KEY`` is unset or empty.
+            ConfigurationError: an argument of the wrong type or value (checked first), or
+                ``OPENAI_API_KEY`` is unset or empty.
         """
+        _check_arguments(model, api, send_sampling, timeout, max_retries)
+        check_extra(extra, OWNED_FIELDS)
         key = os.environ.get("OPENAI_API_KEY", "").strip()
         if not key:
             raise ConfigurationError(

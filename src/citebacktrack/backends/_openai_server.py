@@ -34,14 +34,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from pydantic import JsonValue
 
+from citebacktrack._arguments import choice, flag, function, member
 from citebacktrack.backends._sdk import (
     OpenAIClients,
     OpenAIEngine,
+    check_api_key,
+    check_base_url,
     check_extra,
+    check_model,
+    check_timing,
     excerpt,
     import_openai,
     load_json,
@@ -136,9 +141,11 @@ class OpenAICompatibleEngine(OpenAIEngine):
             engine sets, and vLLM's removed ``guided_*`` fields, are refused.
 
     Raises:
-        ConfigurationError: no client, a dialect the server cannot read, chat on llama.cpp
-            without ``assistant_prefill``, a ``chat_template`` with the chat endpoint, a
-            bad ``timeout``/``max_retries``, or a refused ``extra`` field.
+        ConfigurationError: an argument of the wrong type or value (checked first: e.g.
+            ``model=None``, ``timeout="60"``, ``server="tgi"``; names in any case), a
+            dialect the server cannot read, chat on llama.cpp without
+            ``assistant_prefill``, a ``chat_template`` with the chat endpoint, a refused
+            ``extra`` field, or no client.
         MissingDependencyError: the ``openai`` package is not installed.
     """
 
@@ -157,33 +164,17 @@ class OpenAICompatibleEngine(OpenAIEngine):
         max_retries: int = 2,
         extra: Mapping[str, JsonValue] | None = None,
     ) -> None:
-        if server not in _SERVER_NAMES:
-            raise ConfigurationError(f"server must be 'llama.cpp' or 'vllm', got {server!r}")
-        if endpoint not in ("completions", "chat"):
-            raise ConfigurationError(f"endpoint must be 'completions' or 'chat', got {endpoint!r}")
-        try:
-            dialect = _DIALECTS[server][0] if grammar_dialect is None else Dialect(grammar_dialect)
-        except ValueError as exc:
-            raise ConfigurationError(
-                f"unknown grammar_dialect {grammar_dialect!r}; use a citebacktrack Dialect"
-            ) from exc
-        if dialect not in _DIALECTS[server]:
-            allowed = ", ".join(d.value for d in _DIALECTS[server])
-            raise ConfigurationError(
-                f"a {_SERVER_NAMES[server]} reads grammars in {allowed}, not {dialect.value}"
-            )
-        if endpoint == "chat" and chat_template is not None:
-            raise ConfigurationError(
-                "chat_template renders prompts for endpoint='completions'; with endpoint='chat' "
-                "the server applies the model's own template"
-            )
-        if endpoint == "chat" and server == "llama.cpp" and not assistant_prefill:
-            raise ConfigurationError(
-                "a llama.cpp server's chat endpoint can continue the accepted text only if it "
-                "prefills a trailing assistant message (the C++ llama-server does by default: "
-                "pass assistant_prefill=True); llama-cpp-python's server cannot, so use "
-                "endpoint='completions' (with chat_template) there"
-            )
+        server, endpoint, dialect = _check_arguments(
+            model=model,
+            server=server,
+            endpoint=endpoint,
+            chat_template=chat_template,
+            grammar_dialect=grammar_dialect,
+            assistant_prefill=assistant_prefill,
+            timeout=timeout,
+            max_retries=max_retries,
+        )
+        extra_fields = check_extra(extra, _OWNED_FIELDS, refuse=_refuse_guided)
         clients = OpenAIClients(
             type(self).__name__,
             client,
@@ -198,10 +189,8 @@ class OpenAICompatibleEngine(OpenAIEngine):
         self.chat_template: ChatTemplate = chat_template or chatml
         self.grammar_dialect = dialect
         self.timeout = clients.timeout
-        self.max_retries = max_retries
-        self.extra: dict[str, JsonValue] = check_extra(
-            extra or {}, _OWNED_FIELDS, refuse=_refuse_guided
-        )
+        self.max_retries = clients.max_retries
+        self.extra: dict[str, JsonValue] = extra_fields
         self._clients = clients
 
     @classmethod
@@ -225,8 +214,21 @@ class OpenAICompatibleEngine(OpenAIEngine):
         The engine owns them: :meth:`close` / :meth:`aclose` close them. ``api_key``
         defaults to a placeholder (local servers take any), never to ``OPENAI_API_KEY``:
         that key is not sent to a server it was not meant for. Other arguments are the
-        constructor's.
+        constructor's, all checked before the clients are built.
         """
+        check_base_url(base_url, "http://127.0.0.1:8080/v1")
+        check_api_key(api_key)
+        _check_arguments(
+            model=model,
+            server=server,
+            endpoint=endpoint,
+            chat_template=chat_template,
+            grammar_dialect=grammar_dialect,
+            assistant_prefill=assistant_prefill,
+            timeout=timeout,
+            max_retries=max_retries,
+        )
+        check_extra(extra, _OWNED_FIELDS, refuse=_refuse_guided)
         sdk = import_openai()
         engine = cls(
             client=sdk.OpenAI(base_url=base_url, api_key=api_key),
@@ -313,6 +315,54 @@ class OpenAICompatibleEngine(OpenAIEngine):
             ),
             unreachable_hint="check that the server is running and answers whole responses",
         )
+
+
+def _check_arguments(
+    *,
+    model: object,
+    server: object,
+    endpoint: object,
+    chat_template: object,
+    grammar_dialect: object,
+    assistant_prefill: object,
+    timeout: object,
+    max_retries: object,
+) -> tuple[Server, Endpoint, Dialect]:
+    """The engine's arguments checked (each by its rule, then together): the server, the
+    endpoint and the grammar dialect, as names matched ignoring case."""
+    check_model(model, "smollm2")
+    server_name = cast(Server, choice("server", server, _SERVER_NAMES))
+    endpoint_name = cast(Endpoint, choice("endpoint", endpoint, ("completions", "chat")))
+    dialect = (
+        _DIALECTS[server_name][0]
+        if grammar_dialect is None
+        else member("grammar_dialect", grammar_dialect, Dialect)
+    )
+    function(
+        "chat_template",
+        chat_template,
+        "pass a function (messages, prefix) -> prompt such as chatml, or None",
+    )
+    prefill = flag("assistant_prefill", assistant_prefill)
+    check_timing(timeout, max_retries)
+    if dialect not in _DIALECTS[server_name]:
+        allowed = ", ".join(d.value for d in _DIALECTS[server_name])
+        raise ConfigurationError(
+            f"a {_SERVER_NAMES[server_name]} reads grammars in {allowed}, not {dialect.value}"
+        )
+    if endpoint_name == "chat" and chat_template is not None:
+        raise ConfigurationError(
+            "chat_template renders prompts for endpoint='completions'; with endpoint='chat' "
+            "the server applies the model's own template"
+        )
+    if endpoint_name == "chat" and server_name == "llama.cpp" and not prefill:
+        raise ConfigurationError(
+            "a llama.cpp server's chat endpoint can continue the accepted text only if it "
+            "prefills a trailing assistant message (the C++ llama-server does by default: "
+            "pass assistant_prefill=True); llama-cpp-python's server cannot, so use "
+            "endpoint='completions' (with chat_template) there"
+        )
+    return server_name, endpoint_name, dialect
 
 
 def parse_response(payload: bytes, *, endpoint: Endpoint, call: SegmentCall) -> SegmentResult:

@@ -17,6 +17,7 @@ and never retries itself. :meth:`OpenAIClients.error` maps the OpenAI SDK's erro
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import reprlib
 import urllib.parse
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import JsonValue
 
+from citebacktrack._arguments import Number, mapping, refused, text
 from citebacktrack.errors import (
     BackendClosedError,
     BackendError,
@@ -142,20 +144,25 @@ def without_userinfo(url: str) -> str:
 
 
 def check_extra(
-    extra: Mapping[str, JsonValue],
+    extra: Mapping[str, JsonValue] | None,
     owned: frozenset[str],
     *,
     hints: Mapping[str, str] | None = None,
     refuse: Callable[[str], None] | None = None,
 ) -> dict[str, JsonValue]:
-    """A copy of ``extra`` (more body fields), none of them one the engine sets.
+    """A copy of ``extra`` (more body fields; ``None``: none), none of them one the engine
+    sets.
 
     ``refuse(key)`` may raise for a key first; ``hints`` adds a hint to the message of an
     ``owned`` key.
 
     Raises:
-        ConfigurationError: a key in ``owned``, or one ``refuse`` refused.
+        ConfigurationError: ``extra`` is not a dict with str keys, a key in ``owned``, or
+            one ``refuse`` refused.
     """
+    extra = mapping("extra", extra, "pass more JSON body fields as a dict, e.g. extra={'top_k': 1}")
+    if extra is None:
+        return {}
     for key in extra:
         if refuse is not None:
             refuse(key)
@@ -165,6 +172,72 @@ def check_extra(
                 f"extra field {key!r} is set by the engine from the SegmentCall{hint}; remove it"
             )
     return dict(extra)
+
+
+# --------------------------------------------------------------------------- arguments
+
+TIMEOUT = Number(60.0, above=0)
+"""The rule of every engine's ``timeout``: seconds, > 0 (an int or a float)."""
+MAX_RETRIES = Number(2, whole=True, minimum=0)
+"""The rule of every engine's ``max_retries``: an int >= 0."""
+
+
+def check_timing(timeout: object, max_retries: object) -> tuple[float, int]:
+    """``timeout`` and ``max_retries`` checked by their rules (as ``float`` and ``int``)."""
+    return TIMEOUT("timeout", timeout), MAX_RETRIES("max_retries", max_retries)
+
+
+def check_model(model: object, example: str) -> str:
+    """``model`` if it names a model (a non-empty str), else the error saying to pass e.g.
+    ``model=<example>``."""
+    name: str = text("model", model, f"pass the model's name, e.g. model={example!r}")
+    return name
+
+
+def check_base_url(value: object, example: str, *, optional: bool = False) -> str | None:
+    """``value`` if it is an ``http://`` or ``https://`` URL (``None`` when ``optional``);
+    the error shows it without any ``user:password@`` part."""
+    hint = f"pass the server's URL as a str, e.g. base_url={example!r}"
+    url: str | None = text("base_url", value, hint, optional=optional)
+    if url is not None and urllib.parse.urlsplit(url.strip()).scheme.lower() not in (
+        "http",
+        "https",
+    ):
+        raise refused("base_url", without_userinfo(url), "an http:// or https:// URL", hint)
+    return url
+
+
+def check_api_key(value: object) -> str:
+    """``value`` if it is a str; the error never shows it."""
+    if isinstance(value, str):
+        return value
+    hint = "pass the key as a str (a local server takes any, e.g. the default 'unused')"
+    raise refused("api_key", value, "a str", hint, secret=True)
+
+
+def check_client(name: str, value: object, *, asynchronous: bool, example: str) -> None:
+    """Refuse a ``client``/``async_client`` argument that is not an SDK client of its kind
+    (read by its duck type: ``with_options()``, and ``close()`` async or not), so that a
+    key, a URL or a client of the other kind is caught here; a string is not shown (it
+    may be a key)."""
+    if value is None:
+        return
+    close = getattr(value, "close", None)
+    if (
+        callable(getattr(value, "with_options", None))
+        and callable(close)
+        and inspect.iscoroutinefunction(close) is asynchronous
+    ):
+        return
+    kind = "an async" if asynchronous else "a synchronous"
+    hint = f"pass {name}={example}, or None"
+    if isinstance(value, str):
+        hint += " (an API key goes in the environment or into the client, a URL in base_url=)"
+    elif callable(getattr(value, "with_options", None)):
+        other = "client" if asynchronous else "async_client"
+        hint += f" (this is {'a synchronous' if asynchronous else 'an async'} client: pass it "
+        hint += f"as {other}=)"
+    raise refused(name, value, f"{kind} SDK client", hint, secret=True)
 
 
 # --------------------------------------------------------------------------- clients
@@ -215,7 +288,8 @@ class SdkClients:
         missing: the message when neither client was given.
 
     Raises:
-        ConfigurationError: neither client, or a bad ``timeout``/``max_retries``.
+        ConfigurationError: a client of the wrong kind (checked first), a bad
+            ``timeout``/``max_retries``, or neither client.
     """
 
     sync_example = "client(...)"
@@ -234,13 +308,12 @@ class SdkClients:
         missing: str,
     ) -> None:
         self.sdk = sdk
+        check_client("client", client, asynchronous=False, example=self.sync_example)
+        check_client("async_client", async_client, asynchronous=True, example=self.async_example)
+        timeout, max_retries = check_timing(timeout, max_retries)
         require_client(client, async_client, missing)
-        if not timeout > 0:
-            raise ConfigurationError(f"timeout must be a positive number of seconds, got {timeout}")
-        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-            raise ConfigurationError(f"max_retries must be an integer >= 0, got {max_retries!r}")
         self.engine = engine
-        self.timeout = float(timeout)
+        self.timeout = timeout
         self.max_retries = max_retries
         self.client = (
             None

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import JsonValue
 
+from citebacktrack._arguments import flag, text
 from citebacktrack.backends._anthropic_messages import (
     MessageReply,
     StreamAssembler,
@@ -50,10 +51,12 @@ from citebacktrack.backends._anthropic_messages import (
 )
 from citebacktrack.backends._sdk import (
     AnthropicClients,
+    check_base_url,
     check_extra,
+    check_model,
+    check_timing,
     import_anthropic,
     redact_key,
-    require_client,
     retries_phrase,
     safe_cause,
     status_message,
@@ -99,6 +102,30 @@ _OWNED_FIELDS = frozenset(
 _SAMPLING_HINT = " (use send_sampling; the call's temperature and top_p are sent)"
 
 
+def _check_arguments(
+    model: object,
+    stream: object,
+    system: object,
+    send_sampling: object,
+    timeout: object,
+    max_retries: object,
+) -> None:
+    """The engine's arguments, each checked by its rule."""
+    check_model(model, "claude-sonnet-4-6")
+    flag("stream", stream)
+    text(
+        "system", system, "pass the system prompt, or None: the default", optional=True, blank=True
+    )
+    flag("send_sampling", send_sampling)
+    check_timing(timeout, max_retries)
+
+
+def _check_extra(extra: Mapping[str, JsonValue] | None) -> dict[str, JsonValue]:
+    """A copy of ``extra``, checked (a dict with str keys, none a field the engine sets)."""
+    hints = {"temperature": _SAMPLING_HINT, "top_p": _SAMPLING_HINT}
+    return check_extra(extra, _OWNED_FIELDS, hints=hints)
+
+
 class AnthropicEngine:
     """Answers on Anthropic's Messages API with native citations of the sources.
 
@@ -121,8 +148,9 @@ class AnthropicEngine:
             the engine sets are refused.
 
     Raises:
-        ConfigurationError: no client, a bad ``timeout``/``max_retries``, or a refused
-            ``extra`` field.
+        ConfigurationError: an argument of the wrong type or value (e.g. ``model=None``,
+            ``timeout="60"``, ``stream="no"``, a client of the wrong kind; checked first),
+            no client, or a refused ``extra`` field.
         MissingDependencyError: the ``anthropic`` package is not installed.
     """
 
@@ -142,25 +170,20 @@ class AnthropicEngine:
         max_retries: int = 2,
         extra: Mapping[str, JsonValue] | None = None,
     ) -> None:
-        # The SDK, a client, the model, then the rest: the order of the checks is kept.
+        # The SDK, each argument by its rule, then the clients (of their kind, at least one).
         import_anthropic()
-        require_client(client, async_client, AnthropicClients.missing)
-        if not model:
-            raise ConfigurationError("model must name a Claude model, e.g. 'claude-sonnet-4-6'")
+        _check_arguments(model, stream, system, send_sampling, timeout, max_retries)
+        fields = _check_extra(extra)
         self._clients = AnthropicClients(
             client, async_client, timeout=timeout, max_retries=max_retries
         )
         self.model = model
-        self.stream = bool(stream)
+        self.stream = stream
         self.system = DEFAULT_SYSTEM if system is None else system
-        self.send_sampling = bool(send_sampling)
+        self.send_sampling = send_sampling
         self.timeout = self._clients.timeout
-        self.max_retries = max_retries
-        self.extra: dict[str, JsonValue] = check_extra(
-            extra or {},
-            _OWNED_FIELDS,
-            hints={"temperature": _SAMPLING_HINT, "top_p": _SAMPLING_HINT},
-        )
+        self.max_retries = self._clients.max_retries
+        self.extra: dict[str, JsonValue] = fields
 
     @classmethod
     def from_env(
@@ -186,9 +209,13 @@ class AnthropicEngine:
         constructor's.
 
         Raises:
-            ConfigurationError: ``ANTHROPIC_API_KEY`` unset or empty.
+            ConfigurationError: an argument of the wrong type or value (checked first), or
+                ``ANTHROPIC_API_KEY`` unset or empty.
         """
         sdk = import_anthropic()
+        check_base_url(base_url, "https://api.anthropic.com", optional=True)
+        _check_arguments(model, stream, system, send_sampling, timeout, max_retries)
+        _check_extra(extra)
         key = os.environ.get("ANTHROPIC_API_KEY", "")
         if not key:
             raise ConfigurationError(
@@ -480,10 +507,15 @@ class AnthropicBackend(SegmentBackend):
         extra: more JSON body fields; fields the engine sets are refused.
 
     Raises:
-        ConfigurationError: both an engine and engine arguments, or what the engine
-            refuses.
-        TypeError: no ``model`` (and no engine), as the engine's constructor raises it.
+        ConfigurationError: an ``engine`` that is no engine, both an engine and engine
+            arguments, no ``model`` (and no engine), or what the engine refuses.
     """
+
+    _engine_hint = (
+        "pass AnthropicEngine(...), or leave engine out and pass the engine's arguments "
+        "(client=anthropic.Anthropic(), model=...); from_env(model=...) reads the key from "
+        "ANTHROPIC_API_KEY"
+    )
 
     def __init__(
         self,
@@ -511,7 +543,10 @@ class AnthropicBackend(SegmentBackend):
             "extra": extra,
         }
         options: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+        if engine is not None:
+            self._checked_engine(engine)
         if engine is None:
+            options.setdefault("model", None)  # refused by the engine, by name
             engine = AnthropicEngine(**options)
         elif options:
             raise ConfigurationError("pass either a ready engine or the engine's options, not both")

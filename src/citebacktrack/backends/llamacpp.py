@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import Literal
 
+from citebacktrack._arguments import Number, choice, instance, path
 from citebacktrack.backends.base import GenerationRequest
 from citebacktrack.backends.llamacpp_gbnf import GbnfMatcher
 from citebacktrack.backends.llamacpp_runtime import LlamaCppRuntime
@@ -18,7 +19,6 @@ from citebacktrack.backends.local import LocalBackend
 from citebacktrack.decoding.matcher import TokenMatcher
 from citebacktrack.decoding.runtime import TokenRuntime
 from citebacktrack.decoding.vocab_index import VocabularyIndex
-from citebacktrack.errors import ConfigurationError
 
 __all__ = ["LlamaCppBackend"]
 
@@ -34,8 +34,9 @@ class LlamaCppBackend(LocalBackend):
         model_path: a GGUF file; ``None`` uses the embedded SmolLM2-135M-Instruct.
         runtime: an already built runtime (takes precedence over ``model_path``); the
             backend takes it over and closes it.
-        n_ctx: context window to load the model with.
-        n_threads: CPU threads (default: llama.cpp's choice).
+        n_ctx: context window to load the model with (0: the model's training context,
+            as llama.cpp reads it).
+        n_threads: CPU threads, at least 1 (default: llama.cpp's choice).
         grammar_engine: ``"xgrammar"`` (default) masks with XGrammar; ``"gbnf"`` with
             llama.cpp's GBNF sampler (same grammar, same answers, slower).
         prefix_cache: keep the KV of the fixed prompt prefix (the chat messages before the
@@ -46,7 +47,9 @@ class LlamaCppBackend(LocalBackend):
     Raises:
         MissingDependencyError: ``citebacktrack[llamacpp]`` is not installed.
         ModelLoadError: the model file is missing, corrupt or not GGUF.
-        ConfigurationError: ``grammar_engine`` is not one of the two.
+        ConfigurationError: an argument of the wrong type or out of range (checked before
+            anything is loaded), e.g. ``n_ctx="2048"``, ``model_path=123`` or a
+            ``grammar_engine`` other than the two (any case is accepted).
         GrammarError: (at generation, ``"gbnf"``) llama.cpp cannot parse the grammar.
     """
 
@@ -60,12 +63,24 @@ class LlamaCppBackend(LocalBackend):
         grammar_engine: Literal["xgrammar", "gbnf"] = "xgrammar",
         prefix_cache: bool = True,
     ) -> None:
-        if grammar_engine not in ("xgrammar", "gbnf"):
-            raise ConfigurationError(
-                f"grammar_engine must be 'xgrammar' or 'gbnf', got {grammar_engine!r}"
-            )
+        model_path = path(
+            "model_path",
+            model_path,
+            "pass the path of a .gguf file, or None for the embedded model",
+        )
+        runtime = instance(
+            "runtime",
+            runtime,
+            LlamaCppRuntime,
+            "pass LlamaCppRuntime.from_path(...), or None to load model_path",
+        )
+        n_ctx = Number(4096, whole=True, minimum=0)("n_ctx", n_ctx)
+        n_threads = Number(4, whole=True, minimum=1, optional=True)("n_threads", n_threads)
+        engine = choice("grammar_engine", grammar_engine, ("xgrammar", "gbnf"))
         super().__init__(prefix_cache=prefix_cache)
-        self.grammar_engine = grammar_engine
+        self.grammar_engine: Literal["xgrammar", "gbnf"] = (
+            "gbnf" if engine == "gbnf" else "xgrammar"
+        )
         self.runtime = runtime or LlamaCppRuntime.from_path(
             model_path, n_ctx=n_ctx, n_threads=n_threads
         )

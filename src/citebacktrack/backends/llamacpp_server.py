@@ -26,6 +26,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
+from citebacktrack._arguments import Number, path, strings
 from citebacktrack.errors import BackendError, MissingDependencyError
 
 if TYPE_CHECKING:
@@ -66,13 +67,15 @@ class LlamaCppServer:
 
     Args:
         model: GGUF file (default: the embedded SmolLM2-135M-Instruct).
-        n_ctx: the server's context size.
-        n_threads: CPU threads (default: llama.cpp's).
-        port: the port (default: a free one).
-        startup_timeout: seconds to wait for ``/v1/models`` to answer.
-        extra_args: more ``llama_cpp.server`` command-line arguments.
+        n_ctx: the server's context size (0: the model's training context).
+        n_threads: CPU threads, at least 1 (default: llama.cpp's).
+        port: the port, 1-65535 (default, or 0: a free one).
+        startup_timeout: seconds to wait for ``/v1/models`` to answer (> 0).
+        extra_args: more ``llama_cpp.server`` command-line arguments (a list of str).
 
     Raises:
+        ConfigurationError: an argument of the wrong type or out of range, checked before
+            any process is started (e.g. ``n_ctx="4096"``, ``extra_args="--verbose"``).
         MissingDependencyError: the ``server`` extra is not installed.
         ModelLoadError: no ``model`` given and the embedded model is not installed.
         BackendError: the server exited or did not answer in time (the message ends with
@@ -89,6 +92,18 @@ class LlamaCppServer:
         startup_timeout: float = 180.0,
         extra_args: Sequence[str] = (),
     ) -> None:
+        model = path(
+            "model", model, "pass the path of a .gguf file, or None for the embedded model"
+        )
+        n_ctx = Number(4096, whole=True, minimum=0)("n_ctx", n_ctx)
+        n_threads = Number(4, whole=True, minimum=1, optional=True)("n_threads", n_threads)
+        port = Number(8080, whole=True, minimum=0, maximum=65535, optional=True)("port", port)
+        startup_timeout = Number(180.0, above=0)("startup_timeout", startup_timeout)
+        extra_args = strings(
+            "extra_args",
+            extra_args,
+            "pass a list of command-line arguments, e.g. ['--verbose', 'true']",
+        )
         for name in SERVER_MODULES:
             if importlib.util.find_spec(name) is None:
                 raise MissingDependencyError(

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import anyio
 import anyio.lowlevel
 
+from citebacktrack._arguments import flag
 from citebacktrack.backends.base import Backend, GenerationRequest, iterate_in_thread
 from citebacktrack.decoding.decoder import Decoder
 from citebacktrack.decoding.matcher import FreeMatcher, TokenMatcher, XGrammarMatcher
@@ -117,7 +118,7 @@ class LocalBackend(Backend):
         prefix_cache: keep the KV of the messages before the last user turn between
             requests (see :meth:`_reuse_prefix`); only backends that call it use it.
         """
-        self.prefix_cache = prefix_cache
+        self.prefix_cache = flag("prefix_cache", prefix_cache)
         self._prefix_memo: tuple[tuple[tuple[str, str], ...], tuple[int, ...]] | None = None
         self._lock = threading.Lock()
         self._gates: weakref.WeakKeyDictionary[object, anyio.Lock] = weakref.WeakKeyDictionary()

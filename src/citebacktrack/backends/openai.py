@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import JsonValue
 
+from citebacktrack._arguments import choice, refused
 from citebacktrack.backends._openai_grammar_tool import OpenAIGrammarToolEngine
 from citebacktrack.backends._openai_hosted import HOSTED_ENGINES
 from citebacktrack.backends._openai_json_schema import OpenAIJsonSchemaEngine
@@ -59,6 +60,11 @@ __all__ = [
 HostedMode = Literal["json_schema", "cfg"]
 Mode = Literal["server", "json_schema", "cfg"]
 
+_MODES = ("server", "json_schema", "cfg")
+# The engine arguments that only one kind of engine takes.
+_SERVER_ONLY = ("server", "endpoint", "chat_template", "grammar_dialect", "assistant_prefill")
+_HOSTED_ONLY = ("api", "send_sampling")
+
 
 class OpenAIBackend(SegmentBackend):
     """Segment-level backtracking over the OpenAI SDK: a served model or hosted OpenAI.
@@ -82,7 +88,7 @@ class OpenAIBackend(SegmentBackend):
 
     Args:
         engine: a ready engine (then no ``mode`` and no other argument).
-        mode: ``"server"``, ``"cfg"`` or ``"json_schema"``.
+        mode: ``"server"``, ``"cfg"`` or ``"json_schema"`` (any case).
         client: a synchronous ``openai.OpenAI`` (for blocking calls).
         async_client: an ``openai.AsyncOpenAI`` (for async calls, natively).
         model: the model name (required unless ``engine`` is given).
@@ -101,10 +107,9 @@ class OpenAIBackend(SegmentBackend):
         extra: more JSON body fields; fields the engine sets are refused.
 
     Raises:
-        ConfigurationError: an unknown ``mode``, both an engine and engine arguments, or
-            what the engine refuses.
-        TypeError: an argument of another mode's engine, or no ``model``, as that
-            engine's constructor raises it.
+        ConfigurationError: an unknown ``mode``, both an engine and engine arguments, an
+            argument of another mode's engine, no ``model``, or what the engine refuses
+            (each argument's type and value, checked before any client is used).
     """
 
     def __init__(
@@ -142,9 +147,12 @@ class OpenAIBackend(SegmentBackend):
             "extra": extra,
         }
         options = {name: value for name, value in given.items() if value is not None}
+        chosen = choice("mode", mode, _MODES)
+        if engine is not None:
+            self._checked_engine(engine)
         if engine is None:
-            engine = _engine_for(mode, options)
-        elif options or mode != "server":
+            engine = _engine_for(chosen, options)
+        elif options or chosen != "server":
             raise ConfigurationError(
                 "pass either a ready engine or a mode and the engine's options, not both"
             )
@@ -201,14 +209,18 @@ class OpenAIBackend(SegmentBackend):
         :meth:`~citebacktrack.backends._openai_hosted_base.HostedEngine.from_env`).
 
         Raises:
-            ConfigurationError: ``OPENAI_API_KEY`` is unset, or ``mode`` is not hosted.
+            ConfigurationError: an argument of the wrong type or value, ``mode`` not
+                hosted, or ``OPENAI_API_KEY`` unset.
         """
-        engine_class = HOSTED_ENGINES.get(mode)
-        if engine_class is None:
-            raise ConfigurationError(
-                f"from_env() builds hosted OpenAI backends: mode must be 'json_schema' or "
-                f"'cfg', got {mode!r} (a server is reached with from_base_url())"
+        if isinstance(mode, str) and mode.strip().casefold() == "server":
+            raise refused(
+                "mode",
+                mode,
+                "'json_schema' or 'cfg'",
+                "from_env() builds hosted OpenAI backends; a server is reached with "
+                "from_base_url()",
             )
+        engine_class = HOSTED_ENGINES[choice("mode", mode, HOSTED_ENGINES)]
         return cls(
             engine_class.from_env(
                 model=model,
@@ -228,9 +240,23 @@ class OpenAIBackend(SegmentBackend):
 
 
 def _engine_for(mode: str, options: dict[str, Any]) -> SegmentEngine:
+    """The engine of ``mode`` (a name of :data:`_MODES`) built from ``options``; an option
+    of another mode's engine, or no model, is refused by name."""
+    other = _HOSTED_ONLY if mode == "server" else _SERVER_ONLY
+    for name in other:
+        if name in options:
+            owner = (
+                "the hosted engines (mode='cfg' or 'json_schema')"
+                if mode == "server"
+                else "the server engine (mode='server')"
+            )
+            raise refused(
+                name,
+                options[name],
+                f"left out with mode={mode!r}",
+                f"{name} is an argument of {owner} only",
+            )
+    options.setdefault("model", None)  # refused by the engine, by name
     if mode == "server":
         return OpenAICompatibleEngine(**options)
-    engine_class = HOSTED_ENGINES.get(mode)
-    if engine_class is None:
-        raise ConfigurationError(f"mode must be 'server', 'json_schema' or 'cfg', got {mode!r}")
-    return engine_class(**options)
+    return HOSTED_ENGINES[mode](**options)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Iterator
 
+from citebacktrack._arguments import refused
 from citebacktrack.backends.base import Backend
 from citebacktrack.errors import ConfigurationError
 from citebacktrack.request import GenerationRequest
@@ -29,10 +30,29 @@ class SegmentBackend(Backend):
 
     Args:
         engine: generates one segment per call (sync ``complete``, async ``acomplete``).
+
+    Raises:
+        ConfigurationError: ``engine`` has neither ``complete()`` nor ``acomplete()`` (a
+            name, a URL or an SDK client is not an engine; a string is not shown in the
+            message, as it may be a key).
     """
 
+    _engine_hint = (
+        "pass an engine object with complete()/acomplete(), e.g. OpenAICompatibleEngine"
+        "(...), not a name, URL or SDK client (a server by URL: "
+        "OpenAIBackend.from_base_url(url, model=...))"
+    )
+
     def __init__(self, engine: SegmentEngine) -> None:
-        self.engine = engine
+        self.engine = self._checked_engine(engine)
+
+    @classmethod
+    def _checked_engine(cls, engine: SegmentEngine) -> SegmentEngine:
+        """``engine`` if it has ``complete()`` or ``acomplete()``, else the error (which
+        does not show a string: it may be a key)."""
+        if not any(callable(getattr(engine, name, None)) for name in ("complete", "acomplete")):
+            raise refused("engine", engine, "a segment engine", cls._engine_hint, secret=True)
+        return engine
 
     def _check(self, request: GenerationRequest) -> None:
         if request.decoding.operators:

@@ -19,6 +19,7 @@ vLLM surface it calls (``tests/fake_vllm``), checked against vLLM 0.33's signatu
 from __future__ import annotations
 
 import importlib
+import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from types import ModuleType
@@ -26,6 +27,7 @@ from typing import Any, Literal, Protocol
 
 import anyio.to_thread
 
+from citebacktrack._arguments import mapping, member, path, refused
 from citebacktrack.answer import collect
 from citebacktrack.backends.segment import SegmentBackend
 from citebacktrack.errors import (
@@ -100,7 +102,8 @@ class VLLMEngine:
             EBNF (``xgrammar``, and ``auto``'s first choice) or Lark (``guidance``).
 
     Raises:
-        ConfigurationError: neither engine was given.
+        ConfigurationError: neither engine was given, a name or path given as one, or a
+            ``dialect`` that is no :class:`~citebacktrack.grammar.Dialect` (any case).
     """
 
     def __init__(
@@ -110,11 +113,12 @@ class VLLMEngine:
         async_engine: AsyncVLLMEngine | None = None,
         dialect: Dialect = Dialect.EBNF,
     ) -> None:
+        _check_engines(llm, async_engine)
+        self.dialect = member("dialect", dialect, Dialect)
         if llm is None and async_engine is None:
             raise ConfigurationError("VLLMEngine needs a vllm.LLM or a vllm.AsyncLLMEngine")
         self.llm = llm
         self.async_engine = async_engine
-        self.dialect = Dialect(dialect)
         self._tokenizer: Any = None
         self._closed = False
 
@@ -237,6 +241,38 @@ class VLLMEngine:
             ) from exc
 
 
+def _check_engines(llm: object, async_engine: object) -> None:
+    """Refuse a model name or path given where an engine object goes."""
+    for name, value in (("llm", llm), ("async_engine", async_engine)):
+        if isinstance(value, str | bytes | os.PathLike):
+            raise refused(
+                name,
+                value,
+                "an engine object (vllm.LLM(...) or vllm.AsyncLLMEngine), or None",
+                "to build one from a model name pass model=..., e.g. VLLMBackend(model="
+                "'Qwen/Qwen3-0.6B') or VLLMBackend.from_async_model(...)",
+            )
+
+
+def _check_arguments(
+    model: object, dialect: object, engine_args: object, *, optional: bool = True
+) -> None:
+    """The arguments of building an engine from ``model`` (``None``: an engine is given),
+    checked before vLLM is imported."""
+    path(
+        "model",
+        model,
+        "pass a model name or local folder, e.g. model='Qwen/Qwen3-0.6B'",
+        optional=optional,
+    )
+    member("dialect", dialect, Dialect)
+    mapping(
+        "engine_args",
+        engine_args,
+        "pass vllm.LLM's keyword arguments as a dict, e.g. engine_args={'tensor_parallel_size': 2}",
+    )
+
+
 def _result(call: SegmentCall, output: Any) -> SegmentResult:
     """Map one ``RequestOutput`` to a segment result."""
     completion = output.outputs[0]
@@ -283,8 +319,10 @@ class VLLMBackend(SegmentBackend):
 
     Raises:
         MissingDependencyError: ``citebacktrack[vllm]`` is not installed.
-        ConfigurationError: no engine and no model, both, or engine arguments without a
-            model; vLLM refused an engine argument.
+        ConfigurationError: an argument of the wrong type or value (checked before vLLM
+            is imported: e.g. ``model=123``, ``engine_args=[...]``, a model name given as
+            ``llm``), no engine and no model, both, or engine arguments without a model;
+            vLLM refused an engine argument.
         ModelLoadError: vLLM could not build the engine.
     """
 
@@ -299,6 +337,8 @@ class VLLMBackend(SegmentBackend):
         dialect: Dialect = Dialect.EBNF,
         engine_args: Mapping[str, Any] | None = None,
     ) -> None:
+        _check_engines(llm, async_engine)
+        _check_arguments(model, dialect, engine_args)
         if model is not None:
             if llm is not None or async_engine is not None:
                 raise ConfigurationError("pass either model= or an engine (llm=, async_engine=)")
@@ -321,7 +361,7 @@ class VLLMBackend(SegmentBackend):
     ) -> VLLMBackend:
         """Build ``AsyncLLMEngine.from_engine_args(AsyncEngineArgs(model=model,
         enable_prefix_caching=True, **engine_args))`` and wrap it (async calls only)."""
-
+        _check_arguments(model, dialect, engine_args, optional=False)
         kwargs = {"enable_prefix_caching": True, **(engine_args or {})}
 
         def make(vllm: ModuleType) -> Any:

@@ -13,7 +13,6 @@ Names and meanings follow the backtracking-llm family.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -21,7 +20,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
-from citebacktrack.errors import ConfigurationError
+from citebacktrack._arguments import Number, check_fields
 
 __all__ = [
     "EntropyThreshold",
@@ -119,14 +118,15 @@ class Operator(Protocol):
         ...
 
 
-def _positive(name: str, value: int) -> None:
-    if value < 1:
-        raise ConfigurationError(f"{name} must be at least 1, got {value}")
+# Each operator's arguments are checked by the shared rules (``citebacktrack._arguments``):
+# a wrong type or value is a ConfigurationError naming ``Operator.field``, what was given
+# and what to pass (``ProbabilityThreshold("0.1")`` says to pass the number itself).
+_COUNT = Number(1, whole=True, minimum=1)
 
 
-def _unit(name: str, value: float) -> None:
-    if not 0.0 < value < 1.0:
-        raise ConfigurationError(f"{name} must be between 0 and 1 (exclusive), got {value}")
+def _unit(example: float) -> Number:
+    """A probability-like argument strictly between 0 and 1."""
+    return Number(example, above=0, below=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,8 +137,7 @@ class ProbabilityThreshold:
     backtrack_count: int = 1
 
     def __post_init__(self) -> None:
-        _unit("threshold", self.threshold)
-        _positive("backtrack_count", self.backtrack_count)
+        check_fields(self, {"threshold": _unit(0.05), "backtrack_count": _COUNT})
 
     @property
     def max_depth(self) -> int:
@@ -156,9 +155,7 @@ class EntropyThreshold:
     backtrack_count: int = 1
 
     def __post_init__(self) -> None:
-        if self.threshold <= 0:
-            raise ConfigurationError(f"threshold must be > 0 nats, got {self.threshold}")
-        _positive("backtrack_count", self.backtrack_count)
+        check_fields(self, {"threshold": Number(3.0, above=0), "backtrack_count": _COUNT})
 
     @property
     def max_depth(self) -> int:
@@ -176,8 +173,7 @@ class ProbabilityMargin:
     backtrack_count: int = 1
 
     def __post_init__(self) -> None:
-        _unit("margin", self.margin)
-        _positive("backtrack_count", self.backtrack_count)
+        check_fields(self, {"margin": _unit(0.05), "backtrack_count": _COUNT})
 
     @property
     def max_depth(self) -> int:
@@ -195,8 +191,7 @@ class ProbabilityDrop:
     backtrack_count: int = 1
 
     def __post_init__(self) -> None:
-        _unit("max_drop", self.max_drop)
-        _positive("backtrack_count", self.backtrack_count)
+        check_fields(self, {"max_drop": _unit(0.8), "backtrack_count": _COUNT})
 
     @property
     def max_depth(self) -> int:
@@ -223,9 +218,14 @@ class ProbabilityTrend:
     backtrack_count: int = 1
 
     def __post_init__(self) -> None:
-        _positive("window", self.window)
-        _unit("ratio", self.ratio)
-        _positive("backtrack_count", self.backtrack_count)
+        check_fields(
+            self,
+            {
+                "window": Number(8, whole=True, minimum=1),
+                "ratio": _unit(0.25),
+                "backtrack_count": _COUNT,
+            },
+        )
 
     @property
     def max_depth(self) -> int:
@@ -246,7 +246,7 @@ class Repetition:
     max_repetitions: int = 3
 
     def __post_init__(self) -> None:
-        _positive("max_repetitions", self.max_repetitions)
+        check_fields(self, {"max_repetitions": Number(3, whole=True, minimum=1)})
 
     @property
     def max_depth(self) -> int:
@@ -270,8 +270,7 @@ class NGramOverlap:
     ngram_size: int = 4
 
     def __post_init__(self) -> None:
-        if self.ngram_size < 2:
-            raise ConfigurationError(f"ngram_size must be at least 2, got {self.ngram_size}")
+        check_fields(self, {"ngram_size": Number(4, whole=True, minimum=2)})
 
     @property
     def max_depth(self) -> int:
@@ -297,9 +296,7 @@ class LogitThreshold:
     backtrack_count: int = 1
 
     def __post_init__(self) -> None:
-        if not math.isfinite(self.threshold):
-            raise ConfigurationError(f"threshold must be finite, got {self.threshold}")
-        _positive("backtrack_count", self.backtrack_count)
+        check_fields(self, {"threshold": Number(-5.0, finite=True), "backtrack_count": _COUNT})
 
     @property
     def max_depth(self) -> int:

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import assert_never
 
+from citebacktrack._arguments import Choices
 from citebacktrack.errors import GrammarError
 from citebacktrack.grammar.ir import (
     CharClass,
@@ -38,8 +38,9 @@ from citebacktrack.grammar.ir import (
 __all__ = ["Dialect", "emit"]
 
 
-class Dialect(StrEnum):
-    """A grammar language an engine reads."""
+class Dialect(Choices):
+    """A grammar language an engine reads; ``Dialect("LARK")`` is ``Dialect.LARK`` (any
+    case), and any other name is a :class:`~citebacktrack.errors.ConfigurationError`."""
 
     EBNF = "ebnf"
     """XGrammar's EBNF (HF, llama.cpp-with-xgrammar, vLLM's xgrammar backend)."""

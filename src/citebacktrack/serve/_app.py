@@ -13,7 +13,8 @@ from typing import Any
 
 import anyio
 
-from citebacktrack.errors import CitebacktrackError, ConfigurationError, MissingDependencyError
+from citebacktrack._arguments import instance, path, text
+from citebacktrack.errors import CitebacktrackError, MissingDependencyError
 from citebacktrack.orchestrator import Citeformer
 from citebacktrack.serve._wire import (
     AnswerRequest,
@@ -218,10 +219,26 @@ def create_app(
         backend_name: the backend's name, as requests may give it.
 
     Raises:
+        ConfigurationError: an argument of the wrong type (``cf`` not a Citeformer,
+            ``documents`` not a path, ``limits`` not a :class:`Limits`, ``backend_name`` not
+            a non-empty str).
         MissingDependencyError: FastAPI is not installed (the ``serve`` extra).
     """
-    if not isinstance(cf, Citeformer):
-        raise ConfigurationError(f"create_app takes a Citeformer, got {type(cf).__name__}")
+    instance(
+        "cf",
+        cf,
+        Citeformer,
+        "pass Citeformer(backend), e.g. create_app(Citeformer())",
+        optional=False,
+    )
+    path("documents", documents, "pass a folder of .txt/.md documents, or None")
+    instance(
+        "limits",
+        limits,
+        Limits,
+        "pass Limits(...), e.g. Limits(max_queue=8), or None for the defaults",
+    )
+    text("backend_name", backend_name, "pass the backend's name, e.g. backend_name='llamacpp'")
     service = _Service(
         cf, Path(documents) if documents is not None else None, limits or Limits(), backend_name
     )

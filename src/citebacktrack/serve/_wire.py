@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import anyio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from citebacktrack._arguments import Number, check_fields
 from citebacktrack.errors import (
     BackendError,
     CitebacktrackError,
@@ -41,6 +42,10 @@ class Limits:
         max_source_chars: longest source text.
         max_question_chars: longest question.
         max_new_tokens: the most answer tokens a request may ask for.
+
+    Each is an int >= 1 (``max_queue`` >= 0), checked by the shared argument rules: a bool,
+    a string or a float is a :class:`~citebacktrack.errors.ConfigurationError` naming the
+    field.
     """
 
     max_concurrent: int = 1
@@ -52,21 +57,18 @@ class Limits:
     max_new_tokens: int = 1024
 
     def __post_init__(self) -> None:
-        for name in (
-            "max_concurrent",
-            "max_body_bytes",
-            "max_sources",
-            "max_source_chars",
-            "max_question_chars",
-            "max_new_tokens",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigurationError(f"Limits.{name} must be a whole number ≥ 1, got {value!r}")
-        if not isinstance(self.max_queue, int) or self.max_queue < 0:
-            raise ConfigurationError(
-                f"Limits.max_queue must be a whole number ≥ 0, got {self.max_queue!r}"
-            )
+        check_fields(
+            self,
+            {
+                "max_concurrent": Number(1, whole=True, minimum=1),
+                "max_queue": Number(32, whole=True, minimum=0),
+                "max_body_bytes": Number(1024 * 1024, whole=True, minimum=1),
+                "max_sources": Number(50, whole=True, minimum=1),
+                "max_source_chars": Number(20_000, whole=True, minimum=1),
+                "max_question_chars": Number(2_000, whole=True, minimum=1),
+                "max_new_tokens": Number(1024, whole=True, minimum=1),
+            },
+        )
 
 
 class SourceInput(BaseModel):
