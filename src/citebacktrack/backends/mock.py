@@ -155,9 +155,10 @@ class MockBackend(FunctionBackend):
     def _respond(self, request: GenerationRequest) -> str:
         with self._lock:
             if self._next >= len(self.responses):
+                count = len(self.responses)
                 raise MockExhaustedError(
                     f"{type(self).__name__} was called {self._next + 1} times but has "
-                    f"{len(self.responses)} scripted responses; add more responses"
+                    f"{count} scripted response{'' if count == 1 else 's'}; add more responses"
                 )
             response = self.responses[self._next]
             self._next += 1
