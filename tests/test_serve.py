@@ -192,24 +192,28 @@ def test_past_capacity_a_request_gets_429_with_retry_after() -> None:
         server.stop()
 
 
-def test_a_waiting_stream_says_it_is_queued() -> None:
-    backend = SlowBackend(LONG, SHORT)
+def test_waiting_streams_are_told_how_many_are_ahead_in_serving_order() -> None:
+    backend = SlowBackend(LONG, SHORT, SHORT)
     server = serve(Citeformer(backend), limits=Limits(max_concurrent=1, max_queue=2))
     try:
         first = server.open_stream({"question": QUESTION, "sources": SOURCES})
         first_events = iter(first)
         assert next(first_events)[0] == "started"
         assert next(first_events)[0] in ("citation_accepted", "text")  # it holds the model
-        second = server.open_stream({"question": QUESTION, "sources": SOURCES})
-        second_events = iter(second)
-        assert next(second_events)[0] == "started"
-        kind, data = next(second_events)
-        assert (kind, data["ahead"]) == ("queued", 1)
-        first.close()  # the second one then gets the model
-        rest = list(second_events)
-        assert rest[-1][0] == "done"
-        assert rest[-1][1]["answer"]["text"] == SHORT
-        second.close()
+        waiting = [server.open_stream({"question": QUESTION, "sources": SOURCES}) for _ in "ab"]
+        told = []
+        for stream in waiting:
+            events = iter(stream)
+            assert next(events)[0] == "started"
+            kind, data = next(events)
+            told.append((kind, data["ahead"]))
+        assert told == [("queued", 1), ("queued", 2)]
+        first.close()  # the waiting ones then get the model, in order
+        for stream in waiting:
+            rest = list(stream)
+            assert rest[-1][0] == "done"
+            assert rest[-1][1]["answer"]["text"] == SHORT
+            stream.close()
     finally:
         server.stop()
 
