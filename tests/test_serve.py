@@ -429,3 +429,10 @@ def test_a_client_leaving_frees_the_embedded_model() -> None:
                 assert reply.json()["answer"]["text"] == alone
         finally:
             server.stop()
+
+
+def test_no_page_needs_the_network(mock_server: RunningServer) -> None:
+    """FastAPI's /docs and /redoc load their scripts from a CDN: they are off (the page at
+    / is self-contained, see test_page.py)."""
+    assert mock_server.get("/docs").status == 404
+    assert mock_server.get("/redoc").status == 404

@@ -314,7 +314,9 @@ def serve(
         )
     except (CitebacktrackError, ValueError) as exc:
         _fail(exc)
-    _console(stderr=True).print(f"serving on http://{host}:{port}/ (the page), API at /docs")
+    _console(stderr=True).print(
+        f"serving on http://{host}:{port}/ (the page); the API schema is at /openapi.json"
+    )
     uvicorn.run(service, host=host, port=port, log_level="warning")
 
 

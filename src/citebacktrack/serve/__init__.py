@@ -9,7 +9,8 @@ a page that shows the evidence.
     app = create_app(Citeformer(), documents="docs/")   # any ASGI server runs it
     # uvicorn.run(app, host="127.0.0.1", port=8000)
 
-Endpoints (the OpenAPI schema is at ``/openapi.json``, its pages at ``/docs``):
+Endpoints (the OpenAPI schema is at ``/openapi.json``; FastAPI's ``/docs`` pages are off,
+as they load their scripts from a CDN and the machine may be offline):
 
 - ``POST /v1/answers`` takes ``{"question": ..., "sources": [...]}`` (or no sources: the
   served documents are searched with BM25) and returns ``{"answer", "sources"}``; with

@@ -255,6 +255,8 @@ def create_app(
         await anyio.to_thread.run_sync(cf.close)
 
     app = FastAPI(
+        docs_url=None,  # FastAPI's doc pages load scripts from a CDN: off, to work offline
+        redoc_url=None,
         title="citebacktrack",
         summary="Answers whose [N] citations were checked against their sources while decoding.",
         lifespan=lifespan,
