@@ -61,7 +61,6 @@ class _Service:
         self.passages = 0
         self.ready = False
         self.failure: str | None = None
-        self.admitted = 0  # answering or waiting
         self.slots = anyio.Semaphore(limits.max_concurrent)
         self._tickets = itertools.count()
         self._live: set[int] = set()  # the tickets of the answers admitted and not released
@@ -130,6 +129,11 @@ class _Service:
         except CitebacktrackError as exc:
             raise from_library(exc) from exc
 
+    @property
+    def admitted(self) -> int:
+        """Answers in progress or waiting."""
+        return len(self._live)
+
     def admit(self) -> tuple[int, Callable[[], None]]:
         """Count one more answer in progress or waiting, or refuse it (429) past capacity;
         returns its ticket (admission order) and the release, which may be called more
@@ -143,7 +147,6 @@ class _Service:
                 "waiting; retry in a few seconds",
                 headers={"Retry-After": "1"},
             )
-        self.admitted += 1
         ticket = next(self._tickets)
         self._live.add(ticket)
         released = False
@@ -152,7 +155,6 @@ class _Service:
             nonlocal released
             if not released:
                 released = True
-                self.admitted -= 1
                 self._live.discard(ticket)
 
         return ticket, release
@@ -369,9 +371,11 @@ def create_app(
         payload = AnswerResponse(answer=answer, sources=sources)
         return JSONResponse(payload.model_dump(mode="json"))
 
+    page = page_html()  # read once: the page is package data
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def page() -> Response:
-        return HTMLResponse(page_html())
+    async def page_route() -> Response:
+        return HTMLResponse(page)
 
     app.add_middleware(BodyLimit, limit=service.limits.max_body_bytes)
     return app
